@@ -1,0 +1,18 @@
+"""Halo Weave: a fixed-budget KV cache where tokens live by the attention they earn.
+
+Distribution name `halo-weave` (the PyPI name `halo` is a terminal-spinner library); import name `halo`.
+"""
+
+from .cache import HaloCache
+from .config import HaloConfig, SourcePolicy, default_sources
+from .journal import Journal, JournalEntry
+from .models import ModelNotFoundError, load_model
+from .policy import CullPolicy, HaloPolicy
+from .session import MemorySnapshot, Session
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CullPolicy", "HaloCache", "HaloConfig", "HaloPolicy", "Journal", "JournalEntry", "MemorySnapshot",
+    "ModelNotFoundError", "Session", "SourcePolicy", "default_sources", "load_model",
+]

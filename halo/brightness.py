@@ -1,0 +1,114 @@
+"""Brightness: per-slot attention mass of a forward's query rows, and the brightness update (reference path).
+
+Both functions have fused Triton twins in `halo_kernels` with the same signatures; these are the plain-PyTorch
+references that define the semantics and run on CPU.
+
+Semantics. A forward adds T new slots after `n_past` retained ones; its query row t (0-based) sees the
+`n_t = n_past + t + 1` slots `0 .. n_past + t` (everything retained plus the new rows up to itself). For each
+layer, `p_{h,t}[j]` is the softmax probability of row t, head h, on slot j. Each row is one tic:
+
+    mass[j]       += sum_t n_t * mean_h p_{h,t}[j]        (per layer; uniform attention reads 1.0 per row)
+    brightness[j]  = clamp(brightness[j] + alpha * mass[j] / num_layers - decay[j] * tics[j], 0, 255)
+
+where `tics[j]` is the number of rows that see slot j (T for old slots, T - s for the s-th new slot), so
+feeding text in one chunk or token by token gives the same brightness whenever nothing clamps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_BRIGHTNESS = 255.0
+# Bound on the [Hq, rows, N] fp32 block the reference materialises at once (elements).
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _check_mass_inputs(query: torch.Tensor, key: torch.Tensor, n_past: int, mass: torch.Tensor) -> None:
+    if query.dim() != 3 or key.dim() != 3:
+        raise ValueError(f"query must be [Hq, T, D] and key [Hkv, N, D]; got {tuple(query.shape)} and {tuple(key.shape)}")
+    hq, t, d = query.shape
+    hkv, n, dk = key.shape
+    if d != dk:
+        raise ValueError(f"head dim mismatch: query has {d}, key has {dk}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key heads ({hkv})")
+    if n_past < 0 or n_past + t > n:
+        raise ValueError(f"n_past ({n_past}) + rows ({t}) exceeds the {n} key slots")
+    if mass.dtype != torch.float32 or mass.dim() != 1 or mass.numel() < n_past + t:
+        raise ValueError(f"mass must be a float32 vector of at least {n_past + t} slots, got {mass.dtype} {tuple(mass.shape)}")
+    if query.device != key.device or mass.device != key.device:
+        raise ValueError(f"device mismatch: query {query.device}, key {key.device}, mass {mass.device}")
+
+
+def attention_column_mass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    n_past: int,
+    mass: torch.Tensor,
+    last_row_mass: torch.Tensor | None = None,
+) -> None:
+    """Accumulate one layer's per-slot attention mass into `mass` (in place).
+
+    Args:
+        query: [Hq, T, D] query rows of this forward (fp16/bf16/fp32), RoPE applied.
+        key: [Hkv, N, D] cached keys, N >= n_past + T; slots >= n_past + T are ignored. Hq % Hkv == 0 (GQA).
+        scaling: softmax scale (usually D ** -0.5).
+        n_past: retained slots before this forward's rows.
+        mass: float32 [C], C >= n_past + T: receives `sum_t n_t * mean_h p_{h,t}[j]` for j < n_past + T.
+        last_row_mass: optional float32 [C]: receives `n_{T-1} * mean_h p_{h,T-1}[j]` (the current query only).
+    """
+    _check_mass_inputs(query, key, n_past, mass)
+    hq, t_rows, d = query.shape
+    hkv = key.shape[0]
+    group = hq // hkv
+    n = n_past + t_rows
+    k = key[:, :n].float()  # [Hkv, N, D]
+    q = query.float().reshape(hkv, group, t_rows, d)
+    cols = torch.arange(n, device=key.device)
+    rows_per_block = max(1, _BLOCK_ELEMENTS // max(1, hq * n))
+    total = torch.zeros(n, dtype=torch.float32, device=key.device)
+    for start in range(0, t_rows, rows_per_block):
+        stop = min(t_rows, start + rows_per_block)
+        rows = torch.arange(start, stop, device=key.device)
+        logits = torch.einsum("hgtd,hnd->hgtn", q[:, :, start:stop], k) * scaling
+        visible = cols[None, :] <= (n_past + rows)[:, None]  # [rows, N]
+        logits = logits.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        weight = (n_past + rows + 1).to(torch.float32)  # n_t
+        block = torch.einsum("hgtn,t->n", probs, weight) / hq
+        total += block
+        if last_row_mass is not None and stop == t_rows:
+            last_row_mass[:n] += probs[:, :, -1].sum(dim=(0, 1)) * (float(n) / hq)
+    mass[:n] += total
+
+
+def slot_tics(n_past: int, t_rows: int, device) -> torch.Tensor:
+    """float32 [n_past + T]: how many of this forward's rows see each slot (T for old slots, T - s for new slot s)."""
+    idx = torch.arange(n_past + t_rows, device=device)
+    return (t_rows - (idx - n_past).clamp(min=0)).to(torch.float32)
+
+
+def update_brightness(
+    brightness: torch.Tensor,
+    mass: torch.Tensor,
+    decay: torch.Tensor,
+    n_past: int,
+    t_rows: int,
+    alpha: float,
+    num_layers: int,
+) -> None:
+    """Apply one forward's brightness update in place on slots `0 .. n_past + T - 1`.
+
+    Args:
+        brightness: float32 [C] per-slot brightness (newborn slots already hold their source's initial value).
+        mass: float32 [C] attention mass summed over layers (see `attention_column_mass`).
+        decay: float32 [C] per-slot decay per tic (0 for pinned sources).
+        n_past, t_rows: retained slots before the forward and rows in it.
+        alpha: gain on normalised attention.
+        num_layers: layers whose mass was summed (mass / num_layers is the layer average).
+    """
+    n = n_past + t_rows
+    tics = slot_tics(n_past, t_rows, brightness.device)
+    updated = brightness[:n] + mass[:n] * (alpha / num_layers) - decay[:n] * tics
+    brightness[:n] = updated.clamp_(0.0, MAX_BRIGHTNESS)

@@ -1,0 +1,146 @@
+"""Configuration of the Halo Weave engine: budget, protected set, brightness dynamics per source, cull bias."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SourcePolicy:
+    """How tokens of one source live.
+
+    Attributes:
+        initial: brightness a newborn token of this source starts with, in [0, 255].
+        decay: brightness lost per tic (per query row that sees the token), >= 0.
+        pinned: pinned tokens never decay and are never culled (e.g. the system prompt).
+    """
+
+    initial: float = 255.0
+    decay: float = 1.0
+    pinned: bool = False
+
+    def __post_init__(self):
+        if not (0.0 <= float(self.initial) <= 255.0) or math.isnan(self.initial):
+            raise ValueError(f"SourcePolicy.initial must be in [0, 255], got {self.initial}")
+        if not (float(self.decay) >= 0.0) or math.isinf(self.decay):
+            raise ValueError(f"SourcePolicy.decay must be finite and >= 0, got {self.decay}")
+
+
+def default_sources() -> dict[str, SourcePolicy]:
+    """Default per-source policies.
+
+    Conversation text (user, assistant) is born at full brightness and fades at one unit per tic unless the
+    model keeps attending to it (uniform attention adds alpha * 1.0 per tic). Tool and log output is born dimmer
+    and fades faster: it is usually read once. The system prompt is pinned. `marker` is the source of elision
+    markers that stand for culled log/tool lines; they fade slowly, so a marker usually outlives the lines
+    around it (it is a few tokens standing for many).
+    """
+    return {
+        "system": SourcePolicy(initial=255.0, decay=0.0, pinned=True),
+        "user": SourcePolicy(initial=255.0, decay=1.0),
+        "assistant": SourcePolicy(initial=255.0, decay=1.0),
+        "tool": SourcePolicy(initial=160.0, decay=2.0),
+        "log": SourcePolicy(initial=128.0, decay=2.0),
+        "marker": SourcePolicy(initial=128.0, decay=0.5),
+    }
+
+
+@dataclass
+class HaloConfig:
+    """Everything that shapes what the cache keeps.
+
+    Attributes:
+        budget: retained tokens after every forward (the KV cache size in the steady state).
+        sink_tokens: the first tokens of the stream (attention sinks), always protected.
+        recent_tokens: grace window: the most recent tokens by position are always protected.
+        chunk_size: most tokens fed in one forward; the K/V buffers hold `budget + chunk_size` slots.
+        alpha: gain on normalised attention (uniform attention over the visible slots reads 1.0 per tic).
+        sources: source name -> SourcePolicy. Add or replace entries freely; `marker` must exist.
+        unit_sources: sources whose text is split into line units (culled whole, replaced by markers).
+        dark_bias: lambda in the cull score `b + lambda * mean(b of the +-dark_radius neighbours)`: a token
+            whose neighbourhood is also dim goes first.
+        dark_radius: neighbourhood half-width, in retained tokens in position order.
+        cull_threshold: None culls only under budget pressure; a number makes unprotected tokens whose
+            brightness falls to it die of neglect even under budget.
+        marker_text: text of an elision marker; it replaces whole lines, so it ends with a newline.
+        kernels: "auto" uses the fused Triton kernels on CUDA and the vectorised PyTorch path on CPU;
+            "reference" forces the plain PyTorch path everywhere.
+        repair, repair_threshold, repair_radius, repairs_per_step: single-pass repair settings (see repair).
+    """
+
+    budget: int = 512
+    sink_tokens: int = 4
+    recent_tokens: int = 64
+    chunk_size: int = 64
+    alpha: float = 1.0
+    sources: dict[str, SourcePolicy] = field(default_factory=default_sources)
+    unit_sources: tuple[str, ...] = ("log", "tool")
+    dark_bias: float = 0.5
+    dark_radius: int = 4
+    cull_threshold: float | None = None
+    marker_text: str = "[...]\n"
+    kernels: str = "auto"
+    repair: str | None = None
+    repair_threshold: float = 64.0
+    repair_radius: int = 8
+    repairs_per_step: int = 4
+
+    def __post_init__(self):
+        self.sources = dict(self.sources)
+        self.unit_sources = tuple(self.unit_sources)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent setting."""
+        for name in ("budget", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("sink_tokens", "recent_tokens", "dark_radius", "repair_radius", "repairs_per_step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        protected = self.sink_tokens + self.recent_tokens
+        if self.budget <= protected:
+            raise ValueError(
+                f"budget ({self.budget}) must be larger than the protected set: sink_tokens ({self.sink_tokens}) "
+                f"+ recent_tokens ({self.recent_tokens}) = {protected}"
+            )
+        for name in ("alpha", "dark_bias"):
+            value = getattr(self, name)
+            if not (value >= 0) or math.isinf(value):
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        if self.cull_threshold is not None and not (0.0 <= self.cull_threshold < 255.0):
+            raise ValueError(f"cull_threshold must be None or in [0, 255), got {self.cull_threshold!r}")
+        if not (0.0 <= self.repair_threshold <= 255.0):
+            raise ValueError(f"repair_threshold must be in [0, 255], got {self.repair_threshold!r}")
+        for name, policy in self.sources.items():
+            if not isinstance(policy, SourcePolicy):
+                raise ValueError(f"sources[{name!r}] must be a SourcePolicy, got {type(policy).__name__}")
+        if "marker" not in self.sources:
+            raise ValueError("sources must define 'marker' (the source of elision markers)")
+        for name in self.unit_sources:
+            if name not in self.sources:
+                raise ValueError(f"unit_sources names {name!r}, which is not in sources ({sorted(self.sources)})")
+        if not self.marker_text:
+            raise ValueError("marker_text must not be empty")
+        if self.kernels not in ("auto", "reference"):
+            raise ValueError(f"kernels must be 'auto' or 'reference', got {self.kernels!r}")
+
+    def replace(self, **changes) -> "HaloConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def source_names(self) -> list[str]:
+        """Source names in code order (the code of a source is its index here)."""
+        return list(self.sources)
+
+    def source_code(self, name: str) -> int:
+        """Integer code stored per slot for a source name; unknown names raise ValueError."""
+        try:
+            return self.source_names.index(name)
+        except ValueError:
+            raise ValueError(f"unknown source {name!r}; known sources: {', '.join(self.source_names)}") from None

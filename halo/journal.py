@@ -1,0 +1,98 @@
+"""Journal: the append-only record of every evicted token. The model forgets; the system loses nothing.
+
+Evictions are recorded as device tensors (no host synchronisation in the decode loop) and turned into Python
+entries only when someone reads them. An optional JSONL sink appends and flushes each entry as it is
+materialised, so a crash loses nothing already evicted and read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One forgotten token: its absolute position, token id, source name, final brightness and the step it died."""
+
+    position: int
+    token_id: int
+    source: str
+    brightness: float
+    step: int
+
+
+class Journal:
+    """Append-only list of JournalEntry, fed with device tensors.
+
+    Args:
+        source_names: source code -> name, to label entries.
+        skip_source: a source code whose evictions are not fed text (elision markers) and are left out.
+    """
+
+    def __init__(self, source_names: list[str], skip_source: int | None = None):
+        self.source_names = list(source_names)
+        self.skip_source = skip_source
+        self._entries: list[JournalEntry] = []
+        self._pending: list[tuple[torch.Tensor, ...]] = []
+        self._sink = None
+
+    def clear(self) -> None:
+        """Drop every entry (the sink file, if any, keeps what was written)."""
+        self._entries = []
+        self._pending = []
+
+    def record(self, positions: torch.Tensor, token_ids: torch.Tensor, sources: torch.Tensor, brightness: torch.Tensor, step: int) -> None:
+        """Queue evicted slots (equal-length 1-D tensors, any device); copies them, so the caller may reuse buffers."""
+        if positions.numel():
+            self._pending.append((positions.clone(), token_ids.clone(), sources.clone(), brightness.clone(), step))
+        if self._sink is not None:
+            self._flush_pending()
+
+    def open_sink(self, path) -> None:
+        """Append every entry (past and future) to a JSONL file, flushing as entries arrive."""
+        self._flush_pending()
+        self._sink = open(path, "a", encoding="utf-8")
+        for entry in self._entries:
+            self._write(entry)
+
+    def close(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+
+    def _write(self, entry: JournalEntry) -> None:
+        self._sink.write(json.dumps(asdict(entry)) + "\n")
+
+    def _flush_pending(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        for positions, token_ids, sources, brightness, step in pending:
+            rows = zip(positions.tolist(), token_ids.tolist(), sources.tolist(), brightness.tolist())
+            for position, token_id, source, bright in rows:
+                if source == self.skip_source:
+                    continue
+                entry = JournalEntry(int(position), int(token_id), self.source_names[int(source)], float(bright), int(step))
+                self._entries.append(entry)
+                if self._sink is not None:
+                    self._write(entry)
+        if self._sink is not None:
+            self._sink.flush()
+
+    @property
+    def entries(self) -> list[JournalEntry]:
+        """All entries in eviction order (materialises pending device records)."""
+        self._flush_pending()
+        return self._entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __getitem__(self, index):
+        return self.entries[index]

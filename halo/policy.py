@@ -1,0 +1,48 @@
+"""Cull policies: what score decides who dies when the cache is over budget.
+
+A policy is a small dataclass. The cache calls `attach` once (to add any per-slot state it needs, which the
+cache then moves through compaction), `observe` after every forward (with this forward's attention mass already
+in `cache.mass` / `cache.last_mass`), and `scores` when it must cull: lower scores die first, ties by position.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from .cull import cull_scores
+
+
+@dataclass
+class CullPolicy(ABC):
+    """Base policy: subclasses override `scores` and, when they keep state, `attach` and `observe`."""
+
+    name = "base"
+
+    def attach(self, cache) -> None:
+        """Register per-slot state on the cache (called once)."""
+
+    def observe(self, cache, n_past: int, t_rows: int) -> None:
+        """Update per-slot state after a forward of t_rows rows over n_past retained slots."""
+
+    @abstractmethod
+    def scores(self, cache) -> torch.Tensor:
+        """float32 [cache.n_valid]: cull score per slot (lower dies first)."""
+
+
+@dataclass
+class HaloPolicy(CullPolicy):
+    """Halo Weave: brightness (attention-fed, source-aware, decaying) biased toward dark regions.
+
+    Score: `b[j] + dark_bias * mean(b of the +-dark_radius position-order neighbours)` (see `halo.cull`), with
+    `dark_bias` and `dark_radius` from the cache's HaloConfig. Units (log/tool lines) are scored by the cache
+    as a whole, with the max brightness of their tokens.
+    """
+
+    name = "halo"
+
+    def scores(self, cache) -> torch.Tensor:
+        cfg = cache.config
+        return cull_scores(cache.brightness, cache.positions, cache.n_valid, cfg.dark_bias, cfg.dark_radius)

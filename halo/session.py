@@ -1,0 +1,284 @@
+"""Session: a conversation of unbounded length on a fixed-budget HaloCache.
+
+Text goes in with `feed(text, source)`, replies come out of `generate`, and after every forward the cache is
+back at its budget: brightness updated, the dimmest tokens culled (log/tool lines whole, their runs replaced by
+one elision marker), the survivors compacted in place, the dead written to the journal.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .cache import HaloCache
+from .config import HaloConfig
+from .policy import CullPolicy
+from .units import plan_markers, tokenize_lines
+
+_SETTLE_ROUNDS = 64
+
+
+@dataclass
+class MemorySnapshot:
+    """The retained tokens sorted by position (ties by birth). Tensors are on the CPU.
+
+    Attributes:
+        positions: int64 [n] absolute positions; token_ids: int64 [n]; brightness: float32 [n];
+        sources: source name per token; units: int64 [n] line-unit id (-1 for plain tokens).
+    """
+
+    positions: torch.Tensor
+    token_ids: torch.Tensor
+    brightness: torch.Tensor
+    sources: list[str]
+    units: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.positions.numel())
+
+
+class Session:
+    """One conversation with a model under a fixed KV budget.
+
+    Args:
+        model: a transformers causal LM (Llama family); it is switched to the `halo` attention function.
+        tokenizer: its tokenizer.
+        config: HaloConfig (default HaloConfig()).
+        policy: cull policy (default HaloPolicy).
+    """
+
+    def __init__(self, model, tokenizer, config: HaloConfig | None = None, *, policy: CullPolicy | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config or HaloConfig()
+        self.cache = HaloCache(model, self.config, policy=policy)
+        self.device = self.cache.device
+        self.vocab_size = int(model.config.vocab_size)
+        self.diffs: list[tuple[int, int, int]] = []
+        self.model_seconds = 0.0
+        self.pinned_tokens = 0
+        self._last_logits: torch.Tensor | None = None
+        self._marker_ids = tokenizer(self.config.marker_text, add_special_tokens=False)["input_ids"]
+        if not self._marker_ids:
+            raise ValueError(f"marker_text {self.config.marker_text!r} tokenises to nothing")
+
+    # ------------------------------------------------------------- reading
+    @property
+    def journal(self):
+        """The journal of evicted tokens (list-like of JournalEntry)."""
+        return self.cache.journal
+
+    def memory(self) -> MemorySnapshot:
+        """The retained tokens in position order."""
+        snap = self.cache.snapshot()
+        names = self.config.source_names
+        return MemorySnapshot(snap["positions"], snap["token_ids"], snap["brightness"],
+                              [names[c] for c in snap["sources"].tolist()], snap["units"])
+
+    def memory_text(self) -> str:
+        """The remembered text, in position order, elision markers included."""
+        ids = [t for t in self.cache.snapshot()["token_ids"].tolist() if t >= 0]
+        return self.tokenizer.decode(ids)
+
+    def stats(self) -> dict:
+        """Counters and timings of the session so far."""
+        snap_sources = self.cache.sources[: self.cache.n_valid]
+        return {
+            "tokens_fed": self.cache.seen,
+            "retained": self.cache.n_valid,
+            "budget": self.config.budget,
+            "evicted": len(self.cache.journal),
+            "markers": int((snap_sources == self.config.source_code("marker")).sum()),
+            "repairs": len(self.diffs),
+            "steps": self.cache.steps,
+            "halo_seconds": self.cache.halo_seconds,
+            "model_seconds": self.model_seconds,
+        }
+
+    # ------------------------------------------------------------- feeding
+    def feed(self, text: str, source: str = "user") -> int:
+        """Stream `text` into the cache as `source`; returns the number of tokens fed.
+
+        Log and tool text (HaloConfig.unit_sources) is split into line units. Raises ValueError (state
+        untouched) on empty text, an unknown source, or pinned text that would not fit the budget.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"feed() takes text as str, got {type(text).__name__}")
+        if not text:
+            raise ValueError("feed() got empty text")
+        self.config.source_code(source)
+        first = self.cache.seen == 0
+        if source in self.config.unit_sources:
+            ids, lines = tokenize_lines(self.tokenizer, text, add_special_tokens=first)
+        else:
+            ids, lines = self.tokenizer(text, add_special_tokens=first)["input_ids"], None
+        if not ids:
+            raise ValueError(f"feed() text {text[:40]!r} tokenises to nothing")
+        token_ids = torch.tensor(ids, dtype=torch.int64)
+        units = None
+        if lines is not None:
+            fresh = self.cache.new_unit_ids(max(lines) + 1)
+            units = fresh[torch.tensor(lines)]
+        return self._feed(token_ids, source, units)
+
+    def feed_ids(self, token_ids: torch.Tensor, source: str = "user") -> int:
+        """Stream already-tokenised ids (int64 [T] on the CPU or the model's device) as `source`."""
+        if not isinstance(token_ids, torch.Tensor):
+            raise TypeError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
+        if token_ids.dim() != 1 or token_ids.numel() == 0:
+            raise ValueError(f"token_ids must be a non-empty 1-D tensor, got shape {tuple(token_ids.shape)}")
+        if token_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"token_ids must be int64 (or int32), got {token_ids.dtype}")
+        if token_ids.device.type not in ("cpu", self.device.type):
+            raise ValueError(f"token_ids are on device {token_ids.device}; the model is on {self.device}")
+        low, high = int(token_ids.min()), int(token_ids.max())
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(f"token id out of range [0, {self.vocab_size}): got min {low}, max {high}")
+        self.config.source_code(source)
+        return self._feed(token_ids.to(torch.int64), source, None)
+
+    def _feed(self, token_ids: torch.Tensor, source: str, units: torch.Tensor | None) -> int:
+        total = int(token_ids.numel())
+        if self.config.sources[source].pinned:
+            protected = self.pinned_tokens + total + self.config.sink_tokens + self.config.recent_tokens
+            if protected > self.config.budget:
+                raise ValueError(
+                    f"budget ({self.config.budget}) is below the protected set this would make: {self.pinned_tokens} "
+                    f"pinned + {total} new pinned '{source}' tokens + {self.config.sink_tokens} sinks + "
+                    f"{self.config.recent_tokens} recent"
+                )
+            self.pinned_tokens += total
+        chunk = self.config.chunk_size
+        for start in range(0, total, chunk):
+            part_units = None if units is None else units[start:start + chunk]
+            self._step(token_ids[start:start + chunk], source, part_units)
+        return total
+
+    def _step(self, token_ids: torch.Tensor, source: str, units=None) -> torch.Tensor:
+        """One forward of up to chunk_size new tokens; returns the logits [V] of the last one."""
+        cache = self.cache
+        ids = token_ids.to(self.device)
+        positions = torch.arange(cache.seen, cache.seen + ids.numel(), device=self.device)
+        cache.stage(ids, source, units)
+        self._last_logits = self._forward(ids, positions)[0, -1]
+        self._settle()
+        return self._last_logits
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        halo_before = cache.halo_seconds
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model(input_ids=ids[None], position_ids=positions[None], past_key_values=cache,
+                             use_cache=True, logits_to_keep=1)
+        cache.finish_forward()
+        self.model_seconds += time.perf_counter() - t0 - (cache.halo_seconds - halo_before)
+        return out.logits
+
+    # ------------------------------------------------------------- markers
+    def _settle(self) -> None:
+        """After a forward: replace culled line runs by markers, cull again, until at budget."""
+        cache = self.cache
+        if not cache.culled_units and cache.n_valid <= self.config.budget:
+            return
+        marker = self.config.source_code("marker")
+        cache.protect_markers_from = cache.next_serial
+        try:
+            for _ in range(_SETTLE_ROUNDS):
+                if cache.culled_units:
+                    culled, cache.culled_units = cache.culled_units, []
+                    snap = cache.snapshot()
+                    evict, place = plan_markers(snap["positions"].tolist(), snap["sources"].tolist(),
+                                                snap["units"].tolist(), culled, marker)
+                    cache.evict_units(evict)
+                    if place:
+                        self._place_markers(place)
+                if cache.n_valid <= self.config.budget and not cache.culled_units:
+                    return
+                cache.cull()
+            raise RuntimeError("elision markers did not settle within the budget; raise the budget or lower chunk_size")
+        finally:
+            cache.protect_markers_from = None
+
+    def _place_markers(self, runs: list[tuple[int, int]]) -> None:
+        """Compute and insert one marker per run, each at its run's first position, seeing only what precedes it."""
+        cache = self.cache
+        m = len(self._marker_ids)
+        n = cache.n_valid
+        t_rows = m * len(runs)
+        ids = torch.tensor(self._marker_ids * len(runs), dtype=torch.int64, device=self.device)
+        offsets = torch.arange(m, device=self.device)
+        positions = torch.cat([start + offsets.clamp(max=end - start) for start, end in runs])
+        starts = torch.tensor([start for start, _ in runs], device=self.device).repeat_interleave(m)
+        visible = torch.zeros(t_rows, n + t_rows, dtype=torch.bool, device=self.device)
+        visible[:, :n] = cache.positions[:n][None, :] < starts[:, None]
+        block = torch.tril(torch.ones(m, m, dtype=torch.bool, device=self.device))
+        visible[:, n:] = torch.block_diag(*[block] * len(runs))
+        units = cache.new_unit_ids(len(runs)).repeat_interleave(m)
+        cache.stage(ids, "marker", units, positions=positions, visible=visible)
+        self._forward(ids, positions)
+
+    # ----------------------------------------------------------- generating
+    def generate(self, max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop_on_eos: bool = True,
+                 source: str = "assistant", on_token=None) -> str:
+        """Continue the conversation; returns the generated text (greedy unless temperature > 0).
+
+        Args:
+            max_new_tokens: most tokens to generate (>= 0).
+            temperature, top_k, top_p: sampling controls; temperature 0 is greedy.
+            seed: seeds the sampler for reproducible sampling.
+            stop_on_eos: stop at the tokenizer's or model's end-of-sequence token (not fed to the cache).
+            source: source name of the generated tokens.
+            on_token: optional callback receiving each new token id as it is produced (for streaming).
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
+            raise ValueError(f"bad sampling settings: temperature={temperature}, top_k={top_k}, top_p={top_p}")
+        self.config.source_code(source)
+        if self._last_logits is None:
+            raise ValueError("generate() needs context: feed() some text first")
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        eos = self._eos_ids() if stop_on_eos else set()
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            token = _sample(self._last_logits, temperature, top_k, top_p, generator)
+            token_id = int(token)
+            if token_id in eos:
+                break
+            out.append(token_id)
+            if on_token is not None:
+                on_token(token_id)
+            self._step(token.view(1), source)
+        return self.tokenizer.decode(out)
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for value in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(value)
+        return ids
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> torch.Tensor:
+    """int64 scalar tensor: the next token from logits [V]."""
+    if temperature == 0:
+        return torch.argmax(logits)
+    scores = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(scores, min(top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cumulative = torch.softmax(sorted_scores, -1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_scores, -1) > top_p
+        scores[order[drop]] = float("-inf")
+    probs = torch.softmax(scores, -1)
+    return torch.multinomial(probs, 1, generator=generator)[0]
