@@ -1,14 +1,11 @@
 """Benchmark helpers: pair each fast path with its reference in one run and report the ratio."""
 
 import os
-import sys
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import pytest  # noqa: E402
 

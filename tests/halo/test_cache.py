@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from conftest import tiny_llama
+from tiny import tiny_llama
 from halo import HaloCache, HaloConfig, SourcePolicy, default_sources
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_llama
+from tiny import tiny_llama
 from halo import HaloConfig, Session
 
 LOG = "".join(f"2026-11-22 12:{i:02d} worker {i % 3} processed batch {i} ok\n" for i in range(40))
