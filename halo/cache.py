@@ -396,6 +396,20 @@ class HaloCache(Cache):
                             self.brightness[victims], self.steps)
         self.n_valid = ops.compact(self, self.kv, self.slot_tensors, victims, self.n_valid)
 
+    def adopt_tail(self, slots: torch.Tensor, n_valid: int) -> None:
+        """Move the K/V and token ids of the service slots `n_valid ..` into `slots` (int64 [k]) and drop them.
+
+        Used by repair: a service forward computes the new tokens' K/V in the tail, then they replace the old
+        tokens in place; every other per-slot field of the target slots stays.
+        """
+        k = slots.numel()
+        if self.n_valid != n_valid + k:
+            raise RuntimeError(f"adopt_tail expects {k} service slots after {n_valid}, cache has {self.n_valid}")
+        tail = torch.arange(n_valid, n_valid + k, device=self.device)
+        self.kv[:, :, :, slots] = self.kv[:, :, :, tail]
+        self.token_ids[slots] = self.token_ids[tail]
+        self.n_valid = n_valid
+
     def evict_units(self, unit_ids: list[int]) -> None:
         """Evict every retained slot of the given units (host path; used to merge elision markers)."""
         if not unit_ids:

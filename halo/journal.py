@@ -15,13 +15,18 @@ import torch
 
 @dataclass(frozen=True)
 class JournalEntry:
-    """One forgotten token: its absolute position, token id, source name, final brightness and the step it died."""
+    """One forgotten token: its absolute position, token id, source name, final brightness and the step it died.
+
+    `kind` is "evicted" for a culled token and "replaced" for the old token of an applied repair diff (the
+    position stays retained with the new token).
+    """
 
     position: int
     token_id: int
     source: str
     brightness: float
     step: int
+    kind: str = "evicted"
 
 
 class Journal:
@@ -44,10 +49,11 @@ class Journal:
         self._entries = []
         self._pending = []
 
-    def record(self, positions: torch.Tensor, token_ids: torch.Tensor, sources: torch.Tensor, brightness: torch.Tensor, step: int) -> None:
-        """Queue evicted slots (equal-length 1-D tensors, any device); copies them, so the caller may reuse buffers."""
+    def record(self, positions: torch.Tensor, token_ids: torch.Tensor, sources: torch.Tensor, brightness: torch.Tensor,
+               step: int, kind: str = "evicted") -> None:
+        """Queue evicted (or replaced) slots as equal-length 1-D tensors on any device; copies them."""
         if positions.numel():
-            self._pending.append((positions.clone(), token_ids.clone(), sources.clone(), brightness.clone(), step))
+            self._pending.append((positions.clone(), token_ids.clone(), sources.clone(), brightness.clone(), step, kind))
         if self._sink is not None:
             self._flush_pending()
 
@@ -70,12 +76,13 @@ class Journal:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        for positions, token_ids, sources, brightness, step in pending:
+        for positions, token_ids, sources, brightness, step, kind in pending:
             rows = zip(positions.tolist(), token_ids.tolist(), sources.tolist(), brightness.tolist())
             for position, token_id, source, bright in rows:
                 if source == self.skip_source:
                     continue
-                entry = JournalEntry(int(position), int(token_id), self.source_names[int(source)], float(bright), int(step))
+                entry = JournalEntry(int(position), int(token_id), self.source_names[int(source)], float(bright),
+                                     int(step), kind)
                 self._entries.append(entry)
                 if self._sink is not None:
                     self._write(entry)
@@ -84,9 +91,14 @@ class Journal:
 
     @property
     def entries(self) -> list[JournalEntry]:
-        """All entries in eviction order (materialises pending device records)."""
+        """All entries in the order they happened (materialises pending device records)."""
         self._flush_pending()
         return self._entries
+
+    @property
+    def evicted(self) -> list[JournalEntry]:
+        """Entries of culled tokens only (each fed position appears here or in the cache, exactly once)."""
+        return [e for e in self.entries if e.kind == "evicted"]
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -89,7 +89,7 @@ class Session:
             "tokens_fed": self.cache.seen,
             "retained": self.cache.n_valid,
             "budget": self.config.budget,
-            "evicted": len(self.cache.journal),
+            "evicted": len(self.cache.journal.evicted),
             "markers": int((snap_sources == self.config.source_code("marker")).sum()),
             "repairs": len(self.diffs),
             "steps": self.cache.steps,
@@ -220,6 +220,56 @@ class Session:
         cache.stage(ids, "marker", units, positions=positions, visible=visible)
         self._forward(ids, positions)
 
+    # ------------------------------------------------------------- repair
+    def apply_diffs(self, diffs: list[tuple[int, int, int]]) -> int:
+        """Apply repair diffs `(position, old_token_id, new_token_id)` to the mirror and the KV cache.
+
+        Each new token's K/V are recomputed at its original position against the retained tokens before it
+        (one batched service forward), then written into the token's slot; brightness, source and unit stay.
+        The old token goes to the journal as a "replaced" entry and the diff to `Session.diffs`. Validates
+        every diff first (retained position, matching old token, id in range, no duplicates) and applies
+        nothing on error. Returns the number applied.
+        """
+        if not diffs:
+            return 0
+        cache = self.cache
+        n = cache.n_valid
+        slot_of = {p: i for i, p in enumerate(cache.positions[:n].tolist())}
+        current = cache.token_ids[:n].tolist()
+        sources = cache.sources[:n].tolist()
+        marker = self.config.source_code("marker")
+        slots, new_ids, positions = [], [], []
+        for index, diff in enumerate(diffs):
+            if len(diff) != 3:
+                raise ValueError(f"diff {index}: expected (position, old_token_id, new_token_id), got {diff!r}")
+            position, old, new = (int(v) for v in diff)
+            slot = slot_of.get(position)
+            if slot is None or sources[slot] == marker:
+                raise ValueError(f"diff {index}: position {position} is not a retained text token")
+            if current[slot] != old:
+                raise ValueError(f"diff {index}: position {position} holds token {current[slot]}, not {old}")
+            if not 0 <= new < self.vocab_size:
+                raise ValueError(f"diff {index}: new token id {new} out of range [0, {self.vocab_size})")
+            if position in positions:
+                raise ValueError(f"diff {index}: position {position} appears twice")
+            slots.append(slot)
+            new_ids.append(new)
+            positions.append(position)
+        k = len(slots)
+        slot_t = torch.tensor(slots, device=self.device)
+        ids = torch.tensor(new_ids, dtype=torch.int64, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
+        visible = torch.zeros(k, n + k, dtype=torch.bool, device=self.device)
+        visible[:, :n] = cache.positions[:n][None, :] < pos[:, None]
+        visible[:, n:] = torch.eye(k, dtype=torch.bool, device=self.device)
+        cache.journal.record(pos, cache.token_ids[slot_t], cache.sources[slot_t], cache.brightness[slot_t],
+                             cache.steps, kind="replaced")
+        cache.stage(ids, self.config.source_names[0], positions=pos, visible=visible)
+        self._forward(ids, pos)
+        cache.adopt_tail(slot_t, n)
+        self.diffs.extend((p, int(o), int(w)) for p, o, w in zip(positions, (current[s] for s in slots), new_ids))
+        return k
+
     # ----------------------------------------------------------- generating
     def generate(self, max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop_on_eos: bool = True,
@@ -265,6 +315,7 @@ class Session:
             elif value:
                 ids.update(value)
         return ids
+
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> torch.Tensor:

@@ -118,7 +118,7 @@ def test_decode_eviction_stays_position_exact_over_hundreds_of_steps():
     n = cache.n_valid
     expected = layer0_keys(model, cache.token_ids[:n], cache.positions[:n])
     torch.testing.assert_close(cache.kv[0, 0, :, :n], expected, rtol=1e-5, atol=1e-5)
-    journal = cache.journal.entries
+    journal = cache.journal.evicted
     assert sorted([e.position for e in journal] + cache.positions[:n].tolist()) == list(range(300))
     assert all(e.token_id == int(stream[e.position]) for e in journal)
 

@@ -16,7 +16,7 @@ def check_invariants(session, fed_positions):
     mem = session.memory()
     marker = [s == "marker" for s in mem.sources]
     real_positions = [p for p, m in zip(mem.positions.tolist(), marker) if not m]
-    journal_positions = [e.position for e in session.journal]
+    journal_positions = [e.position for e in session.journal.evicted]
     # nothing lost: every fed position is retained or journaled, exactly once
     assert sorted(real_positions + journal_positions) == sorted(fed_positions)
     assert all(0 <= b <= 255 for b in mem.brightness.tolist())
@@ -46,7 +46,7 @@ def test_budget_holds_and_nothing_is_lost(tiny_pair):
     mem, _ = check_invariants(session, fed)
     assert set(range(pinned)) <= set(mem.positions.tolist())  # pinned system text never dies
     stats = session.stats()
-    assert stats["retained"] <= 40 and stats["evicted"] == len(session.journal) > 0
+    assert stats["retained"] <= 40 and stats["evicted"] == len(session.journal.evicted) > 0
     assert {"tokens_fed", "retained", "evicted", "steps", "halo_seconds", "model_seconds"} <= set(stats)
 
 
@@ -59,7 +59,7 @@ def test_log_lines_die_whole_and_leave_one_merged_marker(tiny_pair):
     session.feed(LOG, source="log")
     fed = list(range(session.cache.seen))
     mem, marker = check_invariants(session, fed)
-    dead_positions = {e.position for e in session.journal}
+    dead_positions = {e.position for e in session.journal.evicted}
     assert dead_positions
     # units die whole: every log line is either fully retained or fully journaled
     from halo.units import tokenize_lines
@@ -156,3 +156,73 @@ def test_cull_threshold_kills_neglected_tokens_under_budget(tiny_pair):
     session.feed("one two three four five six seven eight nine ten eleven twelve")
     assert len(session.journal) > 0 and session.cache.n_valid < session.cache.seen
     assert all(e.brightness <= 1.0 for e in session.journal)
+
+
+def _fresh_keys_values(model, token_ids, positions):
+    """Per-layer (K, V) [Hkv, D] of the last token, running the model from scratch on these tokens."""
+    from transformers import DynamicCache
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.tensor([token_ids]), position_ids=torch.tensor([positions]), past_key_values=cache)
+    return [(layer.keys[0, :, -1], layer.values[0, :, -1]) for layer in cache.layers]
+
+
+def test_kv_patch_equals_running_the_model_on_the_retained_prefix(tiny_pair):
+    model, tok = tiny_pair
+    session = Session(model, tok, HaloConfig(budget=300, sink_tokens=2, recent_tokens=4, chunk_size=16))
+    session.feed("the quick brown fox jumps over the lazy dog and keeps running far away")
+    snap = session.memory()
+    ids, positions = snap.token_ids.tolist(), snap.positions.tolist()
+    target = 7
+    new_id = (ids[target] + 5) % len(tok)
+    applied = session.apply_diffs([(positions[target], ids[target], new_id)])
+    assert applied == 1 and session.diffs == [(positions[target], ids[target], new_id)]
+    expected = _fresh_keys_values(model, ids[:target] + [new_id], positions[:target + 1])
+    cache = session.cache
+    slot = int((cache.positions[: cache.n_valid] == positions[target]).nonzero())
+    for layer, (k, v) in enumerate(expected):
+        torch.testing.assert_close(cache.kv[layer, 0, :, slot], k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.kv[layer, 1, :, slot], v, rtol=1e-5, atol=1e-5)
+    assert cache.n_valid == len(ids) and int(cache.token_ids[slot]) == new_id
+    replaced = [e for e in session.journal.entries if e.kind == "replaced"]
+    assert [(e.position, e.token_id) for e in replaced] == [(positions[target], ids[target])]
+    assert session.memory_text() == tok.decode(ids[:target] + [new_id] + ids[target + 1:])
+
+
+def test_kv_patch_after_evictions_uses_the_cached_prefix(tiny_pair):
+    from transformers import DynamicCache
+    model, tok = tiny_pair
+    session = Session(model, tok, HaloConfig(budget=24, sink_tokens=2, recent_tokens=4, chunk_size=4))
+    session.feed("the quick brown fox jumps over the lazy dog and keeps running far away into the night")
+    cache = session.cache
+    snap = session.memory()
+    order = torch.sort(cache.positions[: cache.n_valid]).indices
+    target_rank = 10
+    slot = int(order[target_rank])
+    position, old = int(cache.positions[slot]), int(cache.token_ids[slot])
+    prefix = order[:target_rank]
+    reference = DynamicCache(config=model.config)
+    for layer in range(model.config.num_hidden_layers):
+        reference.update(cache.kv[layer, 0, None, :, prefix].clone(), cache.kv[layer, 1, None, :, prefix].clone(), layer)
+    new_id = (old + 3) % len(tok)
+    with torch.no_grad():
+        model(torch.tensor([[new_id]]), position_ids=torch.tensor([[position]]), past_key_values=reference)
+    session.apply_diffs([(position, old, new_id)])
+    for layer in range(model.config.num_hidden_layers):
+        torch.testing.assert_close(cache.kv[layer, 0, :, slot], reference.layers[layer].keys[0, :, -1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.kv[layer, 1, :, slot], reference.layers[layer].values[0, :, -1], rtol=1e-5, atol=1e-5)
+    assert len(snap) == cache.n_valid
+
+
+def test_bad_diffs_apply_nothing(tiny_pair):
+    model, tok = tiny_pair
+    session = Session(model, tok, HaloConfig(budget=100, recent_tokens=4))
+    session.feed("hello there general kenobi")
+    snap = session.memory()
+    p, old = int(snap.positions[3]), int(snap.token_ids[3])
+    kv = session.cache.kv.clone()
+    for bad, message in [([(p, old, 1), (p + 1000, 0, 1)], "not a retained"), ([(p, old + 1, 2)], "holds token"),
+                         ([(p, old, 10 ** 6)], "out of range"), ([(p, old, 1), (p, old, 2)], "twice")]:
+        with pytest.raises(ValueError, match=message):
+            session.apply_diffs(bad)
+    assert torch.equal(session.cache.kv, kv) and session.diffs == [] and len(session.journal.entries) == 0
