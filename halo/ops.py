@@ -40,6 +40,11 @@ def update_brightness(cache, brightness, mass, decay, n_past, t_rows, alpha, num
     impl(brightness, mass, decay, n_past, t_rows, alpha, num_layers)
 
 
+def cull_scores(cache, brightness, positions, n_valid, dark_bias, radius):
+    impl = _kernels().cull_scores if use_kernels(cache) else _cull.cull_scores
+    return impl(brightness, positions, n_valid, dark_bias, radius)
+
+
 def select_victims(cache, scores, positions, protected, n_valid, k):
     impl = _kernels().select_victims if use_kernels(cache) else _cull.select_victims
     return impl(scores, positions, protected, n_valid, k)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cull import cull_scores
+from . import ops
 
 
 @dataclass
@@ -45,4 +45,4 @@ class HaloPolicy(CullPolicy):
 
     def scores(self, cache) -> torch.Tensor:
         cfg = cache.config
-        return cull_scores(cache.brightness, cache.positions, cache.n_valid, cfg.dark_bias, cfg.dark_radius)
+        return ops.cull_scores(cache, cache.brightness, cache.positions, cache.n_valid, cfg.dark_bias, cfg.dark_radius)

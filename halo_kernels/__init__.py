@@ -1,0 +1,73 @@
+"""halo_kernels: Triton kernels for Halo Weave's per-step cache operations.
+
+Every op has a plain-PyTorch reference twin with the same signature (`halo.brightness`, `halo.cull`,
+`halo.compact`); `halo.ops` dispatches to these kernels for CUDA tensors when `available()`.
+
+    attention_column_mass(query, key, scaling, n_past, mass, last_row_mass=None)       column_mass.py
+    attention_column_mass_and_update(query, key, scaling, n_past, mass, brightness,
+                                     decay, alpha, num_layers, last_row_mass=None)      column_mass.py
+    update_brightness(brightness, mass, decay, n_past, t_rows, alpha, num_layers)      brightness_update.py
+    cull_scores(brightness, positions, n_valid, dark_bias, radius) -> float32 [n]      scores.py
+    select_victims(scores, positions, protected, n_valid, k) -> int64 [k]              victims.py
+    compact_(kv, slot_tensors, victims, n_valid) -> int                                compact.py
+
+Importing this package never fails: without Triton the ops raise RuntimeError and `available()` is False.
+Under `TRITON_INTERPRET=1` (set before this import) the kernels run on CPU tensors in Triton's interpreter;
+that mode is for tests only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # noqa: SIM105
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+
+    _TRITON_ERROR: Exception | None = None
+except Exception as exc:  # ImportError, or a broken install raising something else
+    _TRITON_ERROR = exc
+
+
+def available() -> bool:
+    """True when the kernels can run: Triton importable and CUDA present, or the Triton interpreter (tests)."""
+    if _TRITON_ERROR is not None:
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True
+    return torch.cuda.is_available()
+
+
+if _TRITON_ERROR is None:
+    from .brightness_update import update_brightness
+    from .column_mass import attention_column_mass, attention_column_mass_and_update
+    from .compact import compact_
+    from .scores import cull_scores
+    from .victims import select_victims
+else:
+
+    def _missing(name):
+        def op(*args, **kwargs):
+            raise RuntimeError(f"halo_kernels.{name} needs Triton, which failed to import: {_TRITON_ERROR!r}")
+
+        op.__name__ = name
+        return op
+
+    attention_column_mass = _missing("attention_column_mass")
+    attention_column_mass_and_update = _missing("attention_column_mass_and_update")
+    update_brightness = _missing("update_brightness")
+    cull_scores = _missing("cull_scores")
+    select_victims = _missing("select_victims")
+    compact_ = _missing("compact_")
+
+__all__ = [
+    "available",
+    "attention_column_mass",
+    "attention_column_mass_and_update",
+    "update_brightness",
+    "cull_scores",
+    "select_victims",
+    "compact_",
+]
