@@ -28,6 +28,9 @@ from .policy import CullPolicy, HaloPolicy
 log = logging.getLogger(__name__)
 
 SLOT_FIELDS = ("positions", "token_ids", "sources", "units", "serials", "brightness")
+# This forward's attention mass (all rows, and the last row), summed over layers; moved with the slots so
+# policies may read it after a cull.
+STEP_FIELDS = ("mass", "last_mass")
 
 
 class HaloLayer(CacheLayerMixin):
@@ -134,6 +137,10 @@ class HaloCache(Cache):
 
     # ----------------------------------------------------------------- storage
     def _allocate(self, capacity: int) -> None:
+        with torch.inference_mode(False):  # plain tensors even when a forward under inference_mode grows them
+            self._allocate_buffers(capacity)
+
+    def _allocate_buffers(self, capacity: int) -> None:
         dev = self.device
         self.capacity = capacity
         self.kv = torch.zeros(self.num_layers, 2, self.num_kv_heads, capacity, self.head_dim, dtype=self.dtype, device=dev)
@@ -161,7 +168,7 @@ class HaloCache(Cache):
 
     @property
     def slot_tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, name) for name in (*SLOT_FIELDS, *self._extra_fields)]
+        return [getattr(self, name) for name in (*SLOT_FIELDS, *STEP_FIELDS, *self._extra_fields)]
 
     def _grow(self, needed: int) -> None:
         """Reallocate for a single forward larger than the headroom (e.g. a long prompt given to generate)."""
@@ -170,11 +177,12 @@ class HaloCache(Cache):
         old_kv, n = self.kv, self.n_valid
         log.info("HaloCache: growing from %d to %d slots for one oversized forward", self.capacity, needed)
         self._allocate(needed)
-        self.kv[:, :, :, :n] = old_kv[:, :, :, :n]
-        for name, tensor in old.items():
-            fresh = torch.zeros(needed, dtype=tensor.dtype, device=tensor.device)
-            fresh[:n] = tensor[:n]
-            setattr(self, name, fresh)
+        with torch.inference_mode(False):
+            self.kv[:, :, :, :n] = old_kv[:, :, :, :n]
+            for name, tensor in old.items():
+                fresh = torch.zeros(needed, dtype=tensor.dtype, device=tensor.device)
+                fresh[:n] = tensor[:n]
+                setattr(self, name, fresh)
 
     def reset(self) -> None:
         """Forget everything (journal included); buffers are kept."""
@@ -274,7 +282,7 @@ class HaloCache(Cache):
     def capture_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         """Accumulate one layer's attention mass; after the last layer, close the forward."""
         f = self._forward
-        if not f.service:
+        if not f.service and self.policy.needs_attention:
             t0 = time.perf_counter()
             ops.attention_column_mass(self, query, key, scaling, f.n_past, self.mass, self.last_mass)
             self.halo_seconds += time.perf_counter() - t0

@@ -1,13 +1,15 @@
 """Journal: the append-only record of every evicted token. The model forgets; the system loses nothing.
 
 Evictions are recorded as device tensors (no host synchronisation in the decode loop) and turned into Python
-entries only when someone reads them. An optional JSONL sink appends and flushes each entry as it is
-materialised, so a crash loses nothing already evicted and read.
+entries only when someone reads them. An optional JSONL sink gets every entry as soon as it is recorded, in
+whole lines (one `os.write` per batch on an O_APPEND descriptor), so a killed process leaves a file that parses
+and holds every eviction up to the kill.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -58,24 +60,27 @@ class Journal:
             self._flush_pending()
 
     def open_sink(self, path) -> None:
-        """Append every entry (past and future) to a JSONL file, flushing as entries arrive."""
+        """Append every entry (past and future) to a JSONL file as it is recorded."""
         self._flush_pending()
-        self._sink = open(path, "a", encoding="utf-8")
-        for entry in self._entries:
-            self._write(entry)
+        self.close()
+        self._sink = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._write(self._entries)
 
     def close(self) -> None:
         if self._sink is not None:
-            self._sink.close()
+            os.close(self._sink)
             self._sink = None
 
-    def _write(self, entry: JournalEntry) -> None:
-        self._sink.write(json.dumps(asdict(entry)) + "\n")
+    def _write(self, entries: list[JournalEntry]) -> None:
+        payload = "".join(json.dumps(asdict(entry)) + "\n" for entry in entries).encode("utf-8")
+        while payload:
+            payload = payload[os.write(self._sink, payload):]
 
     def _flush_pending(self) -> None:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        start = len(self._entries)
         for positions, token_ids, sources, brightness, step, kind in pending:
             rows = zip(positions.tolist(), token_ids.tolist(), sources.tolist(), brightness.tolist())
             for position, token_id, source, bright in rows:
@@ -84,10 +89,8 @@ class Journal:
                 entry = JournalEntry(int(position), int(token_id), self.source_names[int(source)], float(bright),
                                      int(step), kind)
                 self._entries.append(entry)
-                if self._sink is not None:
-                    self._write(entry)
         if self._sink is not None:
-            self._sink.flush()
+            self._write(self._entries[start:])
 
     @property
     def entries(self) -> list[JournalEntry]:

@@ -20,6 +20,9 @@ class CullPolicy(ABC):
     """Base policy: subclasses override `scores` and, when they keep state, `attach` and `observe`."""
 
     name = "base"
+    # False for policies that never read attention (e.g. position-only ones): the cache then skips the
+    # attention-mass capture and the brightness update, so their per-step cost is measured fairly.
+    needs_attention = True
 
     def attach(self, cache) -> None:
         """Register per-slot state on the cache (called once)."""

@@ -317,6 +317,25 @@ class Session:
         return ids
 
 
+    # ------------------------------------------------------ persistence and views
+    def save(self, path, *, extra: dict | None = None):
+        """Write the compacted memory to one file, atomically (see halo.persist for the format)."""
+        from .persist import save_session
+
+        return save_session(self, path, extra=extra)
+
+    @classmethod
+    def load(cls, path, model, tokenizer, **kwargs) -> "Session":
+        """A session restored from `save`; ValueError on a damaged file or a different model (see halo.persist)."""
+        from .persist import load_session
+
+        return load_session(path, model, tokenizer, **kwargs)
+
+    def render_html(self, path, **kwargs):
+        """Write a self-contained HTML page of the memory coloured by brightness, and the journal (halo.render)."""
+        from .render import write_html
+
+        return write_html(self, path, **kwargs)
 
 def _sample(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> torch.Tensor:
     """int64 scalar tensor: the next token from logits [V]."""

@@ -6,9 +6,11 @@ import argparse
 import logging
 import sys
 
+from . import chat as _chat
+from . import eval as _eval
 from . import run as _run
 
-SUBCOMMANDS = [_run]
+SUBCOMMANDS = [_run, _chat, _eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

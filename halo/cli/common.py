@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,20 +16,74 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
-    defaults = HaloConfig()
-    parser.add_argument("--budget", type=int, default=defaults.budget, help=f"tokens kept in the KV cache (default {defaults.budget})")
-    parser.add_argument("--sinks", type=int, default=defaults.sink_tokens, help=f"attention-sink tokens always kept (default {defaults.sink_tokens})")
-    parser.add_argument("--recent", type=int, default=defaults.recent_tokens, help=f"grace window of newest tokens always kept (default {defaults.recent_tokens})")
-    parser.add_argument("--chunk", type=int, default=defaults.chunk_size, help=f"most tokens per forward when feeding (default {defaults.chunk_size})")
-    parser.add_argument("--dark-bias", type=float, default=defaults.dark_bias, help=f"weight of the dark-neighbourhood term in the cull score (default {defaults.dark_bias})")
+    """Engine flags. Their parser defaults are None so that `--config FILE` values apply unless a flag is given."""
+    d = HaloConfig()
+    parser.add_argument("--config", type=Path, default=None, metavar="TOML",
+                        help="TOML file of HaloConfig fields (budget, sink_tokens, recent_tokens, chunk_size, alpha, "
+                        "dark_bias, cull_threshold, marker_text, unit_sources, ...) and a [sources.NAME] table per "
+                        "source (initial, decay, pinned); flags given on the command line override it")
+    parser.add_argument("--budget", type=int, default=None, help=f"tokens kept in the KV cache (default {d.budget})")
+    parser.add_argument("--sinks", type=int, default=None, help=f"attention-sink tokens always kept (default {d.sink_tokens})")
+    parser.add_argument("--recent", type=int, default=None, help=f"grace window of newest tokens always kept (default {d.recent_tokens})")
+    parser.add_argument("--chunk", type=int, default=None, help=f"most tokens per forward when feeding (default {d.chunk_size})")
+    parser.add_argument("--dark-bias", type=float, default=None, help=f"weight of the dark-neighbourhood term in the cull score (default {d.dark_bias})")
     parser.add_argument("--cull-threshold", type=float, default=None, help="brightness at which tokens die of neglect even under budget (default: off)")
     parser.add_argument("--reference", action="store_true", help="force the plain-PyTorch reference path (no fused kernels)")
 
 
+_FLAG_FIELDS = {"budget": "budget", "sinks": "sink_tokens", "recent": "recent_tokens", "chunk": "chunk_size",
+                "dark_bias": "dark_bias", "cull_threshold": "cull_threshold"}
+
+
+def read_config_file(path: Path) -> dict:
+    """HaloConfig keyword arguments from a TOML file (sources merged over the defaults); ValueError on bad keys."""
+    import tomllib
+
+    from ..config import SourcePolicy
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such config file: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: invalid TOML: {err}") from None
+    fields = {f.name for f in dataclasses.fields(HaloConfig)}
+    unknown = set(data) - fields
+    if unknown:
+        raise ValueError(f"{path}: unknown config keys {sorted(unknown)}; known: {sorted(fields)}")
+    if "sources" in data:
+        tables = data["sources"]
+        if not isinstance(tables, dict):
+            raise ValueError(f"{path}: 'sources' must be tables [sources.NAME]")
+        sources = dict(HaloConfig().sources)
+        policy_fields = {f.name for f in dataclasses.fields(SourcePolicy)}
+        for name, table in tables.items():
+            if not isinstance(table, dict) or set(table) - policy_fields:
+                raise ValueError(f"{path}: [sources.{name}] may only set {sorted(policy_fields)}")
+            base = dataclasses.asdict(sources[name]) if name in sources else {}
+            sources[name] = SourcePolicy(**(base | table))
+        data["sources"] = sources
+    if "unit_sources" in data:
+        data["unit_sources"] = tuple(data["unit_sources"])
+    return data
+
+
 def config_from_args(args) -> HaloConfig:
-    return HaloConfig(budget=args.budget, sink_tokens=args.sinks, recent_tokens=args.recent, chunk_size=args.chunk,
-                      dark_bias=args.dark_bias, cull_threshold=args.cull_threshold,
-                      kernels="reference" if args.reference else "auto")
+    """HaloConfig from defaults, then `--config` (if any), then the flags given."""
+    values = read_config_file(args.config) if getattr(args, "config", None) is not None else {}
+    for flag, field in _FLAG_FIELDS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            values[field] = value
+    if getattr(args, "reference", False):
+        values["kernels"] = "reference"
+    try:
+        return HaloConfig(**values)
+    except TypeError as err:
+        raise ValueError(f"bad config: {err}") from None
+
+
 
 
 def read_transcript(path: Path) -> list[tuple[str, str]]:

@@ -23,6 +23,11 @@ def add_parser(sub) -> None:
     parser.add_argument("--step", type=int, default=16, help="tokens per feed call while streaming")
     parser.add_argument("--generate", type=int, default=0, metavar="N", help="generate N tokens after the text")
     parser.add_argument("--journal", type=Path, default=None, help="append every evicted token to this JSONL file as it happens")
+    parser.add_argument("--html", type=Path, default=None, metavar="OUT.html",
+                        help="write a self-contained page of the remembered text coloured by brightness, and the journal")
+    parser.add_argument("--png", type=Path, default=None, metavar="OUT.png",
+                        help="plot brightness over position and the retained size over time")
+    parser.add_argument("--save", type=Path, default=None, metavar="FILE", help="save the session (memory, journal) to FILE at the end")
     parser.add_argument("--quiet", action="store_true", help="print only the stats")
     parser.set_defaults(func=main)
 
@@ -56,6 +61,7 @@ def main(args) -> int:
     total = sum(len(ids) for _, ids in encoded)
     total = min(total, limit) if limit else total
     started = time.perf_counter()
+    retained: list[int] = []  # retained count after every feed call / generated token
     with tqdm(total=total, unit="tok", desc="streaming", disable=args.quiet) as bar:
         fed = 0
         for source, ids in encoded:
@@ -65,19 +71,37 @@ def main(args) -> int:
                     break
                 session.feed_ids(torch.tensor(piece), source=source)
                 fed += len(piece)
+                retained.append(session.cache.n_valid)
                 bar.update(len(piece))
-                bar.set_postfix(retained=session.cache.n_valid, evicted=len(session.journal))
-    reply = session.generate(args.generate) if args.generate else None
+                bar.set_postfix(retained=session.cache.n_valid, evicted=len(session.journal.evicted))
+    produced = [0]
+
+    def on_token(_token_id: int) -> None:  # called before each generated token is fed: record the previous step
+        if produced[0]:
+            retained.append(session.cache.n_valid)
+        produced[0] += 1
+
+    reply = session.generate(args.generate, on_token=on_token) if args.generate else None
+    if produced[0]:
+        retained.append(session.cache.n_valid)
     elapsed = time.perf_counter() - started
     session.journal.close()
     stats = session.stats()
+    if args.html is not None:
+        session.render_html(args.html)
+    if args.png is not None:
+        from ..render import write_png
+
+        write_png(session, args.png, retained)
+    if args.save is not None:
+        session.save(args.save)
     if not args.quiet:
         print("=== remembered text ===")
         print(session.memory_text())
         if reply is not None:
             print("=== generated ===")
             print(reply)
-        forgotten = session.journal.entries
+        forgotten = session.journal.evicted
         print(f"=== forgotten: {len(forgotten)} tokens ===")
         print(tokenizer.decode([e.token_id for e in sorted(forgotten, key=lambda e: e.position)][:200]) +
               (" ..." if len(forgotten) > 200 else ""))

@@ -1,0 +1,89 @@
+"""`halo eval`: every cull policy on the same cache: perplexity under budget, planted-fact recall, per-step cost."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _csv(kind):
+    def parse(value: str):
+        try:
+            return [kind(v) for v in value.split(",") if v.strip()]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return parse
+
+
+def add_parser(sub) -> None:
+    from ..baselines import ALL_POLICY_NAMES
+
+    parser = sub.add_parser("eval", help="compare cull policies: perplexity under budget, fact recall, cost",
+                            description="Stream texts token by token through the model with the KV cache held at each "
+                            "budget under each policy (same cache, protected set and accounting); report perplexity "
+                            "of the tokens after the first `budget` (and its ratio to the full cache), planted "
+                            "pass-key recall per depth, and per-step cost.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=None, help="hub name or local folder (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--budget", type=_csv(str), default=["1/4", "1/8"],
+                        help="comma-separated budgets: tokens (256) or fractions of each text's length (1/4, 0.125)")
+    parser.add_argument("--policies", type=_csv(str), default=list(ALL_POLICY_NAMES), help="comma-separated policies")
+    parser.add_argument("--text", type=Path, nargs="+", default=None, help="text files (default: the embedded pydoc text)")
+    parser.add_argument("--max-tokens", type=int, default=600, help="tokens of each text to stream (0: all)")
+    parser.add_argument("--depths", type=_csv(float), default=[0.1, 0.5, 0.9], help="depths at which a pass key is planted")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the pass keys and the random policy")
+    parser.add_argument("--sinks", type=int, default=4, help="attention-sink tokens (protected, every policy)")
+    parser.add_argument("--recent", type=int, default=None, help="recent window (protected, every policy; default min(64, budget/4))")
+    parser.add_argument("--recall-chunk", type=int, default=16, help="tokens per forward while streaming recall texts")
+    parser.add_argument("--dark-bias", type=float, default=None, help="override HaloConfig.dark_bias")
+    parser.add_argument("--alpha", type=float, default=None, help="override HaloConfig.alpha")
+    parser.add_argument("--decay", type=float, default=None, help="override the decay of user text (the source streamed)")
+    parser.add_argument("--json", type=Path, default=None, help="write every record to this JSON file")
+    parser.add_argument("--plot", type=Path, default=None, help="draw perplexity ratio and recall to this PNG")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=main)
+
+
+def _overrides(args) -> dict:
+    from ..config import SourcePolicy, default_sources
+
+    out = {}
+    if args.dark_bias is not None:
+        out["dark_bias"] = args.dark_bias
+    if args.alpha is not None:
+        out["alpha"] = args.alpha
+    if args.decay is not None:
+        sources = default_sources()
+        sources["user"] = SourcePolicy(initial=sources["user"].initial, decay=args.decay)
+        out["sources"] = sources
+    return out
+
+
+def main(args) -> int:
+    import torch
+
+    from ..eval import evaluate, format_table, plot
+    from ..models import load_model
+
+    if args.text is None:
+        from ..text import embedded_text
+
+        texts = [embedded_text(max_chars=max(8 * args.max_tokens, 8000) if args.max_tokens else None)]
+    else:
+        for path in args.text:
+            if not path.is_file():
+                raise FileNotFoundError(f"no such text file: {path}")
+        texts = [path.read_text(encoding="utf-8") for path in args.text]
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(args.model, device=args.device)
+    records = evaluate(model, tokenizer, texts, budgets=args.budget, policies=args.policies, depths=args.depths,
+                       seed=args.seed, max_tokens=args.max_tokens or None, recent=args.recent, sinks=args.sinks,
+                       recall_chunk=args.recall_chunk, progress=not args.quiet, config_overrides=_overrides(args))
+    print(format_table(records))
+    if args.json is not None:
+        args.json.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    if args.plot is not None:
+        plot(records, args.plot)
+    return 0

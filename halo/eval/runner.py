@@ -1,0 +1,286 @@
+"""The evaluator: perplexity under budget, planted-fact recall and per-step cost, for every policy and budget.
+
+Every policy runs on the same HaloCache machinery with the same budget, protected set and model; `full` is the
+same session with a budget of at least the text length (nothing is ever evicted).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+
+from ..baselines import ALL_POLICY_NAMES, make_policy
+from ..config import HaloConfig
+from ..session import Session
+from .plant import boundary_offsets, plant_fact, question_ids, recalled
+
+RECORD_KEYS = ("policy", "budget", "ppl", "ppl_ratio", "recall", "halo_seconds", "model_seconds", "tokens")
+"""The exact key set of one evaluation record (one per policy and budget)."""
+
+ANSWER_TOKENS = 8
+
+
+@dataclass
+class StreamResult:
+    """One token-by-token pass: `nll[i]` is -log p(ids[i + 1] | retained cache after feeding ids[: i + 1])."""
+
+    nll: list[float]
+    halo_seconds: float
+    model_seconds: float
+    steps: int
+    max_retained: int = 0
+
+
+def parse_budget(spec: str | int) -> int | Fraction:
+    """`256` -> 256 tokens; `1/4` or `0.25` -> a fraction of each text's length."""
+    if isinstance(spec, int):
+        return spec
+    spec = str(spec).strip()
+    if "/" in spec or "." in spec:
+        value = Fraction(spec)
+        if not 0 < value <= 1:
+            raise ValueError(f"a fractional budget must be in (0, 1], got {spec}")
+        return value
+    return int(spec)
+
+
+def resolve_budget(spec: int | Fraction, length: int) -> int:
+    return spec if isinstance(spec, int) else max(1, int(length * spec))
+
+
+def budget_label(spec: int | Fraction) -> str:
+    return str(spec)
+
+
+def eval_config(budget: int, *, sinks: int = 4, recent: int | None = None, chunk: int = 1, **extra) -> HaloConfig:
+    """The config every policy shares at a budget: `recent` defaults to min(64, budget // 4)."""
+    if recent is None:
+        recent = min(HaloConfig().recent_tokens, budget // 4)
+    return HaloConfig(budget=budget, sink_tokens=sinks, recent_tokens=recent, chunk_size=chunk, **extra)
+
+
+def _session(model, tokenizer, config: HaloConfig, policy_name: str, seed: int) -> Session:
+    policy = None if policy_name == "full" else make_policy(policy_name, seed=seed)
+    return Session(model, tokenizer, config, policy=policy)
+
+
+def full_config(config: HaloConfig, length: int) -> HaloConfig:
+    """`config` with a budget no text of `length` tokens ever exceeds (the `full` baseline)."""
+    return config.replace(budget=max(config.budget, length + config.chunk_size + 1))
+
+
+def stream_nll(model, tokenizer, ids: list[int], config: HaloConfig, policy_name: str, *, seed: int = 0,
+               on_step=None) -> StreamResult:
+    """Feed `ids` one token per forward (cache culled back to the budget after each) and score every next token."""
+    if policy_name == "full":
+        config = full_config(config, len(ids))
+    session = _session(model, tokenizer, config, policy_name, seed)
+    tokens = torch.tensor(ids, dtype=torch.int64)
+    nll: list[float] = []
+    max_retained = 0
+    for i in range(len(ids)):
+        logits = session._step(tokens[i:i + 1], "user")
+        max_retained = max(max_retained, session.cache.n_valid)
+        if i + 1 < len(ids):
+            nll.append(float(-torch.log_softmax(logits.float(), -1)[ids[i + 1]]))
+        if on_step is not None:
+            on_step(session)
+    stats = session.stats()
+    return StreamResult(nll, stats["halo_seconds"], stats["model_seconds"], stats["steps"], max_retained)
+
+
+def perplexity(nll: list[float], skip: int) -> float:
+    """exp(mean nll) over the targets at token index >= skip (nll[i] scores token i + 1)."""
+    tail = nll[max(0, skip - 1):]
+    return math.exp(sum(tail) / len(tail)) if tail else float("nan")
+
+
+def recall_probe(model, tokenizer, planted_ids: list[int], key: str, config: HaloConfig, policy_name: str, *,
+                 seed: int = 0, chunk: int = 1, on_feed=None) -> tuple[bool, str]:
+    """Stream the planted text `chunk` tokens per forward, ask for the key, greedy-read it back."""
+    total = len(planted_ids) + len(question_ids(tokenizer)) + ANSWER_TOKENS
+    config = config.replace(chunk_size=chunk)
+    if policy_name == "full":
+        config = full_config(config, total)
+    session = _session(model, tokenizer, config, policy_name, seed)
+    for start in range(0, len(planted_ids), chunk):
+        piece = planted_ids[start:start + chunk]
+        session.feed_ids(torch.tensor(piece, dtype=torch.int64))
+        if on_feed is not None:
+            on_feed(len(piece))
+    session.feed_ids(torch.tensor(question_ids(tokenizer), dtype=torch.int64))
+    reply = session.generate(ANSWER_TOKENS)
+    return recalled(reply, key), reply
+
+
+@dataclass
+class _Acc:
+    nll: float = 0.0
+    count: int = 0
+    halo: float = 0.0
+    model: float = 0.0
+    steps: int = 0
+    recall: dict = field(default_factory=dict)
+    budgets: set = field(default_factory=set)
+
+
+def evaluate(model, tokenizer, texts: list[str], *, budgets=("1/4", "1/8"), policies=ALL_POLICY_NAMES,
+             depths=(0.1, 0.5, 0.9), seed: int = 0, max_tokens: int | None = 600, recent: int | None = None,
+             sinks: int = 4, recall_chunk: int = 16, progress: bool = True, config_overrides: dict | None = None) -> list[dict]:
+    """Run every policy at every budget on every text; one record per (policy, budget), keys `RECORD_KEYS`.
+
+    ppl is over the tokens after the first `budget` of each text (pooled over texts), ppl_ratio is ppl / full's
+    ppl on the same tokens, recall maps each depth (as a string) to the fraction of texts whose key came back,
+    halo_seconds / model_seconds / tokens are the totals of the perplexity passes (per-step cost = s / tokens).
+    """
+    from tqdm import tqdm
+
+    policies = list(policies)
+    for name in policies:
+        if name != "full":
+            make_policy(name)  # fail early on unknown names
+    specs = [parse_budget(b) for b in budgets]
+    overrides = dict(config_overrides or {})
+    encoded = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = ids[:max_tokens] if max_tokens else ids
+        if len(ids) < 8:
+            raise ValueError(f"text too short to evaluate ({len(ids)} tokens)")
+        encoded.append(ids)
+    rng = random.Random(seed)
+    plan = []  # (text index, spec, budget)
+    for t, ids in enumerate(encoded):
+        for spec in specs:
+            plan.append((t, spec, resolve_budget(spec, len(ids))))
+    keys = [[make_key_for(rng) for _ in depths] for _ in encoded]
+    evicting = [p for p in policies if p != "full"]
+    n_ppl = sum(len(ids) for ids in encoded) * ((1 if "full" in policies or evicting else 0) + len(evicting) * len(specs))
+    n_rec = sum(len(ids) for ids in encoded) * len(depths) * ((1 if evicting else 0) + len(evicting) * len(specs))
+    accs: dict[tuple[str, str], _Acc] = {}
+    with tqdm(total=n_ppl + n_rec, unit="tok", desc="eval", disable=not progress) as bar:
+        full_runs: dict[int, StreamResult] = {}
+        full_recall: dict[tuple[int, int], bool] = {}
+        planted_cache: dict[tuple[int, int], object] = {}
+        for t, ids in enumerate(encoded):
+            base = eval_config(len(ids) + 1, sinks=sinks, recent=0, **overrides)
+            full_runs[t] = stream_nll(model, tokenizer, ids, base, "full", seed=seed, on_step=lambda s: bar.update(1))
+            bounds = boundary_offsets(tokenizer, ids)
+            for d, depth in enumerate(depths):
+                planted_cache[t, d] = plant_fact(tokenizer, ids, depth, keys[t][d], boundaries=bounds)
+                if evicting or "full" in policies:
+                    p = planted_cache[t, d]
+                    full_recall[t, d], _ = recall_probe(model, tokenizer, p.ids, p.key, base, "full", seed=seed,
+                                                        chunk=recall_chunk, on_feed=bar.update)
+        for t, spec, budget in plan:
+            ids = encoded[t]
+            config = eval_config(budget, sinks=sinks, recent=recent, chunk=1, **overrides)
+            skip = budget
+            full = full_runs[t]
+            for name in policies:
+                acc = accs.setdefault((name, budget_label(spec)), _Acc())
+                acc.budgets.add(budget)
+                if name == "full":
+                    run = full
+                    rec = [full_recall[t, d] for d in range(len(depths))]
+                else:
+                    bar.set_postfix(policy=name, budget=budget)
+                    run = stream_nll(model, tokenizer, ids, config, name, seed=seed, on_step=lambda s: bar.update(1))
+                    rec = []
+                    for d in range(len(depths)):
+                        p = planted_cache[t, d]
+                        hit, _ = recall_probe(model, tokenizer, p.ids, p.key, config, name, seed=seed,
+                                              chunk=recall_chunk, on_feed=bar.update)
+                        rec.append(hit)
+                tail = run.nll[max(0, skip - 1):]
+                acc.nll += sum(tail)
+                acc.count += len(tail)
+                acc.halo += run.halo_seconds
+                acc.model += run.model_seconds
+                acc.steps += run.steps
+                for d, depth in enumerate(depths):
+                    acc.recall.setdefault(str(depth), []).append(1.0 if rec[d] else 0.0)
+    records = []
+    for spec in specs:
+        label = budget_label(spec)
+        full_nll = 0.0
+        full_count = 0
+        for t, ids in enumerate(encoded):
+            tail = full_runs[t].nll[max(0, resolve_budget(spec, len(ids)) - 1):]
+            full_nll += sum(tail)
+            full_count += len(tail)
+        full_ppl = math.exp(full_nll / full_count) if full_count else float("nan")
+        for name in policies:
+            acc = accs[name, label]
+            ppl = math.exp(acc.nll / acc.count) if acc.count else float("nan")
+            budget_value = next(iter(acc.budgets)) if len(acc.budgets) == 1 else label
+            records.append({
+                "policy": name,
+                "budget": budget_value,
+                "ppl": ppl,
+                "ppl_ratio": ppl / full_ppl if full_ppl else float("nan"),
+                "recall": {k: sum(v) / len(v) for k, v in acc.recall.items()},
+                "halo_seconds": acc.halo,
+                "model_seconds": acc.model,
+                "tokens": acc.steps,
+            })
+    return records
+
+
+def make_key_for(rng: random.Random) -> str:
+    from .plant import make_key
+
+    return make_key(rng)
+
+
+def format_table(records: list[dict]) -> str:
+    """A Markdown table of the records."""
+    depths = list(records[0]["recall"]) if records else []
+    head = ["policy", "budget", "ppl", "ppl / full"] + [f"recall@{d}" for d in depths] + ["recall mean", "halo ms/step", "model ms/step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in records:
+        rec = [r["recall"][d] for d in depths]
+        steps = max(1, r["tokens"])
+        row = [r["policy"], str(r["budget"]), f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.3f}"] + [f"{v:.2f}" for v in rec]
+        row += [f"{sum(rec) / len(rec):.2f}" if rec else "-", f"{1000 * r['halo_seconds'] / steps:.1f}",
+                f"{1000 * r['model_seconds'] / steps:.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path) -> None:
+    """PNG: perplexity ratio vs budget per policy (left), recall vs depth per policy and budget (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    policies = list(dict.fromkeys(r["policy"] for r in records))
+    budgets = list(dict.fromkeys(str(r["budget"]) for r in records))
+    styles = ["-", "--", ":", "-."]
+    for name in policies:
+        rows = [r for r in records if r["policy"] == name]
+        left.plot([budgets.index(str(r["budget"])) for r in rows], [r["ppl_ratio"] for r in rows], marker="o", label=name)
+        for r in rows:
+            depths = list(r["recall"])
+            style = styles[budgets.index(str(r["budget"])) % len(styles)]
+            right.plot([float(d) for d in depths], [r["recall"][d] for d in depths], style, marker="o",
+                       label=f"{name} @ {r['budget']}")
+    left.set_xticks(range(len(budgets)), budgets)
+    left.set_xlabel("budget")
+    left.set_ylabel("perplexity / full")
+    left.set_title("Perplexity under budget")
+    left.legend(fontsize=8)
+    right.set_xlabel("fact depth")
+    right.set_ylabel("recall")
+    right.set_ylim(-0.05, 1.05)
+    right.set_title("Planted-fact recall")
+    right.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
