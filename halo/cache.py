@@ -194,6 +194,7 @@ class HaloCache(Cache):
         self.unit_slots = 0
         self.halo_seconds = 0.0
         self.culled_units: list[tuple[int, int, int]] = []
+        self.step_evicted: list[tuple[torch.Tensor, torch.Tensor]] = []  # (positions, brightness) this step
         self.protect_markers_from = None
         self._forward: _Forward | None = None
         self._staged = None
@@ -253,6 +254,8 @@ class HaloCache(Cache):
         self.last_mass[: n + t_rows].zero_()
         self._visible = visible
         self._forward = _Forward(n, t_rows, service, t_start=time.perf_counter())
+        if not service:
+            self.step_evicted = []
         self._new_unit_tokens = t_rows if (units is not None) else 0
 
     def layer_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
@@ -402,6 +405,7 @@ class HaloCache(Cache):
             return
         self.journal.record(self.positions[victims], self.token_ids[victims], self.sources[victims],
                             self.brightness[victims], self.steps)
+        self.step_evicted.append((self.positions[victims].clone(), self.brightness[victims].clone()))
         self.n_valid = ops.compact(self, self.kv, self.slot_tensors, victims, self.n_valid)
 
     def adopt_tail(self, slots: torch.Tensor, n_valid: int) -> None:

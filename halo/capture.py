@@ -14,8 +14,9 @@ from __future__ import annotations
 import threading
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 ATTN_IMPLEMENTATION = "halo"
 
@@ -59,6 +60,9 @@ def halo_attention_forward(module, query, key, value, attention_mask, scaling=No
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, halo_attention_forward)
+# Forwards that no HaloCache drives (e.g. the self-repair pass over padded windows) need the usual SDPA masks;
+# forwards a HaloCache drives use the cache's own slot-space mask instead.
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 
 
 def enable_capture(model) -> None:

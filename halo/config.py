@@ -67,7 +67,12 @@ class HaloConfig:
         marker_text: text of an elision marker; it replaces whole lines, so it ends with a newline.
         kernels: "auto" uses the fused Triton kernels on CUDA and the vectorised PyTorch path on CPU;
             "reference" forces the plain PyTorch path everywhere.
-        repair, repair_threshold, repair_radius, repairs_per_step: single-pass repair settings (see repair).
+        repair: None (off), "self" (the host model re-predicts targets from their left context) or a masked-LM
+            name or folder (e.g. "distilbert-base-uncased", bridged to the host vocabulary).
+        repair_threshold: tokens dimmer than this (and brighter than the tokens just culled) may be repaired.
+        repair_radius: only tokens within this many positions of a token culled in the same step are targets.
+        repairs_per_step: most targets per step, nearest to the new holes first.
+        repair_window: retained tokens per repair window (at most 511), centred on the target.
     """
 
     budget: int = 512
@@ -86,6 +91,7 @@ class HaloConfig:
     repair_threshold: float = 64.0
     repair_radius: int = 8
     repairs_per_step: int = 4
+    repair_window: int = 511
 
     def __post_init__(self):
         self.sources = dict(self.sources)
@@ -114,6 +120,10 @@ class HaloConfig:
                 raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
         if self.cull_threshold is not None and not (0.0 <= self.cull_threshold < 255.0):
             raise ValueError(f"cull_threshold must be None or in [0, 255), got {self.cull_threshold!r}")
+        if not (isinstance(self.repair_window, int) and 1 <= self.repair_window <= 511):
+            raise ValueError(f"repair_window must be an int in [1, 511], got {self.repair_window!r}")
+        if self.repair is not None and (not isinstance(self.repair, str) or not self.repair):
+            raise ValueError(f"repair must be None, 'self' or a masked-LM name or path, got {self.repair!r}")
         if not (0.0 <= self.repair_threshold <= 255.0):
             raise ValueError(f"repair_threshold must be in [0, 255], got {self.repair_threshold!r}")
         for name, policy in self.sources.items():

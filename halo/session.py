@@ -47,9 +47,11 @@ class Session:
         tokenizer: its tokenizer.
         config: HaloConfig (default HaloConfig()).
         policy: cull policy (default HaloPolicy).
+        repairer: a `halo.repair.Repairer` to use instead of the one `config.repair` names.
     """
 
-    def __init__(self, model, tokenizer, config: HaloConfig | None = None, *, policy: CullPolicy | None = None):
+    def __init__(self, model, tokenizer, config: HaloConfig | None = None, *, policy: CullPolicy | None = None,
+                 repairer=None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or HaloConfig()
@@ -58,6 +60,8 @@ class Session:
         self.vocab_size = int(model.config.vocab_size)
         self.diffs: list[tuple[int, int, int]] = []
         self.model_seconds = 0.0
+        self.repair_seconds = 0.0
+        self._repairer = repairer
         self.pinned_tokens = 0
         self._last_logits: torch.Tensor | None = None
         self._marker_ids = tokenizer(self.config.marker_text, add_special_tokens=False)["input_ids"]
@@ -95,6 +99,7 @@ class Session:
             "steps": self.cache.steps,
             "halo_seconds": self.cache.halo_seconds,
             "model_seconds": self.model_seconds,
+            "repair_seconds": self.repair_seconds,
         }
 
     # ------------------------------------------------------------- feeding
@@ -164,6 +169,8 @@ class Session:
         cache.stage(ids, source, units)
         self._last_logits = self._forward(ids, positions)[0, -1]
         self._settle()
+        if cache.step_evicted and (self._repairer is not None or self.config.repair):
+            self._repair_holes()
         return self._last_logits
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -221,6 +228,61 @@ class Session:
         self._forward(ids, positions)
 
     # ------------------------------------------------------------- repair
+    @property
+    def repairer(self):
+        """The repair backend (built on first use from `config.repair`), or None when repair is off."""
+        if self._repairer is None and self.config.repair:
+            from .repair import MaskedLMRepairer, SelfRepairer
+
+            common = {"repair_threshold": self.config.repair_threshold}
+            if self.config.repair == "self":
+                self._repairer = SelfRepairer(self.model, self.tokenizer, **common)
+            else:
+                self._repairer = MaskedLMRepairer(self.config.repair, host_tokenizer=self.tokenizer,
+                                                  device=self.device, **common)
+        return self._repairer
+
+    def repair_targets(self) -> torch.Tensor:
+        """int64 [k] slots to repair after this step's culls: dim but alive, nearest the new holes first.
+
+        A target is a retained text token (not a marker, not protected) whose brightness is below
+        `repair_threshold` and above the cull line (the brightest token culled this step), within
+        `repair_radius` positions of a token culled this step; at most `repairs_per_step`, nearest first,
+        ties by position.
+        """
+        cache, cfg = self.cache, self.config
+        n = cache.n_valid
+        holes = torch.cat([p for p, _ in cache.step_evicted])
+        cull_line = torch.cat([b for _, b in cache.step_evicted]).max()
+        positions = cache.positions[:n]
+        brightness = cache.brightness[:n]
+        eligible = (brightness < cfg.repair_threshold) & (brightness > cull_line) & ~cache.protected_mask()
+        eligible &= cache.sources[:n] != cfg.source_code("marker")
+        distance = (positions[:, None] - holes[None, :]).abs().min(dim=1).values
+        eligible &= distance <= cfg.repair_radius
+        key = torch.where(eligible, distance, torch.iinfo(torch.int64).max)
+        order = torch.sort(positions, stable=True).indices
+        ranked = order[torch.sort(key[order], stable=True).indices]
+        count = min(cfg.repairs_per_step, int(eligible.sum()))
+        return ranked[:count]
+
+    def _repair_holes(self) -> None:
+        """Re-predict the targets near this step's holes in one batched pass and apply the diffs."""
+        from .repair import RepairBatch, build_windows
+
+        t0 = time.perf_counter()
+        targets = self.repair_targets()
+        if targets.numel():
+            cache = self.cache
+            windows = build_windows(cache.token_ids, cache.positions, cache.brightness, cache.n_valid, targets,
+                                    self.config.repair_window)
+            with torch.inference_mode():
+                diffs = self.repairer.repair_batch(RepairBatch.from_windows(windows))
+            self.repair_seconds += time.perf_counter() - t0
+            self.apply_diffs(diffs)
+        else:
+            self.repair_seconds += time.perf_counter() - t0
+
     def apply_diffs(self, diffs: list[tuple[int, int, int]]) -> int:
         """Apply repair diffs `(position, old_token_id, new_token_id)` to the mirror and the KV cache.
 
