@@ -28,11 +28,17 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=int, default=None, help=f"most tokens per forward when feeding (default {d.chunk_size})")
     parser.add_argument("--dark-bias", type=float, default=None, help=f"weight of the dark-neighbourhood term in the cull score (default {d.dark_bias})")
     parser.add_argument("--cull-threshold", type=float, default=None, help="brightness at which tokens die of neglect even under budget (default: off)")
+    parser.add_argument("--repair", default=None, metavar="BACKEND",
+                        help="single-pass repair of dim tokens next to the holes: 'self' (the host model) or a "
+                        "masked-LM name or folder (default: off)")
+    parser.add_argument("--repair-threshold", type=float, default=None,
+                        help=f"tokens dimmer than this may be repaired (default {d.repair_threshold})")
     parser.add_argument("--reference", action="store_true", help="force the plain-PyTorch reference path (no fused kernels)")
 
 
 _FLAG_FIELDS = {"budget": "budget", "sinks": "sink_tokens", "recent": "recent_tokens", "chunk": "chunk_size",
-                "dark_bias": "dark_bias", "cull_threshold": "cull_threshold"}
+                "dark_bias": "dark_bias", "cull_threshold": "cull_threshold", "repair": "repair",
+                "repair_threshold": "repair_threshold"}
 
 
 def read_config_file(path: Path) -> dict:
@@ -82,8 +88,6 @@ def config_from_args(args) -> HaloConfig:
         return HaloConfig(**values)
     except TypeError as err:
         raise ValueError(f"bad config: {err}") from None
-
-
 
 
 def read_transcript(path: Path) -> list[tuple[str, str]]:

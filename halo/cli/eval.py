@@ -25,17 +25,19 @@ def add_parser(sub) -> None:
                             "of the tokens after the first `budget` (and its ratio to the full cache), planted "
                             "pass-key recall per depth, and per-step cost.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default=None, help="hub name or local folder (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--model", default=None, help="hub name or local folder (the embedded SmolLM2-135M-Instruct when not given)")
+    parser.add_argument("--device", default=None, help="torch device (cuda if available, else cpu, when not given)")
     parser.add_argument("--budget", type=_csv(str), default=["1/4", "1/8"],
                         help="comma-separated budgets: tokens (256) or fractions of each text's length (1/4, 0.125)")
-    parser.add_argument("--policies", type=_csv(str), default=list(ALL_POLICY_NAMES), help="comma-separated policies")
-    parser.add_argument("--text", type=Path, nargs="+", default=None, help="text files (default: the embedded pydoc text)")
+    parser.add_argument("--policies", type=_csv(str), default=list(ALL_POLICY_NAMES),
+                        help="comma-separated policies: full, streaming, h2o, tova, random, halo; add +repair to a name "
+                        "(e.g. halo+repair) to run it with single-pass self repair")
+    parser.add_argument("--text", type=Path, nargs="+", default=None, help="text files (the embedded pydoc text when not given)")
     parser.add_argument("--max-tokens", type=int, default=600, help="tokens of each text to stream (0: all)")
     parser.add_argument("--depths", type=_csv(float), default=[0.1, 0.5, 0.9], help="depths at which a pass key is planted")
     parser.add_argument("--seed", type=int, default=0, help="seeds the pass keys and the random policy")
     parser.add_argument("--sinks", type=int, default=4, help="attention-sink tokens (protected, every policy)")
-    parser.add_argument("--recent", type=int, default=None, help="recent window (protected, every policy; default min(64, budget/4))")
+    parser.add_argument("--recent", type=int, default=None, help="recent window (protected, every policy; min(64, budget/4) when not given)")
     parser.add_argument("--recall-chunk", type=int, default=16, help="tokens per forward while streaming recall texts")
     parser.add_argument("--dark-bias", type=float, default=None, help="override HaloConfig.dark_bias")
     parser.add_argument("--alpha", type=float, default=None, help="override HaloConfig.alpha")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -12,16 +11,15 @@ from .common import add_config_options, add_model_options, config_from_args, rea
 def add_parser(sub) -> None:
     parser = sub.add_parser("run", help="stream a text through the model at a fixed KV budget",
                             description="Stream a text file or chat transcript through the model with the KV cache "
-                            "held at --budget tokens; print the remembered text, what was forgotten, and stats.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            "held at --budget tokens; print the remembered text, what was forgotten, and stats.")
     add_model_options(parser)
     add_config_options(parser)
     parser.add_argument("--text", type=Path, default=None, help="text file, or .json/.jsonl transcript of {role, content} "
                         "messages (default: the embedded pydoc_data.topics text)")
-    parser.add_argument("--source", default="user", help="source of a plain text file (user, assistant, system, tool, log, ...)")
-    parser.add_argument("--max-tokens", type=int, default=2000, help="stop streaming after this many tokens (0: no limit)")
-    parser.add_argument("--step", type=int, default=16, help="tokens per feed call while streaming")
-    parser.add_argument("--generate", type=int, default=0, metavar="N", help="generate N tokens after the text")
+    parser.add_argument("--source", default="user", help="source of a plain text file: user (default), assistant, system, tool, log, ...")
+    parser.add_argument("--max-tokens", type=int, default=2000, help="stop streaming after this many tokens (default 2000; 0: no limit)")
+    parser.add_argument("--step", type=int, default=16, help="tokens per feed call while streaming (default 16)")
+    parser.add_argument("--generate", type=int, default=0, metavar="N", help="generate N tokens after the text (default 0)")
     parser.add_argument("--journal", type=Path, default=None, help="append every evicted token to this JSONL file as it happens")
     parser.add_argument("--html", type=Path, default=None, metavar="OUT.html",
                         help="write a self-contained page of the remembered text coloured by brightness, and the journal")

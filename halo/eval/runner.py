@@ -63,8 +63,21 @@ def eval_config(budget: int, *, sinks: int = 4, recent: int | None = None, chunk
     return HaloConfig(budget=budget, sink_tokens=sinks, recent_tokens=recent, chunk_size=chunk, **extra)
 
 
+REPAIR_SUFFIX = "+repair"
+"""`halo+repair` (any policy name plus this suffix) runs that policy with single-pass self repair switched on."""
+
+
+def _check_policy(name: str) -> None:
+    base = name.removesuffix(REPAIR_SUFFIX)
+    if base != "full":
+        make_policy(base)
+
+
 def _session(model, tokenizer, config: HaloConfig, policy_name: str, seed: int) -> Session:
-    policy = None if policy_name == "full" else make_policy(policy_name, seed=seed)
+    base = policy_name.removesuffix(REPAIR_SUFFIX)
+    if base != policy_name:
+        config = config.replace(repair="self")
+    policy = None if base == "full" else make_policy(base, seed=seed)
     return Session(model, tokenizer, config, policy=policy)
 
 
@@ -142,7 +155,7 @@ def evaluate(model, tokenizer, texts: list[str], *, budgets=("1/4", "1/8"), poli
     policies = list(policies)
     for name in policies:
         if name != "full":
-            make_policy(name)  # fail early on unknown names
+            _check_policy(name)  # fail early on unknown names
     specs = [parse_budget(b) for b in budgets]
     overrides = dict(config_overrides or {})
     encoded = []

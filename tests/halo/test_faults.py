@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from halo import HaloConfig, Session
+from halo import HaloConfig, Session, default_sources
 from tiny import tiny_llama
 
 CONFIG = dict(budget=48, sink_tokens=2, recent_tokens=8, chunk_size=8)
@@ -101,7 +101,7 @@ def test_cli_config_file_and_flag_override(tmp_path):
     args = build_parser().parse_args(["run", "--config", str(toml), "--recent", "20"])
     config = config_from_args(args)
     assert config.budget == 300 and config.recent_tokens == 20
-    assert config.sources["log"].decay == 5.0 and config.sources["log"].initial == 128.0
+    assert config.sources["log"].decay == 5.0 and config.sources["log"].initial == default_sources()["log"].initial
     assert config.sources["build"].initial == 90.0
     toml.write_text("budgett = 3\n")
     with pytest.raises(ValueError, match="unknown config keys"):

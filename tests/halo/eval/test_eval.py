@@ -73,3 +73,15 @@ def test_smollm2_full_perplexity_is_sane_and_every_policy_runs():
     assert math.isfinite(records[0]["ppl"]) and records[0]["ppl"] < 100
     assert records[0]["recall"]["0.5"] == 1.0
     assert all(math.isfinite(r["ppl"]) for r in records)
+
+
+def test_repair_rows_run_the_same_policy_with_self_repair(tiny_pair):
+    from halo.eval.runner import _session, eval_config
+    model, tok = tiny_pair
+    plain = _session(model, tok, eval_config(32), "halo", 0)
+    repaired = _session(model, tok, eval_config(32), "halo+repair", 0)
+    assert plain.config.repair is None and repaired.config.repair == "self"
+    assert type(plain.cache.policy) is type(repaired.cache.policy)
+    import pytest
+    with pytest.raises(ValueError, match="unknown policy"):
+        _session(model, tok, eval_config(32), "lru+repair", 0)
