@@ -19,18 +19,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_replace
 from .cache import SLOT_FIELDS as _SLOT_FIELDS
 from .config import HaloConfig, SourcePolicy
 from .journal import JournalEntry
 
-_UMASK = os.umask(0)  # read the process umask (os has no getter) to give saved files the usual mode
-os.umask(_UMASK)
 
 FORMAT = "halo-weave-session"
 VERSION = 1
@@ -130,20 +127,7 @@ def save_session(session, path, *, extra: dict | None = None) -> Path:
         text = json.dumps(meta)
     except TypeError as err:
         raise ValueError(f"session metadata is not JSON-serialisable: {err}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"halo": text})
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_replace(path, lambda tmp: save_file(tensors, tmp, metadata={"halo": text}))
 
 
 # --------------------------------------------------------------------- load

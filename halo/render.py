@@ -8,12 +8,9 @@ and, for repaired tokens, `old -> new`. Elision markers and repaired tokens are 
 from __future__ import annotations
 
 import html
-import os
-import tempfile
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 from pathlib import Path
+
+from .atomic import atomic_write_bytes
 
 JOURNAL_ROWS = 5000  # most journal rows shown in the page (the newest are kept)
 
@@ -137,25 +134,9 @@ def render_html(session, *, title: str = "Halo Weave memory", cmap: str = "virid
     return "".join(parts)
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_html(session, path, **kwargs) -> Path:
     """Write `render_html(session)` to `path` (atomically); returns the path."""
-    return _atomic_write(Path(path), render_html(session, **kwargs).encode("utf-8"))
+    return atomic_write_bytes(path, render_html(session, **kwargs).encode("utf-8"))
 
 
 def write_png(session, path, retained_history: list[int] | None = None, *, cmap: str = "viridis") -> Path:
