@@ -38,3 +38,25 @@ def test_bad_arguments_exit_with_a_message(tmp_path):
     assert result.returncode == 2 and "no such text file" in result.stderr
     result = subprocess.run([sys.executable, "-m", "halo", "run", "--budget", "8"], capture_output=True, text=True)
     assert result.returncode == 2 and "protected set" in result.stderr
+
+
+def test_run_writes_html_png_and_a_loadable_save(tmp_path, tiny_tok):
+    from tiny import tiny_llama
+
+    from halo import Session
+    model_dir = tmp_path / "tiny"
+    model = tiny_llama(vocab=len(tiny_tok))
+    model.save_pretrained(model_dir)
+    tiny_tok.save_pretrained(model_dir)
+    text = tmp_path / "log.txt"
+    text.write_text("".join(f"step {i}: loss {1.0 / (i + 1):.3f}\n" for i in range(30)))
+    out = {name: tmp_path / name for name in ("m.html", "m.png", "s.halo")}
+    code = main(["run", "--model", str(model_dir), "--text", str(text), "--source", "log", "--budget", "48",
+                 "--recent", "8", "--chunk", "8", "--max-tokens", "0", "--quiet", "--html", str(out["m.html"]),
+                 "--png", str(out["m.png"]), "--save", str(out["s.halo"])])
+    assert code == 0
+    page = out["m.html"].read_text()
+    assert page.startswith("<!DOCTYPE html>") and "[...]" in page
+    assert out["m.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    restored = Session.load(out["s.halo"], model, tiny_tok, check_name=False)
+    assert restored.cache.n_valid <= 48 and len(restored.journal.evicted) > 0
