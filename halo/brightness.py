@@ -63,21 +63,24 @@ def attention_column_mass(
     hkv = key.shape[0]
     group = hq // hkv
     n = n_past + t_rows
-    k = key[:, :n].float()  # [Hkv, N, D]
-    q = query.float().reshape(hkv, group, t_rows, d)
-    cols = torch.arange(n, device=key.device)
+    k_t = key[:, :n].float().transpose(1, 2)  # [Hkv, D, N]
+    q = query.float().reshape(hkv, group * t_rows, d)  # rows ordered (g, t)
     rows_per_block = max(1, _BLOCK_ELEMENTS // max(1, hq * n))
     total = torch.zeros(n, dtype=torch.float32, device=key.device)
     for start in range(0, t_rows, rows_per_block):
         stop = min(t_rows, start + rows_per_block)
-        rows = torch.arange(start, stop, device=key.device)
-        logits = torch.einsum("hgtd,hnd->hgtn", q[:, :, start:stop], k) * scaling
-        visible = cols[None, :] <= (n_past + rows)[:, None]  # [rows, N]
-        logits = logits.masked_fill(~visible, float("-inf"))
+        rows = stop - start
+        block = q.view(hkv, group, t_rows, d)[:, :, start:stop].reshape(hkv, group * rows, d)
+        logits = torch.matmul(block, k_t).mul_(scaling).view(hkv, group, rows, n)
+        if t_rows > 1:
+            # only the new columns can be invisible: row t sees new slot s iff s <= t
+            new_cols = torch.arange(t_rows, device=key.device)
+            hidden = new_cols[None, :] > torch.arange(start, stop, device=key.device)[:, None]  # [rows, T]
+            logits[..., n_past:].masked_fill_(hidden, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        weight = (n_past + rows + 1).to(torch.float32)  # n_t
-        block = torch.einsum("hgtn,t->n", probs, weight) / hq
-        total += block
+        weight = torch.arange(n_past + start + 1, n_past + stop + 1, device=key.device, dtype=torch.float32)
+        weight = (weight / hq).repeat(group)  # n_t / Hq for each (g, t) row
+        total += torch.matmul(weight, probs.view(hkv, group * rows, n)).sum(dim=0)
         if last_row_mass is not None and stop == t_rows:
             last_row_mass[:n] += probs[:, :, -1].sum(dim=(0, 1)) * (float(n) / hq)
     mass[:n] += total
