@@ -23,7 +23,8 @@ MAX_BRIGHTNESS = 255.0
 _BLOCK_ELEMENTS = 1 << 22
 
 
-def _check_mass_inputs(query: torch.Tensor, key: torch.Tensor, n_past: int, mass: torch.Tensor) -> None:
+def check_mass_inputs(query: torch.Tensor, key: torch.Tensor, n_past: int, mass: torch.Tensor) -> None:
+    """ValueError naming the problem when the arguments of attention_column_mass (either twin) do not fit."""
     if query.dim() != 3 or key.dim() != 3:
         raise ValueError(f"query must be [Hq, T, D] and key [Hkv, N, D]; got {tuple(query.shape)} and {tuple(key.shape)}")
     hq, t, d = query.shape
@@ -58,7 +59,7 @@ def attention_column_mass(
         mass: float32 [C], C >= n_past + T: receives `sum_t n_t * mean_h p_{h,t}[j]` for j < n_past + T.
         last_row_mass: optional float32 [C]: receives `n_{T-1} * mean_h p_{h,T-1}[j]` (the current query only).
     """
-    _check_mass_inputs(query, key, n_past, mass)
+    check_mass_inputs(query, key, n_past, mass)
     hq, t_rows, d = query.shape
     hkv = key.shape[0]
     group = hq // hkv

@@ -20,16 +20,21 @@ MAX_BRIGHTNESS = tl.constexpr(255.0)
 
 
 @triton.jit
+def brightness_step(bright, mass, decay, cols, n_past, T, gain):
+    """The update rule on one block of slots (shared with the fused last-layer pass of column_mass)."""
+    tics = (T - tl.maximum(cols - n_past, 0)).to(tl.float32)
+    bright = bright + mass * gain - decay * tics
+    return tl.minimum(tl.maximum(bright, 0.0), MAX_BRIGHTNESS)
+
+
+@triton.jit
 def _update_brightness_kernel(bright_ptr, mass_ptr, decay_ptr, n_past, T, gain, BLOCK: tl.constexpr):
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n_past + T
     bright = tl.load(bright_ptr + cols, mask=ok, other=0.0)
     mass = tl.load(mass_ptr + cols, mask=ok, other=0.0)
     decay = tl.load(decay_ptr + cols, mask=ok, other=0.0)
-    tics = (T - tl.maximum(cols - n_past, 0)).to(tl.float32)
-    bright = bright + mass * gain - decay * tics
-    bright = tl.minimum(tl.maximum(bright, 0.0), MAX_BRIGHTNESS)
-    tl.store(bright_ptr + cols, bright, mask=ok)
+    tl.store(bright_ptr + cols, brightness_step(bright, mass, decay, cols, n_past, T, gain), mask=ok)
 
 
 def update_brightness(brightness: torch.Tensor, mass: torch.Tensor, decay: torch.Tensor, n_past: int, t_rows: int,

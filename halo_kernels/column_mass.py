@@ -29,9 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, cdiv, check_device, interpreting, next_power_of_2, parallel_target
+from halo.brightness import check_mass_inputs
 
-MAX_BRIGHTNESS = tl.constexpr(255.0)
+from ._common import FLOAT_DTYPES, cdiv, check_device, interpreting, next_power_of_2, parallel_target
+from .brightness_update import brightness_step
+
 _LOG2E = 1.4426950408889634
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima (keeps exp2 of differences NaN-free)
 
@@ -201,10 +203,7 @@ def _column_mass_accum_kernel(
     if UPDATE:
         bright = tl.load(bright_ptr + cols, mask=col_ok, other=0.0)
         decay = tl.load(decay_ptr + cols, mask=col_ok, other=0.0)
-        tics = (T - tl.maximum(cols - n_past, 0)).to(tl.float32)
-        bright = bright + mass * gain - decay * tics
-        bright = tl.minimum(tl.maximum(bright, 0.0), MAX_BRIGHTNESS)
-        tl.store(bright_ptr + cols, bright, mask=col_ok)
+        tl.store(bright_ptr + cols, brightness_step(bright, mass, decay, cols, n_past, T, gain), mask=col_ok)
 
 
 def _check_vector(op: str, name: str, tensor: torch.Tensor, n: int) -> None:
@@ -217,18 +216,15 @@ def _check_vector(op: str, name: str, tensor: torch.Tensor, n: int) -> None:
 def _check_inputs(op: str, query, key, n_past, mass, last_row_mass) -> None:
     if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor):
         raise ValueError(f"{op}: query and key must be tensors")
-    if query.dim() != 3 or key.dim() != 3:
-        raise ValueError(f"{op}: query must be [Hq, T, D] and key [Hkv, N, D]; got {tuple(query.shape)} and {tuple(key.shape)}")
-    hq, t_rows, d = query.shape
-    hkv, n, dk = key.shape
-    if d != dk:
-        raise ValueError(f"{op}: head dim mismatch: query has {d}, key has {dk}")
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"{op}: query heads ({hq}) must be a multiple of key heads ({hkv})")
+    try:
+        check_mass_inputs(query, key, n_past, mass)
+    except ValueError as err:
+        raise ValueError(f"{op}: {err}") from None
+    t_rows = query.shape[1]
     if query.dtype not in FLOAT_DTYPES or key.dtype != query.dtype:
         raise ValueError(f"{op}: query and key must share one dtype among fp16/bf16/fp32, got {query.dtype} and {key.dtype}")
-    if not isinstance(n_past, int) or n_past < 0 or n_past + t_rows > n:
-        raise ValueError(f"{op}: n_past ({n_past}) + rows ({t_rows}) exceeds the {n} key slots")
+    if not isinstance(n_past, int):
+        raise ValueError(f"{op}: n_past must be an int, got {type(n_past).__name__}")
     _check_vector(op, "mass", mass, n_past + t_rows)
     if last_row_mass is not None:
         _check_vector(op, "last_row_mass", last_row_mass, n_past + t_rows)
