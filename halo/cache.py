@@ -96,6 +96,7 @@ class _Forward:
     service: bool  # marker / KV-patch forwards: no brightness update, no cull, positions given
     layers_captured: int = 0
     t_start: float = 0.0
+    brightness_done: bool = False  # the fused kernel applied the update with the last layer's mass
 
 
 class HaloCache(Cache):
@@ -287,9 +288,17 @@ class HaloCache(Cache):
         f = self._forward
         if not f.service and self.policy.needs_attention:
             t0 = time.perf_counter()
-            ops.attention_column_mass(self, query, key, scaling, f.n_past, self.mass, self.last_mass)
+            if layer_idx == self.num_layers - 1 and ops.use_kernels(self):
+                f.layers_captured += 1
+                n = f.n_past + f.t_rows
+                ops.attention_column_mass_and_update(self, query, key, scaling, f.n_past, self.mass,
+                                                     self.brightness, self.decay_table[self.sources[:n]],
+                                                     self.config.alpha, f.layers_captured, self.last_mass)
+                f.brightness_done = True
+            else:
+                ops.attention_column_mass(self, query, key, scaling, f.n_past, self.mass, self.last_mass)
+                f.layers_captured += 1
             self.halo_seconds += time.perf_counter() - t0
-            f.layers_captured += 1
         if layer_idx == self.num_layers - 1:
             capture.clear_active()
             self.finish_forward()
@@ -309,7 +318,7 @@ class HaloCache(Cache):
             return
         self.seen += f.t_rows
         self.steps += 1
-        if f.layers_captured:
+        if f.layers_captured and not f.brightness_done:
             decay = self.decay_table[self.sources[: self.n_valid]]
             ops.update_brightness(self, self.brightness, self.mass, decay, f.n_past, f.t_rows,
                                   self.config.alpha, f.layers_captured)

@@ -35,6 +35,13 @@ def attention_column_mass(cache, query, key, scaling, n_past, mass, last_row_mas
     impl(query, key, scaling, n_past, mass, last_row_mass)
 
 
+def attention_column_mass_and_update(cache, query, key, scaling, n_past, mass, brightness, decay, alpha, num_layers,
+                                     last_row_mass=None):
+    """Last layer on the kernel path: its column mass and the brightness update in one pass (kernels only)."""
+    _kernels().attention_column_mass_and_update(query, key, scaling, n_past, mass, brightness, decay, alpha,
+                                                num_layers, last_row_mass)
+
+
 def update_brightness(cache, brightness, mass, decay, n_past, t_rows, alpha, num_layers):
     impl = _kernels().update_brightness if use_kernels(cache) else _brightness.update_brightness
     impl(brightness, mass, decay, n_past, t_rows, alpha, num_layers)

@@ -34,9 +34,14 @@ def test_generate_with_kernels_equals_reference(device, monkeypatch):
     calls = []
     original = halo_kernels.compact_
     monkeypatch.setattr(halo_kernels, "compact_", lambda *a: calls.append(1) or original(*a))
+    fused_calls = []
+    fused = halo_kernels.attention_column_mass_and_update
+    monkeypatch.setattr(halo_kernels, "attention_column_mass_and_update",
+                        lambda *a: fused_calls.append(1) or fused(*a))
 
     out_k, cache_k, order_k = _run(model, ids, True, monkeypatch, device)
     assert calls, "the kernel path was not taken"
+    assert fused_calls, "the last layer should fuse its column mass with the brightness update"
     out_r, cache_r, order_r = _run(model, ids, False, monkeypatch, device)
 
     assert torch.equal(out_k, out_r)
