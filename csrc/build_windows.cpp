@@ -47,16 +47,6 @@ T* grow(std::vector<T>& v, size_t n) {
   return v.data();
 }
 
-// Writes the padding row used for an invalid target.
-inline void write_pad_row(int64_t w_count, int64_t* ids, int64_t* mask, float* bright, int64_t* wpos) {
-  for (int64_t w = 0; w < w_count; ++w) {
-    ids[w] = 0;
-    mask[w] = 0;
-    bright[w] = 0.f;
-    wpos[w] = -1;
-  }
-}
-
 // Min and max of p[0..n-1] (n >= 1). The loop vectorises (AVX2 has 64-bit compares; the x86-64 baseline has
 // not), so it is compiled twice and picked at run time.
 __attribute__((always_inline)) inline void min_max_loop(const int64_t* p, int64_t n, int64_t& lo_out, int64_t& hi_out) {
@@ -111,6 +101,36 @@ struct Outputs {
   int64_t* wpos;
 };
 
+// One output row of width W.
+struct Row {
+  int64_t* ids;
+  int64_t* mask;
+  float* bright;
+  int64_t* wpos;
+
+  void set(int64_t w, int64_t id, float b, int64_t p) const {
+    ids[w] = id;
+    mask[w] = 1;
+    bright[w] = b;
+    wpos[w] = p;
+  }
+};
+
+// Row k of the outputs. An invalid target slot t gets a padding row and local index -1, and the caller skips it
+// (returns false).
+inline bool open_row(const Outputs& out, int64_t k, int64_t W, int64_t t, int64_t n, Row& row) {
+  row = Row{out.ids + k * W, out.mask + k * W, out.bright + k * W, out.wpos + k * W};
+  if (t >= 0 && t < n) return true;
+  for (int64_t w = 0; w < W; ++w) {
+    row.ids[w] = 0;
+    row.mask[w] = 0;
+    row.bright[w] = 0.f;
+    row.wpos[w] = -1;
+  }
+  out.local[k] = -1;
+  return false;
+}
+
 // Dense strategy. Returns false (having written nothing) when positions repeat.
 bool fill_dense(const int64_t* tok, const int64_t* pos, const float* br, int64_t n, const int64_t* tgt, int64_t K,
                 int64_t W, int64_t pmin, uint64_t span, const Outputs& out) {
@@ -158,16 +178,9 @@ bool fill_dense(const int64_t* tok, const int64_t* pos, const float* br, int64_t
 
   at::parallel_for(0, K, window_grain(W), [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
-      int64_t* ids = out.ids + k * W;
-      int64_t* mask = out.mask + k * W;
-      float* bright = out.bright + k * W;
-      int64_t* wpos = out.wpos + k * W;
       const int64_t t = tgt[k];
-      if (t < 0 || t >= n) {
-        write_pad_row(W, ids, mask, bright, wpos);
-        out.local[k] = -1;
-        continue;
-      }
+      Row row;
+      if (!open_row(out, k, W, t, n, row)) continue;
       const uint64_t off = static_cast<uint64_t>(pos[t]) - static_cast<uint64_t>(pmin);
       const int64_t rank = prefix[off >> 6] + __builtin_popcountll(bits[off >> 6] & ((uint64_t(1) << (off & 63)) - 1));
       const int64_t start = window_start(rank, W, n);
@@ -183,10 +196,7 @@ bool fill_dense(const int64_t* tok, const int64_t* pos, const float* br, int64_t
         word &= word - 1;
         const int64_t o = wi * 64 + b;
         const int32_t s = slot_at[o];
-        ids[w] = tok[s];
-        mask[w] = 1;
-        bright[w] = br[s];
-        wpos[w] = pmin + o;
+        row.set(w, tok[s], br[s], pmin + o);
       }
     }
   });
@@ -226,16 +236,9 @@ void fill_sorted(const int64_t* tok, const int64_t* pos, const float* br, int64_
 
   at::parallel_for(0, K, window_grain(W), [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
-      int64_t* ids = out.ids + k * W;
-      int64_t* mask = out.mask + k * W;
-      float* bright = out.bright + k * W;
-      int64_t* wpos = out.wpos + k * W;
       const int64_t t = tgt[k];
-      if (t < 0 || t >= n) {
-        write_pad_row(W, ids, mask, bright, wpos);
-        out.local[k] = -1;
-        continue;
-      }
+      Row row;
+      if (!open_row(out, k, W, t, n, row)) continue;
       const uint64_t key = static_cast<uint64_t>(pos[t]) - static_cast<uint64_t>(pmin);
       const int64_t lo_eq = std::lower_bound(keys, keys + n, key) - keys;
       const int64_t hi_eq = std::upper_bound(keys + lo_eq, keys + n, key) - keys;
@@ -245,10 +248,7 @@ void fill_sorted(const int64_t* tok, const int64_t* pos, const float* br, int64_
       out.local[k] = rank - start;
       for (int64_t w = 0; w < W; ++w) {
         const int32_t s = order[start + w];
-        ids[w] = tok[s];
-        mask[w] = 1;
-        bright[w] = br[s];
-        wpos[w] = pos[s];
+        row.set(w, tok[s], br[s], pos[s]);
       }
     }
   });
