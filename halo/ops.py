@@ -60,7 +60,3 @@ def select_victims(cache, scores, positions, protected, n_valid, k):
 def compact(cache, kv, slot_tensors, victims, n_valid):
     impl = _kernels().compact_ if use_kernels(cache) else _compact.compact_
     return impl(kv, slot_tensors, victims, n_valid)
-
-
-def position_order(positions, n_valid):
-    return _cull.position_order(positions, n_valid)
