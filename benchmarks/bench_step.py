@@ -58,3 +58,47 @@ def bench_halo_cache_decode_step(benchmark, smollm, record_ratio):
         benchmark.pedantic(step, rounds=30, warmup_rounds=3)
         assert cache.n_valid == BUDGET
     record_ratio(benchmark, GROUP, "halo")
+
+
+# ------------------------------------------------------------ repaired decode step
+REPAIR_GROUP = "repaired-step-512-k4"
+PATCHES = 4
+
+
+@pytest.fixture(scope="module")
+def smollm_pair():
+    return load_model()
+
+
+def _repaired_step(benchmark, model, tokenizer, fold: bool):
+    """A decode step that also recomputes the K/V of PATCHES repaired tokens: separately or riding along."""
+    from halo import Session
+
+    session = Session(model, tokenizer, HaloConfig(budget=BUDGET, recent_tokens=64, chunk_size=64))
+    session.feed_ids(_prompt(model)[0])
+    token = torch.tensor([42])
+
+    def diffs():
+        snap = session.memory()
+        ranks = torch.linspace(100, BUDGET - 100, PATCHES).long()
+        picked = [(int(snap.positions[r]), int(snap.token_ids[r]), (int(snap.token_ids[r]) + 1) % 40000) for r in ranks]
+        session.apply_diffs(picked, defer=True)  # the mirror part, outside the timing
+        return (), {}
+
+    def step():
+        if not fold:
+            session.flush_repairs()
+        session.feed_ids(token)
+
+    benchmark.pedantic(step, setup=diffs, rounds=30, warmup_rounds=3)
+    assert session.cache.n_valid == BUDGET and not session._patches
+
+
+def bench_repaired_step_separate_patch_forward(benchmark, smollm_pair, record_ratio):
+    _repaired_step(benchmark, *smollm_pair, fold=False)
+    record_ratio(benchmark, REPAIR_GROUP, "reference")
+
+
+def bench_repaired_step_patches_ride_along(benchmark, smollm_pair, record_ratio):
+    _repaired_step(benchmark, *smollm_pair, fold=True)
+    record_ratio(benchmark, REPAIR_GROUP, "halo")

@@ -95,6 +95,7 @@ class _Forward:
     n_past: int
     t_rows: int
     service: bool  # marker / KV-patch forwards: no brightness update, no cull, positions given
+    patch_slots: torch.Tensor | None = None  # int64 [k] slots whose K/V the last k rows recompute in place
     layers_captured: int = 0
     t_start: float = 0.0
     brightness_done: bool = False  # the fused kernel applied the update with the last layer's mass
@@ -190,6 +191,7 @@ class HaloCache(Cache):
         """Forget everything (journal included); buffers are kept."""
         self.n_valid = 0
         self.seen = 0
+        self.layout_version = 0  # bumped whenever slots move (compaction), so holders of slot indices can tell
         self.steps = 0
         self.next_serial = 0
         self.next_unit = 0
@@ -204,7 +206,8 @@ class HaloCache(Cache):
 
     # ------------------------------------------------------------ the forward
     def stage(self, token_ids: torch.Tensor, source: str, units: torch.Tensor | None = None,
-              positions: torch.Tensor | None = None, visible: torch.Tensor | None = None) -> None:
+              positions: torch.Tensor | None = None, visible: torch.Tensor | None = None,
+              patch_slots: torch.Tensor | None = None) -> None:
         """Describe the next forward's tokens (Session does this; plain `generate` relies on defaults).
 
         Args:
@@ -214,9 +217,17 @@ class HaloCache(Cache):
             positions: int64 [T] explicit positions (service forwards: markers, KV patches); None continues
                 the stream at `seen`. A forward with explicit positions neither updates brightness nor culls.
             visible: bool [T, n_valid + T], which slots each row may attend to (service forwards).
+            patch_slots: int64 [k] distinct retained slots whose K/V this forward recomputes (repair KV patches).
+                The forward then has T + k rows: the T new tokens first, then one row per patch slot carrying
+                the slot's token (already in `token_ids`) at the slot's position. A patch row attends to the
+                retained slots before its position and to its own slot; its K/V are written into that slot in
+                place before the layer's attention, so the new rows (and later patches) see the patched K/V.
+                Patch rows add no slots, earn no brightness and are left out of the attention mass.
         """
         code = self.config.source_code(source)
-        self._staged = (token_ids, code, units, positions, visible)
+        if patch_slots is not None and visible is not None:
+            raise ValueError("stage(): patch_slots and visible cannot be combined")
+        self._staged = (token_ids, code, units, positions, visible, patch_slots)
 
     def owns(self, layer_idx: int, key: torch.Tensor) -> bool:
         f = self._forward
@@ -234,12 +245,17 @@ class HaloCache(Cache):
         if key_states.dtype != self.dtype or key_states.device != self.device:
             raise ValueError(f"key states are {key_states.dtype} on {key_states.device}; the cache holds "
                              f"{self.dtype} on {self.device}")
-        token_ids, code, units, positions, visible = self._staged or (None, self.config.source_code(self.default_source), None, None, None)
+        staged = self._staged or (None, self.config.source_code(self.default_source), None, None, None, None)
+        token_ids, code, units, positions, visible, patch_slots = staged
         self._staged = None
+        n = self.n_valid
+        k = 0 if patch_slots is None else patch_slots.numel()
+        t_rows -= k
+        if t_rows < 0:
+            raise ValueError(f"a forward of {t_rows + k} rows cannot carry {k} KV patches")
         hooked = capture.take_input_ids()
         if token_ids is None and hooked is not None and hooked.shape == (1, t_rows):
             token_ids = hooked[0]
-        n = self.n_valid
         if n + t_rows > self.capacity:
             self._grow(n + t_rows)
         new = slice(n, n + t_rows)
@@ -254,22 +270,40 @@ class HaloCache(Cache):
         self.brightness[new] = self.initial_table[code]
         self.mass[: n + t_rows].zero_()
         self.last_mass[: n + t_rows].zero_()
+        if k:
+            visible = self._patch_visibility(n, t_rows, patch_slots)
+            service = service or t_rows == 0
         self._visible = visible
-        self._forward = _Forward(n, t_rows, service, t_start=time.perf_counter())
+        self._forward = _Forward(n, t_rows, service, patch_slots if k else None, t_start=time.perf_counter())
         if not service:
             self.step_evicted = []
         self._new_unit_tokens = t_rows if (units is not None) else 0
+
+    def _patch_visibility(self, n_past: int, t_rows: int, patch_slots: torch.Tensor) -> torch.Tensor:
+        """bool [T + k, n_past + T]: new rows causal as usual; patch rows see earlier positions and their own slot."""
+        k = patch_slots.numel()
+        cols = torch.arange(n_past + t_rows, device=self.device)
+        visible = torch.zeros(t_rows + k, n_past + t_rows, dtype=torch.bool, device=self.device)
+        visible[:t_rows] = cols[None, :] <= n_past + torch.arange(t_rows, device=self.device)[:, None]
+        patch_positions = self.positions[patch_slots]
+        visible[t_rows:, :n_past] = self.positions[:n_past][None, :] < patch_positions[:, None]
+        visible[torch.arange(t_rows, t_rows + k, device=self.device), patch_slots] = True
+        return visible
 
     def layer_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         """Write this forward's K/V for one layer into the buffers; return the visible [1, Hkv, n+T, D] views."""
         if layer_idx == 0:
             self._begin_forward(key_states)
         f = self._forward
-        if f is None or key_states.shape[-2] != f.t_rows:
+        k = 0 if f is None or f.patch_slots is None else f.patch_slots.numel()
+        if f is None or key_states.shape[-2] != f.t_rows + k:
             raise RuntimeError(f"HaloCache: layer {layer_idx} updated outside a forward that began at layer 0")
         end = f.n_past + f.t_rows
-        self.kv[layer_idx, 0, :, f.n_past:end] = key_states[0]
-        self.kv[layer_idx, 1, :, f.n_past:end] = value_states[0]
+        self.kv[layer_idx, 0, :, f.n_past:end] = key_states[0, :, : f.t_rows]
+        self.kv[layer_idx, 1, :, f.n_past:end] = value_states[0, :, : f.t_rows]
+        if k:
+            self.kv[layer_idx, 0].index_copy_(1, f.patch_slots, key_states[0, :, f.t_rows:])
+            self.kv[layer_idx, 1].index_copy_(1, f.patch_slots, value_states[0, :, f.t_rows:])
         capture.set_active(self, layer_idx)
         return self.kv[layer_idx, 0, None, :, :end], self.kv[layer_idx, 1, None, :, :end]
 
@@ -289,6 +323,8 @@ class HaloCache(Cache):
         f = self._forward
         if not f.service and self.policy.needs_attention:
             t0 = time.perf_counter()
+            if f.patch_slots is not None:
+                query = query[:, : f.t_rows]  # patch rows earn nothing
             if layer_idx == self.num_layers - 1 and ops.use_kernels(self):
                 f.layers_captured += 1
                 n = f.n_past + f.t_rows
@@ -416,21 +452,8 @@ class HaloCache(Cache):
         self.journal.record(self.positions[victims], self.token_ids[victims], self.sources[victims],
                             self.brightness[victims], self.steps)
         self.step_evicted.append((self.positions[victims].clone(), self.brightness[victims].clone()))
+        self.layout_version += 1
         self.n_valid = ops.compact(self, self.kv, self.slot_tensors, victims, self.n_valid)
-
-    def adopt_tail(self, slots: torch.Tensor, n_valid: int) -> None:
-        """Move the K/V and token ids of the service slots `n_valid ..` into `slots` (int64 [k]) and drop them.
-
-        Used by repair: a service forward computes the new tokens' K/V in the tail, then they replace the old
-        tokens in place; every other per-slot field of the target slots stays.
-        """
-        k = slots.numel()
-        if self.n_valid != n_valid + k:
-            raise RuntimeError(f"adopt_tail expects {k} service slots after {n_valid}, cache has {self.n_valid}")
-        tail = torch.arange(n_valid, n_valid + k, device=self.device)
-        self.kv[:, :, :, slots] = self.kv[:, :, :, tail]
-        self.token_ids[slots] = self.token_ids[tail]
-        self.n_valid = n_valid
 
     def evict_units(self, unit_ids: list[int]) -> None:
         """Evict every retained slot of the given units (host path; used to merge elision markers)."""

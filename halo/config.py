@@ -75,6 +75,10 @@ class HaloConfig:
         repair_radius: only tokens within this many positions of a token culled in the same step are targets.
         repairs_per_step: most targets per step, nearest to the new holes first.
         repair_window: retained tokens per repair window (at most 511), centred on the target.
+        repair_overlap: True runs each step's repair one step behind decoding (on CUDA on a side stream, so
+            it overlaps the next decode step; its diffs are applied at the boundary after that step, and
+            diffs whose target died or changed meanwhile are dropped); False applies each step's diffs to the
+            mirror at once and folds their K/V into the next forward; None (default) is True on CUDA.
     """
 
     budget: int = 512
@@ -94,6 +98,7 @@ class HaloConfig:
     repair_radius: int = 8
     repairs_per_step: int = 4
     repair_window: int = 511
+    repair_overlap: bool | None = None
 
     def __post_init__(self):
         self.sources = dict(self.sources)
@@ -126,6 +131,8 @@ class HaloConfig:
             raise ValueError(f"repair_window must be an int in [1, 511], got {self.repair_window!r}")
         if self.repair is not None and (not isinstance(self.repair, str) or not self.repair):
             raise ValueError(f"repair must be None, 'self' or a masked-LM name or path, got {self.repair!r}")
+        if self.repair_overlap not in (None, True, False):
+            raise ValueError(f"repair_overlap must be None, True or False, got {self.repair_overlap!r}")
         if not (0.0 <= self.repair_threshold <= 255.0):
             raise ValueError(f"repair_threshold must be in [0, 255], got {self.repair_threshold!r}")
         for name, policy in self.sources.items():

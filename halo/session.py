@@ -64,6 +64,10 @@ class Session:
         self._repairer = repairer
         self.pinned_tokens = 0
         self._last_logits: torch.Tensor | None = None
+        self._patches: dict[int, int] = {}  # position -> slot whose K/V the next forward recomputes
+        self._patch_layout = 0  # cache.layout_version the slots of _patches refer to
+        self._in_flight: list[_RepairJob] = []
+        self._side_stream = None
         self._marker_ids = tokenizer(self.config.marker_text, add_special_tokens=False)["input_ids"]
         if not self._marker_ids:
             raise ValueError(f"marker_text {self.config.marker_text!r} tokenises to nothing")
@@ -162,24 +166,35 @@ class Session:
         return total
 
     def _step(self, token_ids: torch.Tensor, source: str, units=None) -> torch.Tensor:
-        """One forward of up to chunk_size new tokens; returns the logits [V] of the last one."""
+        """One forward of up to chunk_size new tokens; returns the logits [V] of the last one.
+
+        Pending repair patches ride along as extra rows of this forward (their K/V are recomputed in place).
+        """
         cache = self.cache
+        self._collect_repairs(wait=False)
         ids = token_ids.to(self.device)
-        positions = torch.arange(cache.seen, cache.seen + ids.numel(), device=self.device)
-        cache.stage(ids, source, units)
-        self._last_logits = self._forward(ids, positions)[0, -1]
+        t_rows = ids.numel()
+        positions = torch.arange(cache.seen, cache.seen + t_rows, device=self.device)
+        patches = self._take_patches()
+        cache.stage(ids, source, units, patch_slots=patches)
+        keep = 1
+        if patches is not None:
+            ids = torch.cat([ids, cache.token_ids[patches]])
+            positions = torch.cat([positions, cache.positions[patches]])
+            keep = torch.tensor([t_rows - 1], device=self.device)
+        self._last_logits = self._forward(ids, positions, keep)[0, -1]
         self._settle()
         if cache.step_evicted and (self._repairer is not None or self.config.repair):
             self._repair_holes()
         return self._last_logits
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, logits_to_keep=1) -> torch.Tensor:
         cache = self.cache
         halo_before = cache.halo_seconds
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model(input_ids=ids[None], position_ids=positions[None], past_key_values=cache,
-                             use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=logits_to_keep)
         cache.finish_forward()
         self.model_seconds += time.perf_counter() - t0 - (cache.halo_seconds - halo_before)
         return out.logits
@@ -266,8 +281,19 @@ class Session:
         count = min(cfg.repairs_per_step, int(eligible.sum()))
         return ranked[:count]
 
+    @property
+    def repair_overlap(self) -> bool:
+        """Whether repair runs one step behind decoding (HaloConfig.repair_overlap; None means on CUDA)."""
+        overlap = self.config.repair_overlap
+        return self.device.type == "cuda" if overlap is None else overlap
+
     def _repair_holes(self) -> None:
-        """Re-predict the targets near this step's holes in one batched pass and apply the diffs."""
+        """Re-predict the targets near this step's holes in one batched pass.
+
+        Without overlap the diffs reach the mirror at once and their K/V ride along with the next forward.
+        With overlap the pass is launched (on CUDA on a side stream, after the windows are built on the main
+        stream) and collected at the boundary after the next step.
+        """
         from .repair import RepairBatch, build_windows
 
         t0 = time.perf_counter()
@@ -276,21 +302,100 @@ class Session:
             cache = self.cache
             windows = build_windows(cache.token_ids, cache.positions, cache.brightness, cache.n_valid, targets,
                                     self.config.repair_window)
-            with torch.inference_mode():
-                diffs = self.repairer.repair_batch(RepairBatch.from_windows(windows))
-            self.repair_seconds += time.perf_counter() - t0
-            self.apply_diffs(diffs)
-        else:
-            self.repair_seconds += time.perf_counter() - t0
+            batch = RepairBatch.from_windows(windows)
+            if self.repair_overlap:
+                self._in_flight.append(self._launch(batch))
+            else:
+                with torch.inference_mode():
+                    diffs = self.repairer.repair_batch(batch)
+                self._accept_diffs(diffs, strict=True)
+        self.repair_seconds += time.perf_counter() - t0
 
-    def apply_diffs(self, diffs: list[tuple[int, int, int]]) -> int:
+    def _launch(self, batch) -> "_RepairJob":
+        """Start `suggest` for `batch`: on CUDA on the side stream, fenced by events; elsewhere right now."""
+        step = self.cache.steps
+        if self.device.type != "cuda":
+            with torch.inference_mode():
+                return _RepairJob(batch, self.repairer.suggest(batch), None, step)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(device=self.device)
+        side = self._side_stream
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            suggestions = self.repairer.suggest(batch)
+        for tensor in (*batch.__dict__.values(), *suggestions.__dict__.values()):
+            if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
+                tensor.record_stream(side)
+        done = torch.cuda.Event()
+        done.record(side)
+        return _RepairJob(batch, suggestions, done, step)
+
+    def _collect_repairs(self, wait: bool) -> None:
+        """Turn finished repair jobs into diffs (stale ones dropped); `wait` also takes the youngest."""
+        if not self._in_flight:
+            return
+        t0 = time.perf_counter()
+        ready = [job for job in self._in_flight if wait or job.step < self.cache.steps]
+        self._in_flight = [job for job in self._in_flight if job not in ready]
+        for job in ready:
+            if job.done is not None:
+                torch.cuda.current_stream(self.device).wait_event(job.done)
+            self._accept_diffs(self.repairer.diffs(job.batch, job.suggestions), strict=False)
+        self.repair_seconds += time.perf_counter() - t0
+
+    def flush_repairs(self) -> int:
+        """Finish every repair now: collect the jobs in flight and recompute pending K/V in one service forward.
+
+        Returns the number of slots patched. `save` calls this; call it before reading the cache's K/V
+        between steps when repair is on.
+        """
+        self._collect_repairs(wait=True)
+        patches = self._take_patches()
+        if patches is None:
+            return 0
+        self.cache.stage(patches[:0], self.config.source_names[0], patch_slots=patches)
+        self._forward(self.cache.token_ids[patches], self.cache.positions[patches])
+        return patches.numel()
+
+    def _pending_patches(self) -> dict[int, int]:
+        """position -> slot of the pending patches, re-found by position if the cache was compacted since."""
+        cache = self.cache
+        if self._patches and self._patch_layout != cache.layout_version:
+            slot_of = {p: i for i, p in enumerate(cache.positions[: cache.n_valid].tolist())}
+            self._patches = {p: slot_of[p] for p in self._patches if p in slot_of}
+        self._patch_layout = cache.layout_version
+        return self._patches
+
+    def _take_patches(self) -> torch.Tensor | None:
+        """int64 [k] slots of the pending patches (now handed to a forward), or None."""
+        pending = self._pending_patches()
+        if not pending:
+            return None
+        self._patches = {}
+        return torch.tensor(list(pending.values()), dtype=torch.int64, device=self.device)
+
+    def apply_diffs(self, diffs: list[tuple[int, int, int]], *, defer: bool = False) -> int:
         """Apply repair diffs `(position, old_token_id, new_token_id)` to the mirror and the KV cache.
 
-        Each new token's K/V are recomputed at its original position against the retained tokens before it
-        (one batched service forward), then written into the token's slot; brightness, source and unit stay.
-        The old token goes to the journal as a "replaced" entry and the diff to `Session.diffs`. Validates
-        every diff first (retained position, matching old token, id in range, no duplicates) and applies
-        nothing on error. Returns the number applied.
+        The mirror changes at once. Each new token's K/V are recomputed at its original position against the
+        retained tokens before it (earlier patches included) and written into the token's slot in place;
+        brightness, source and unit stay. With `defer=False` that happens now, in one service forward; with
+        `defer=True` the patches ride along as extra rows of the next forward (`feed`/`generate`), which
+        costs far less than a forward of their own; `flush_repairs()` forces them. The old token goes to the
+        journal as a "replaced" entry and the diff to `Session.diffs`. Validates every diff first (retained
+        position, matching old token, id in range, no duplicates) and applies nothing on error. Returns the
+        number applied.
+        """
+        applied = self._accept_diffs(diffs, strict=True)
+        if applied and not defer:
+            self.flush_repairs()
+        return applied
+
+    def _accept_diffs(self, diffs: list[tuple[int, int, int]], strict: bool) -> int:
+        """Validate `diffs` and apply them to the mirror and journal; their slots join the pending patches.
+
+        strict: raise ValueError on the first bad diff (nothing applied); otherwise skip the diffs that no
+        longer fit (target evicted or changed since the repair began). Returns the number accepted.
         """
         if not diffs:
             return 0
@@ -300,37 +405,39 @@ class Session:
         current = cache.token_ids[:n].tolist()
         sources = cache.sources[:n].tolist()
         marker = self.config.source_code("marker")
-        slots, new_ids, positions = [], [], []
+        slots, new_ids, positions, olds = [], [], [], []
         for index, diff in enumerate(diffs):
-            if len(diff) != 3:
-                raise ValueError(f"diff {index}: expected (position, old_token_id, new_token_id), got {diff!r}")
-            position, old, new = (int(v) for v in diff)
-            slot = slot_of.get(position)
-            if slot is None or sources[slot] == marker:
-                raise ValueError(f"diff {index}: position {position} is not a retained text token")
-            if current[slot] != old:
-                raise ValueError(f"diff {index}: position {position} holds token {current[slot]}, not {old}")
-            if not 0 <= new < self.vocab_size:
-                raise ValueError(f"diff {index}: new token id {new} out of range [0, {self.vocab_size})")
-            if position in positions:
-                raise ValueError(f"diff {index}: position {position} appears twice")
+            try:
+                if len(diff) != 3:
+                    raise ValueError(f"diff {index}: expected (position, old_token_id, new_token_id), got {diff!r}")
+                position, old, new = (int(v) for v in diff)
+                slot = slot_of.get(position)
+                if slot is None or sources[slot] == marker:
+                    raise ValueError(f"diff {index}: position {position} is not a retained text token")
+                if current[slot] != old:
+                    raise ValueError(f"diff {index}: position {position} holds token {current[slot]}, not {old}")
+                if not 0 <= new < self.vocab_size:
+                    raise ValueError(f"diff {index}: new token id {new} out of range [0, {self.vocab_size})")
+                if position in positions:
+                    raise ValueError(f"diff {index}: position {position} appears twice")
+            except ValueError:
+                if strict:
+                    raise
+                continue
             slots.append(slot)
             new_ids.append(new)
             positions.append(position)
-        k = len(slots)
+            olds.append(old)
+        if not slots:
+            return 0
         slot_t = torch.tensor(slots, device=self.device)
-        ids = torch.tensor(new_ids, dtype=torch.int64, device=self.device)
         pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
-        visible = torch.zeros(k, n + k, dtype=torch.bool, device=self.device)
-        visible[:, :n] = cache.positions[:n][None, :] < pos[:, None]
-        visible[:, n:] = torch.eye(k, dtype=torch.bool, device=self.device)
         cache.journal.record(pos, cache.token_ids[slot_t], cache.sources[slot_t], cache.brightness[slot_t],
                              cache.steps, kind="replaced")
-        cache.stage(ids, self.config.source_names[0], positions=pos, visible=visible)
-        self._forward(ids, pos)
-        cache.adopt_tail(slot_t, n)
-        self.diffs.extend((p, int(o), int(w)) for p, o, w in zip(positions, (current[s] for s in slots), new_ids))
-        return k
+        cache.token_ids[slot_t] = torch.tensor(new_ids, dtype=torch.int64, device=self.device)
+        self._pending_patches().update(zip(positions, slots))
+        self.diffs.extend(zip(positions, olds, new_ids))
+        return len(slots)
 
     # ----------------------------------------------------------- generating
     def generate(self, max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int | None = None,
@@ -381,9 +488,10 @@ class Session:
 
     # ------------------------------------------------------ persistence and views
     def save(self, path, *, extra: dict | None = None):
-        """Write the compacted memory to one file, atomically (see halo.persist for the format)."""
+        """Write the compacted memory to one file, atomically (see halo.persist); repairs are flushed first."""
         from .persist import save_session
 
+        self.flush_repairs()
         return save_session(self, path, extra=extra)
 
     @classmethod
@@ -398,6 +506,16 @@ class Session:
         from .render import write_html
 
         return write_html(self, path, **kwargs)
+
+@dataclass(eq=False)  # identity: jobs hold tensors
+class _RepairJob:
+    """A repair pass in flight: its batch, the suggestions it will hold, the event that fences them."""
+
+    batch: object  # RepairBatch
+    suggestions: object  # Suggestions
+    done: object  # torch.cuda.Event, or None when computed synchronously
+    step: int  # cache.steps when launched
+
 
 def _sample(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> torch.Tensor:
     """int64 scalar tensor: the next token from logits [V]."""

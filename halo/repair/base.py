@@ -74,7 +74,10 @@ class Repairer(ABC):
         """Diffs for an already padded batch (the fast path from `build_windows`, no dicts)."""
         if batch.size == 0:
             return []
-        s = self.suggest(batch)
+        return self.diffs(batch, self.suggest(batch))
+
+    def diffs(self, batch: RepairBatch, s: Suggestions) -> list[Diff]:
+        """The gated diffs of `suggest`'s output for `batch` (the one host transfer of the repair)."""
         new = s.token_ids.detach().cpu()
         margin = s.margin.detach().cpu()
         orig = batch.original_ids.detach().cpu()

@@ -85,3 +85,143 @@ def test_embedded_model_self_repair_on_real_text():
     retained = [p for p, s in zip(mem.positions.tolist(), mem.sources) if s != "marker"]
     assert sorted(evicted + retained) == list(range(session.cache.seen))
     assert all(0 <= b <= 255 for b in mem.brightness.tolist())
+
+
+def _slot(cache, position):
+    return int((cache.positions[: cache.n_valid] == position).nonzero())
+
+
+def _run_on_cached(model, cache, slots, token_id, position):
+    """Logits [V] and per-layer (K, V) [Hkv, D] of one token run after the cache's K/V of `slots` (in order)."""
+    from transformers import DynamicCache
+    reference = DynamicCache(config=model.config)
+    for layer in range(model.config.num_hidden_layers):
+        reference.update(cache.kv[layer, 0, None, :, slots].clone(), cache.kv[layer, 1, None, :, slots].clone(), layer)
+    with torch.no_grad():
+        out = model(torch.tensor([[token_id]]), position_ids=torch.tensor([[position]]), past_key_values=reference)
+    return out.logits[0, -1], [(layer.keys[0, :, -1], layer.values[0, :, -1]) for layer in reference.layers]
+
+
+@pytest.mark.parametrize("ranks", [(5,), (3, 9)])
+def test_patches_ride_along_with_the_next_forward_exactly(tiny_pair, ranks):
+    """A patched slot's K/V equal the model run on the retained tokens before it (earlier patches included),
+    and the next token's logits equal the model run on the patched cache."""
+    model, tok = tiny_pair
+    session = Session(model, tok, HaloConfig(budget=300, sink_tokens=2, recent_tokens=4, chunk_size=16))
+    session.feed("the quick brown fox jumps over the lazy dog and keeps running")
+    snap = session.memory()
+    ids, positions = snap.token_ids.tolist(), snap.positions.tolist()
+    repaired = list(ids)
+    diffs = []
+    for rank in ranks:
+        repaired[rank] = (ids[rank] + 7) % len(tok)
+        diffs.append((positions[rank], ids[rank], repaired[rank]))
+    assert session.apply_diffs(diffs, defer=True) == len(ranks)
+    assert session.diffs == diffs and session.memory().token_ids.tolist() == repaired  # mirror at once
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: forwards.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        session.feed_ids(torch.tensor([11]))
+    finally:
+        hook.remove()
+    assert forwards == [1 + len(ranks)], "the patches must ride in the decode forward, not a forward of their own"
+    cache = session.cache
+    order = [_slot(cache, p) for p in positions]
+    logits, _ = _run_on_cached(model, cache, order, 11, len(ids))
+    torch.testing.assert_close(session._last_logits, logits, rtol=1e-4, atol=1e-4)
+    for rank in ranks:
+        _, kv = _run_on_cached(model, cache, order[:rank], repaired[rank], positions[rank])
+        for layer, (k, v) in enumerate(kv):
+            torch.testing.assert_close(cache.kv[layer, 0, :, order[rank]], k, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(cache.kv[layer, 1, :, order[rank]], v, rtol=1e-5, atol=1e-5)
+    assert session._patches == {}
+
+
+def test_folded_patch_equals_a_separate_patch_forward(tiny_pair):
+    """Same K/V, brightness, culls and logits whether a patch rides along or runs on its own first."""
+    model, tok = tiny_pair
+    config = HaloConfig(budget=20, sink_tokens=2, recent_tokens=4, chunk_size=4)
+    text = "the quick brown fox jumps over the lazy dog and keeps running far away into the night"
+    folded, separate = Session(model, tok, config), Session(model, tok, config)
+    for s in (folded, separate):
+        s.feed(text)
+    snap = folded.memory()
+    diff = [(int(snap.positions[6]), int(snap.token_ids[6]), 5)]
+    folded.apply_diffs(diff, defer=True)
+    separate.apply_diffs(diff)
+    for s in (folded, separate):
+        s.feed(" and on")
+    a, b = folded.cache, separate.cache
+    assert a.n_valid == b.n_valid and torch.equal(a.positions, b.positions) and torch.equal(a.token_ids, b.token_ids)
+    torch.testing.assert_close(a.kv[:, :, :, : a.n_valid], b.kv[:, :, :, : b.n_valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.brightness[: a.n_valid], b.brightness[: b.n_valid], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(folded._last_logits, separate._last_logits, rtol=1e-4, atol=1e-4)
+    assert [e.position for e in folded.journal.evicted] == [e.position for e in separate.journal.evicted]
+
+
+def test_pending_patches_follow_their_slots_through_a_compaction(tiny_pair):
+    model, tok = tiny_pair
+    session = Session(model, tok, HaloConfig(budget=300, sink_tokens=2, recent_tokens=4, chunk_size=16))
+    session.feed("one two three four five six seven eight nine ten")
+    cache = session.cache
+    n = cache.n_valid
+    last_position, old = int(cache.positions[n - 1]), int(cache.token_ids[n - 1])
+    session.apply_diffs([(last_position, old, 9)], defer=True)
+    cache.evict(torch.tensor([0]))  # fill-from-tail moves the patched slot into slot 0
+    assert int(cache.positions[0]) == last_position
+    session.flush_repairs()
+    assert int(cache.token_ids[0]) == 9
+    prefix = [_slot(cache, p) for p in sorted(cache.positions[: cache.n_valid].tolist())[:-1]]
+    _, kv = _run_on_cached(model, cache, prefix, 9, last_position)
+    for layer, (k, v) in enumerate(kv):
+        torch.testing.assert_close(cache.kv[layer, 0, :, 0], k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.kv[layer, 1, :, 0], v, rtol=1e-5, atol=1e-5)
+
+
+def test_overlap_applies_each_steps_diffs_one_step_later(tiny_pair):
+    model, tok = tiny_pair
+    session = Session(model, tok, repair_config(repair_overlap=True))
+    assert session.repair_overlap
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    launched = 0
+    for start in range(0, len(ids), 4):
+        before = len(session.diffs)
+        steps = session.cache.steps
+        due = [job for job in session._in_flight if job.step < steps]  # overlapped the previous step
+        session.feed_ids(torch.tensor(ids[start:start + 4]))
+        assert not any(job in session._in_flight for job in due), "due jobs are collected at the step boundary"
+        assert all(job.step >= session.cache.steps - 1 for job in session._in_flight)
+        launched += any(job.step == session.cache.steps for job in session._in_flight)
+        if not due:
+            assert len(session.diffs) == before, "no diff may appear before its job is due"
+    assert launched, "the tiny model's repairs must have launched jobs"
+    assert session.diffs, "collected jobs must have produced diffs"
+    session.flush_repairs()
+    assert session._in_flight == [] and session._patches == {}
+    cache = session.cache
+    assert cache.n_valid <= session.config.budget
+    current = dict(zip(cache.positions[: cache.n_valid].tolist(), cache.token_ids[: cache.n_valid].tolist()))
+    final = {p: new for p, _, new in session.diffs}
+    assert all(current[p] == new for p, new in final.items() if p in current)
+
+
+def test_overlap_drops_diffs_whose_target_died_meanwhile(tiny_pair):
+    from halo.repair import RepairBatch, build_windows
+    model, tok = tiny_pair
+    session = Session(model, tok, repair_config(repair_overlap=True, repair_threshold=64.0))
+    session.feed(TEXT[:120])
+    session.flush_repairs()
+    cache = session.cache
+    targets = torch.arange(3, 8)
+    batch = RepairBatch.from_windows(build_windows(cache.token_ids, cache.positions, cache.brightness, cache.n_valid,
+                                                   targets, 32))
+    session.repairer.min_margin = float("-inf")  # every differing suggestion becomes a diff
+    session._in_flight.append(session._launch(batch))
+    suggested = session.repairer.diffs(batch, session._in_flight[0].suggestions)
+    assert suggested, "the tiny model must disagree with some of five tokens"
+    doomed = suggested[0][0]
+    cache.evict(torch.tensor([_slot(cache, doomed)]))
+    before = len(session.diffs)
+    session.flush_repairs()
+    applied = session.diffs[before:]
+    assert [d[0] for d in applied] == [d[0] for d in suggested[1:]]
