@@ -21,6 +21,10 @@
 #include <vector>
 
 #include "build_windows.h"
+#include <chrono>
+#include <cstdio>
+static double now_us(){return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count()*1e6;}
+static double PT[8]; static long PN;
 
 namespace halo {
 namespace {
@@ -164,6 +168,7 @@ bool fill_dense(const int64_t* tok, const int64_t* pos, const float* br, int64_t
   for (int64_t c = 0; c < chunks; ++c) duplicate |= chunk_dup[c] != 0;
   if (duplicate) return false;
 
+  double tp0=now_us();
   prefix[0] = 0;
   for (int64_t i = 0; i < words; ++i) {
     uint64_t merged = bits[i];
@@ -176,6 +181,7 @@ bool fill_dense(const int64_t* tok, const int64_t* pos, const float* br, int64_t
     prefix[i + 1] = prefix[i] + __builtin_popcountll(merged);
   }
 
+  double tp1=now_us(); PT[3]+=tp1-tp0;
   at::parallel_for(0, K, window_grain(W), [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const int64_t t = tgt[k];
@@ -200,6 +206,7 @@ bool fill_dense(const int64_t* tok, const int64_t* pos, const float* br, int64_t
       }
     }
   });
+  PT[4]+=now_us()-tp1;
   return true;
 }
 
@@ -284,7 +291,7 @@ WindowBatch build_windows_cpu(const at::Tensor& token_ids_in, const at::Tensor& 
   const float* br = brightness.data_ptr<float>();
   const int64_t* tgt = targets.data_ptr<int64_t>();
 
-  // Position range, one partial min/max per chunk.
+  double t0=now_us();
   const int64_t chunks = scan_chunks(n);
   std::vector<int64_t> cmin(chunks), cmax(chunks);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
@@ -293,13 +300,16 @@ WindowBatch build_windows_cpu(const at::Tensor& token_ids_in, const at::Tensor& 
       min_max(pos + b, e - b, cmin[c], cmax[c]);
     }
   });
+  double t1=now_us(); PT[0]+=t1-t0;
   const int64_t pmin = *std::min_element(cmin.begin(), cmin.end());
   const int64_t pmax = *std::max_element(cmax.begin(), cmax.end());
   const uint64_t span = static_cast<uint64_t>(pmax) - static_cast<uint64_t>(pmin);
   const bool dense_ok = span <= static_cast<uint64_t>(kDenseSpanFactor * n + kDenseSpanSlack);
+  double t2=now_us();
   if (!(dense_ok && fill_dense(tok, pos, br, n, tgt, K, W, pmin, span, out))) {
     fill_sorted(tok, pos, br, n, tgt, K, W, pmin, span, out);
   }
+  PT[5]+=now_us()-t2; if(++PN%20000==0){fprintf(stderr,"minmax %.2f scatter %.2f prefix %.2f fill %.2f total_fill %.2f\n",PT[0]/PN,(PT[5]-PT[3]-PT[4])/PN,PT[3]/PN,PT[4]/PN,PT[5]/PN);}
   return result;
 }
 

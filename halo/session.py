@@ -302,7 +302,7 @@ class Session:
             cache = self.cache
             windows = build_windows(cache.token_ids, cache.positions, cache.brightness, cache.n_valid, targets,
                                     self.config.repair_window)
-            batch = RepairBatch.from_windows(windows)
+            batch = RepairBatch.from_windows(windows, validate=False)  # targets are retained slots
             if self.repair_overlap:
                 self._in_flight.append(self._launch(batch))
             else:

@@ -26,7 +26,7 @@ GUIDANCE_MODES = ("hard", "soft")
 
 @dataclass(frozen=True)
 class Suggestions:
-    """One suggestion per window.
+    """One suggestion per window, on the backend's device (`Repairer.diffs` makes the one host transfer).
 
     Attributes:
         token_ids: int64 [K] host id of the suggestion; -1 where the backend has none; equal to the original

@@ -58,14 +58,17 @@ class RepairBatch:
                                                      self.original_ids)))
 
     @classmethod
-    def from_windows(cls, windows: WindowBatch) -> "RepairBatch":
+    def from_windows(cls, windows: WindowBatch, validate: bool = True) -> "RepairBatch":
         """The batch for the output of `build_windows` (fast path, no dicts).
 
+        validate: check every target is valid (a host sync on CUDA); callers whose targets are retained slots
+            by construction pass False.
+
         Raises:
-            ValueError: a row has `target_local == -1` (its target slot was not retained).
+            ValueError: with `validate`, a row has `target_local == -1` (its target slot was not retained).
         """
         local = windows.target_local
-        if local.numel() and bool((local < 0).any()):
+        if validate and local.numel() and bool((local < 0).any()):
             i = int((local < 0).nonzero()[0, 0])
             raise ValueError(f"window {i}: invalid target (target_local == -1)")
         rows = torch.arange(local.shape[0], device=local.device)

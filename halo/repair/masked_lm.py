@@ -260,9 +260,10 @@ class MaskedLMRepairer(Repairer):
     def predict(self, batch: RepairBatch) -> tuple[Suggestions, torch.Tensor]:
         """Suggestions plus the MLM-side top-1 (int64 [K] MLM ids, -1 where none) of one batched forward."""
         k = batch.size
-        mlm_top = torch.full((k,), -1, dtype=torch.int64)
-        new = torch.full((k,), -1, dtype=torch.int64)
-        margin = torch.full((k,), float("inf"), dtype=torch.float32)
+        dev = self.device
+        mlm_top = torch.full((k,), -1, dtype=torch.int64, device=dev)
+        new = torch.full((k,), -1, dtype=torch.int64, device=dev)
+        margin = torch.full((k,), float("inf"), dtype=torch.float32, device=dev)
         inputs = self.build_inputs(batch)
         if inputs.rows.numel() == 0:
             return Suggestions(new, margin), mlm_top
@@ -270,14 +271,15 @@ class MaskedLMRepairer(Repairer):
         bridge = self._bridge_dev
         restricted = logits.masked_fill(~bridge.bridged, float("-inf"))
         top_logit, top = restricted.max(dim=-1)
-        orig = batch.original_ids[inputs.rows].to(logits.device)
+        rows = inputs.rows.to(logits.device)
+        orig = batch.original_ids.to(logits.device)[rows]
         cur_mlm = bridge.host_to_mlm[orig]
         has_cur = cur_mlm >= 0
         cur_logit = logits.gather(1, cur_mlm.clamp(min=0)[:, None])[:, 0]
         host = torch.where(torch.isfinite(top_logit), bridge.mlm_to_host[top], -1)
         host = torch.where(has_cur & (cur_mlm == top), orig, host)  # spells the current token: no change
         m = torch.where(has_cur, top_logit - cur_logit, torch.full_like(top_logit, float("inf")))
-        new[inputs.rows] = host.cpu()
-        margin[inputs.rows] = m.cpu()
-        mlm_top[inputs.rows] = torch.where(torch.isfinite(top_logit), top, -1).cpu()
+        new[rows] = host
+        margin[rows] = m
+        mlm_top[rows] = torch.where(torch.isfinite(top_logit), top, -1)
         return Suggestions(new, margin), mlm_top

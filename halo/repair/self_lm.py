@@ -105,7 +105,7 @@ class SelfRepairer(Repairer):
         orig = batch.original_ids.to(ids.device)
         margin = top_logit - logits.gather(1, orig[:, None])[:, 0]
         new = torch.where(has_left, top, -1)
-        return Suggestions(new.cpu(), margin.cpu())
+        return Suggestions(new, margin)
 
     # ---------------------------------------------------------------- re-ranking
     def candidates(self, original_ids: torch.Tensor, c: int) -> torch.Tensor:
@@ -127,7 +127,9 @@ class SelfRepairer(Repairer):
         local = batch.target_local.to(dev)
         lengths = batch.attention_mask.long().sum(1).to(dev)
         span = torch.minimum(lengths - 1 - local, torch.full_like(local, self.rerank_span))  # right tokens scored
-        cut = int((local + span).max()) + 1  # nothing after the last scored token can matter
+        # Nothing after the last scored token can matter; trimming needs the value on the host, so on CUDA
+        # (no sync between batch and diff tensors) the full width runs.
+        cut = ids.shape[1] if dev.type == "cuda" else int((local + span).max()) + 1
         ids, attn = ids[:, :cut], attn[:, :cut]
         scale = scale[:, :cut] if scale is not None else None
         cand = self.candidates(batch.original_ids, c)  # [K, c]
@@ -157,4 +159,4 @@ class SelfRepairer(Repairer):
         new = cand.gather(1, best[:, None])[:, 0]
         new = torch.where(local > 0, new, -1)
         margin = best_score - score[:, 0]  # candidate 0 is the current token
-        return Suggestions(new.cpu(), margin.cpu())
+        return Suggestions(new, margin)

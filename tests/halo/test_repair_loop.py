@@ -225,3 +225,30 @@ def test_overlap_drops_diffs_whose_target_died_meanwhile(tiny_pair):
     session.flush_repairs()
     applied = session.diffs[before:]
     assert [d[0] for d in applied] == [d[0] for d in suggested[1:]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="side-stream overlap needs a CUDA device")
+def test_overlap_on_cuda_launches_without_a_host_sync(tiny_tok):
+    """On CUDA the repair pass is queued on the side stream without blocking the host, and still lands."""
+    tok = tiny_tok
+    model = tiny_llama(vocab=len(tok)).cuda()
+    session = Session(model, tok, repair_config())
+    assert session.repair_overlap
+    ids = torch.tensor(tok(TEXT, add_special_tokens=False)["input_ids"])
+    session.feed_ids(ids[:60])
+    cache = session.cache
+    targets = torch.arange(3, 7, device="cuda")
+    from halo.repair import RepairBatch, build_windows
+    batch = RepairBatch.from_windows(build_windows(cache.token_ids, cache.positions, cache.brightness, cache.n_valid,
+                                                   targets, 32), validate=False)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        job = session._launch(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert job.done is not None and job.suggestions.token_ids.is_cuda
+    session._in_flight.append(job)
+    for start in range(60, ids.numel(), 4):
+        session.feed_ids(ids[start:start + 4])
+    session.flush_repairs()
+    assert session.diffs and session.cache.n_valid <= session.config.budget
