@@ -78,12 +78,13 @@ class MaskedLMRepairer(Repairer):
         model, tokenizer: an already built MLM and its tokenizer (soft guidance needs a fast tokenizer).
         guidance, repair_threshold, min_margin: see `halo.repair.base`.
         device: where the MLM runs (default: where its parameters are).
-        cuda_graphs: on CUDA, replay captured graphs of the forward for bucketed shapes (`graphs.py`).
+        cuda_graphs: replay captured CUDA graphs of the forward for bucketed shapes (`graphs.py`); None (the
+            default) does on CUDA.
     """
 
     def __init__(self, model_name_or_path: str = "distilbert-base-uncased", host_tokenizer=None, *, model=None,
                  tokenizer=None, guidance: str = "hard", repair_threshold: float = 64.0, min_margin: float = 0.0,
-                 device=None, cuda_graphs: bool = False):
+                 device=None, cuda_graphs: bool | None = None):
         super().__init__(guidance=guidance, repair_threshold=repair_threshold, min_margin=min_margin)
         if host_tokenizer is None:
             raise TypeError("MaskedLMRepairer needs the host tokenizer (host_tokenizer=...)")
@@ -114,7 +115,7 @@ class MaskedLMRepairer(Repairer):
         self._n_prefix, self._n_suffix = self._special_layout()
         self._head = masked_lm_head(model)
         self._graphs = None
-        if cuda_graphs and self.device.type == "cuda" and self._head is not None:
+        if cuda_graphs is not False and self.device.type == "cuda" and self._head is not None:
             from .graphs import GraphedMaskedLMForward
 
             self._graphs = GraphedMaskedLMForward(self.model.base_model, self._head, pad_token_id=self.pad_id,

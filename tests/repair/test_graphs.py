@@ -64,4 +64,4 @@ def test_masked_lm_repairer_with_graphs_matches_eager(sp_host_tokenizer, mlm_tok
     ids = sp_host_tokenizer("The object returns a list of values for the function.", add_special_tokens=False)["input_ids"]
     dicts = [contract_dict(ids, j, j) for j in range(1, len(ids))]
     kw = dict(host_tokenizer=sp_host_tokenizer, model=model, tokenizer=mlm_tokenizer, min_margin=float("-inf"))
-    assert MaskedLMRepairer(cuda_graphs=True, **kw).repair(dicts) == MaskedLMRepairer(**kw).repair(dicts)
+    assert MaskedLMRepairer(cuda_graphs=True, **kw).repair(dicts) == MaskedLMRepairer(cuda_graphs=False, **kw).repair(dicts)
