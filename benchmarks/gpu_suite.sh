@@ -51,7 +51,7 @@ fi
 
 echo "== benchmarks"
 benches=(benchmarks/bench_kernels.py)
-for extra in benchmarks/bench_repair.py benchmarks/bench_step.py; do
+for extra in benchmarks/bench_repair.py benchmarks/bench_step.py benchmarks/bench_targets.py; do
     [ -f "$extra" ] && benches+=("$extra")
 done
 for bench in "${benches[@]}"; do
@@ -62,14 +62,22 @@ for bench in "${benches[@]}"; do
     [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "$bench FAILED"; status=1; }
 done
 
-echo "== summary (median times; ratio = reference / halo, >1 means halo is faster)"
+echo "== summary (median times; ratio = reference / halo, >1 means halo is faster; then the absolute targets)"
 "$PY" - "$OUT" <<'EOF' | tee "$OUT/table.txt"
 import glob, json, os, sys
 
 rows = []
+targets = []  # benchmarks that report an absolute target (bench_targets.py: extra_info["target_*"])
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "bench_*.json"))):
     with open(path) as fh:
         data = json.load(fh)
+    for b in data.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        if "target_case" in info:
+            met = {True: "yes", False: "NO", None: "-"}.get(info.get("target_met"), "?")
+            targets.append((info["target_case"], info.get("target_shape", ""),
+                            f"{info['target_measured']:.3f}{info.get('target_unit', '')}", info.get("target", ""),
+                            met, info.get("target_detail", "")))
     groups = {}
     for b in data.get("benchmarks", []):
         groups.setdefault(b.get("group") or b["name"], []).append(b)
@@ -89,15 +97,24 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "bench_*.json"))):
             if "ratio" in info:  # CUDA-event medians measured in the same test
                 rows.append((kernel + " [cuda events]", shape, f"{info['halo_ms']:.3f}", info.get("reference", "reference"),
                              f"{info['reference_ms']:.3f}", f"{info['ratio']:.2f}x"))
-header = ("kernel", "shape", "halo ms", "reference", "ref ms", "ratio")
-if not rows:
-    print("no benchmark results found")
-else:
+
+
+def table(header, rows):
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     fmt = " | ".join("{:<%d}" % w for w in widths)
     print(fmt.format(*header))
     print("-+-".join("-" * w for w in widths))
     for r in rows:
         print(fmt.format(*r))
+
+
+if not rows and not targets:
+    print("no benchmark results found")
+if rows:
+    table(("kernel", "shape", "halo ms", "reference", "ref ms", "ratio"), rows)
+if targets:
+    print()
+    print("absolute targets (bench_targets.py; measured with CUDA events, reported, never asserted)")
+    table(("target", "shape", "measured", "wanted", "met", "detail"), targets)
 EOF
 exit $status
