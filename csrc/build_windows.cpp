@@ -2,13 +2,14 @@
 //
 // Two strategies to put the retained slots in position order, both O(n_valid) passes plus O(K * W) output:
 //   * dense (the common case: positions are unique and span at most ~32x the retained count): a bitmap over
-//     the position range marks retained positions and a position -> slot table maps them back. The rank of a
-//     target is a prefix popcount; a window is read by walking set bits from the window's first rank. No sort.
+//     the position range marks retained positions, and per-word prefix counts give every slot its rank (prefix
+//     + popcount) without a sort. Each slot's (token, brightness, position) record is stored at its rank, so a
+//     window is a contiguous run of records and its row is a plain, vectorised copy.
 //   * sorted (sparse ranges or duplicate positions): LSD radix sort of (position - min, slot) pairs, stable, so
 //     ties keep slot order; a target's rank is found by binary search.
-// The O(n_valid) passes (min/max, scatter into per-chunk bitmaps) run in parallel chunks and the windows are
-// filled in parallel (at::parallel_for). Large scratch buffers are cached per calling thread, so steady-state
-// calls allocate only the outputs and a few words.
+// The O(n_valid) passes (min/max, marking into per-chunk bitmaps, placing records) run in parallel chunks and
+// the windows are filled in parallel (at::parallel_for). Large scratch buffers are cached per calling thread, so
+// steady-state calls allocate only the outputs and a few words.
 
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -21,21 +22,35 @@
 #include <vector>
 
 #include "build_windows.h"
-#include <chrono>
-#include <cstdio>
-static double now_us(){return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count()*1e6;}
-static double PT[8]; static long PN;
+
+// The O(n_valid) loops are compiled for the x86-64 baseline and for x86-64-v3 / v4 (popcnt, BMI, AVX2 /
+// AVX-512), and the loader picks the best the CPU supports (GCC function multiversioning). Elsewhere they are
+// compiled once, for the target the build uses.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define HALO_HOT_LOOP __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define HALO_HOT_LOOP
+#endif
 
 namespace halo {
 namespace {
 
 constexpr int64_t kDenseSpanFactor = 32;   // dense path when the position span <= factor * n + slack
 constexpr int64_t kDenseSpanSlack = 1 << 16;
+constexpr int64_t kSlotGrain = 8192;       // slots per parallel chunk of the O(n_valid) passes, at least
+constexpr int64_t kMinMaxGrain = 1 << 17;  // the same for min/max, which is cheap enough to run inline longer
+
+// One retained token as a window row needs it. The dense strategy stores them in position order.
+struct Record {
+  int64_t token;
+  float brightness;
+  uint32_t offset;  // position - min position (the dense strategy only runs on spans below 2^32)
+};
 
 struct Workspace {
-  std::vector<uint64_t> bits;     // dense: bitmap over position offsets
+  std::vector<uint64_t> bits;     // dense: bitmap over position offsets, one per chunk (merged into the first)
   std::vector<int64_t> prefix;    // dense: set bits before each bitmap word
-  std::vector<int32_t> slot_at;   // dense: offset -> slot (only read where the bit is set)
+  std::vector<Record> records;    // dense: records by rank
   std::vector<uint64_t> keys, keys_tmp;  // sorted: radix keys
   std::vector<int32_t> order, order_tmp; // sorted: slots in position order
 };
@@ -51,9 +66,8 @@ T* grow(std::vector<T>& v, size_t n) {
   return v.data();
 }
 
-// Min and max of p[0..n-1] (n >= 1). The loop vectorises (AVX2 has 64-bit compares; the x86-64 baseline has
-// not), so it is compiled twice and picked at run time.
-__attribute__((always_inline)) inline void min_max_loop(const int64_t* p, int64_t n, int64_t& lo_out, int64_t& hi_out) {
+// Min and max of p[0..n-1] (n >= 1).
+HALO_HOT_LOOP void min_max(const int64_t* __restrict p, int64_t n, int64_t& lo_out, int64_t& hi_out) {
   int64_t lo = p[0], hi = p[0];
   for (int64_t i = 0; i < n; ++i) {
     lo = p[i] < lo ? p[i] : lo;
@@ -63,25 +77,9 @@ __attribute__((always_inline)) inline void min_max_loop(const int64_t* p, int64_
   hi_out = hi;
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-__attribute__((target("avx2"))) void min_max_avx2(const int64_t* p, int64_t n, int64_t& lo, int64_t& hi) {
-  min_max_loop(p, n, lo, hi);
-}
-void min_max(const int64_t* p, int64_t n, int64_t& lo, int64_t& hi) {
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) {
-    min_max_avx2(p, n, lo, hi);
-  } else {
-    min_max_loop(p, n, lo, hi);
-  }
-}
-#else
-void min_max(const int64_t* p, int64_t n, int64_t& lo, int64_t& hi) { min_max_loop(p, n, lo, hi); }
-#endif
-
-// Chunks for the O(n) passes over the slots: one per thread, at least 8k slots each.
-inline int64_t scan_chunks(int64_t n) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 8192));
+// Chunks for an O(n) pass over the slots: one per thread, at least `grain` slots each.
+inline int64_t scan_chunks(int64_t n, int64_t grain = kSlotGrain) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / grain));
 }
 
 // Windows per parallel chunk: about 16k output entries, so small batches run inline on the calling thread.
@@ -89,12 +87,6 @@ inline int64_t window_grain(int64_t width) { return std::max<int64_t>(1, 16384 /
 
 inline int64_t window_start(int64_t rank, int64_t width, int64_t n) {
   return std::min(std::max<int64_t>(rank - width / 2, 0), n - width);
-}
-
-// Index (0..63) of the j-th set bit of `word` (j < popcount(word)).
-inline int select_in_word(uint64_t word, int64_t j) {
-  for (int64_t i = 0; i < j; ++i) word &= word - 1;
-  return __builtin_ctzll(word);
 }
 
 struct Outputs {
@@ -135,6 +127,61 @@ inline bool open_row(const Outputs& out, int64_t k, int64_t W, int64_t t, int64_
   return false;
 }
 
+// Dense strategy helpers. Offsets are positions minus the minimum position; bit `off` of the bitmap marks a
+// retained position, prefix[i] counts the set bits in words 0 .. i-1.
+
+// Rank of a marked offset: the number of marked offsets below it.
+inline int64_t rank_at(const uint64_t* __restrict bits, const int64_t* __restrict prefix, uint64_t off) {
+  return prefix[off >> 6] + __builtin_popcountll(bits[off >> 6] & ((uint64_t(1) << (off & 63)) - 1));
+}
+
+// Sets the bits of pos[0..count-1] in a zeroed bitmap (a repeated position sets its bit once).
+HALO_HOT_LOOP void mark_positions(const int64_t* __restrict pos, int64_t count, int64_t pmin,
+                                  uint64_t* __restrict bits) {
+  for (int64_t s = 0; s < count; ++s) {
+    const uint64_t off = static_cast<uint64_t>(pos[s]) - static_cast<uint64_t>(pmin);
+    bits[off >> 6] |= uint64_t(1) << (off & 63);
+  }
+}
+
+// ORs the other chunks' bitmaps into the first one and fills prefix[0..words]. Returns the number of distinct
+// marked positions.
+HALO_HOT_LOOP int64_t merge_and_count(uint64_t* __restrict bits, int64_t words, int64_t chunks,
+                                      int64_t* __restrict prefix) {
+  int64_t total = 0;
+  for (int64_t i = 0; i < words; ++i) {
+    uint64_t merged = bits[i];
+    for (int64_t c = 1; c < chunks; ++c) merged |= bits[c * words + i];
+    bits[i] = merged;
+    prefix[i] = total;
+    total += __builtin_popcountll(merged);
+  }
+  prefix[words] = total;
+  return total;
+}
+
+// Stores the record of every slot s0 .. s1-1 at its rank (positions unique).
+HALO_HOT_LOOP void place_records(const int64_t* __restrict tok, const int64_t* __restrict pos,
+                                 const float* __restrict br, int64_t s0, int64_t s1, int64_t pmin,
+                                 const uint64_t* __restrict bits, const int64_t* __restrict prefix,
+                                 Record* __restrict records) {
+  for (int64_t s = s0; s < s1; ++s) {
+    const uint64_t off = static_cast<uint64_t>(pos[s]) - static_cast<uint64_t>(pmin);
+    records[rank_at(bits, prefix, off)] = Record{tok[s], br[s], static_cast<uint32_t>(off)};
+  }
+}
+
+// Writes W consecutive records into a row.
+HALO_HOT_LOOP void copy_records(const Record* __restrict rec, int64_t W, int64_t pmin, int64_t* __restrict ids,
+                                int64_t* __restrict mask, float* __restrict bright, int64_t* __restrict wpos) {
+  for (int64_t w = 0; w < W; ++w) {
+    ids[w] = rec[w].token;
+    mask[w] = 1;
+    bright[w] = rec[w].brightness;
+    wpos[w] = pmin + static_cast<int64_t>(rec[w].offset);
+  }
+}
+
 // Dense strategy. Returns false (having written nothing) when positions repeat.
 bool fill_dense(const int64_t* tok, const int64_t* pos, const float* br, int64_t n, const int64_t* tgt, int64_t K,
                 int64_t W, int64_t pmin, uint64_t span, const Outputs& out) {
@@ -143,70 +190,34 @@ bool fill_dense(const int64_t* tok, const int64_t* pos, const float* br, int64_t
   const int64_t chunks = scan_chunks(n);
   uint64_t* bits = grow(ws.bits, chunks * words);
   int64_t* prefix = grow(ws.prefix, words + 1);
-  int32_t* slot_at = grow(ws.slot_at, span + 1);
+  Record* records = grow(ws.records, n);
 
-  // Scatter, one private bitmap per chunk of slots (no atomics); distinct positions write distinct slot_at
-  // entries. The bitmaps are merged below, where a bit set in two of them is a duplicate position.
-  std::vector<char> chunk_dup(chunks, 0);
+  // One private bitmap per chunk of slots (no atomics), merged below.
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       uint64_t* mine = bits + c * words;
       std::memset(mine, 0, words * sizeof(uint64_t));
-      bool dup = false;
-      for (int64_t s = c * n / chunks, e = (c + 1) * n / chunks; s < e; ++s) {
-        const uint64_t off = static_cast<uint64_t>(pos[s]) - static_cast<uint64_t>(pmin);
-        const uint64_t m = uint64_t(1) << (off & 63);
-        uint64_t& word = mine[off >> 6];
-        dup |= (word & m) != 0;
-        word |= m;
-        slot_at[off] = static_cast<int32_t>(s);
-      }
-      chunk_dup[c] = dup;
+      const int64_t b = c * n / chunks, e = (c + 1) * n / chunks;
+      mark_positions(pos + b, e - b, pmin, mine);
     }
   });
-  bool duplicate = false;
-  for (int64_t c = 0; c < chunks; ++c) duplicate |= chunk_dup[c] != 0;
-  if (duplicate) return false;
+  if (merge_and_count(bits, words, chunks, prefix) != n) return false;  // fewer distinct positions than slots
 
-  double tp0=now_us();
-  prefix[0] = 0;
-  for (int64_t i = 0; i < words; ++i) {
-    uint64_t merged = bits[i];
-    for (int64_t c = 1; c < chunks; ++c) {
-      const uint64_t other = bits[c * words + i];
-      if (merged & other) return false;  // the same position in two chunks
-      merged |= other;
-    }
-    bits[i] = merged;
-    prefix[i + 1] = prefix[i] + __builtin_popcountll(merged);
-  }
+  at::parallel_for(0, n, kSlotGrain, [&](int64_t s0, int64_t s1) {
+    place_records(tok, pos, br, s0, s1, pmin, bits, prefix, records);
+  });
 
-  double tp1=now_us(); PT[3]+=tp1-tp0;
   at::parallel_for(0, K, window_grain(W), [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const int64_t t = tgt[k];
       Row row;
       if (!open_row(out, k, W, t, n, row)) continue;
-      const uint64_t off = static_cast<uint64_t>(pos[t]) - static_cast<uint64_t>(pmin);
-      const int64_t rank = prefix[off >> 6] + __builtin_popcountll(bits[off >> 6] & ((uint64_t(1) << (off & 63)) - 1));
+      const int64_t rank = rank_at(bits, prefix, static_cast<uint64_t>(pos[t]) - static_cast<uint64_t>(pmin));
       const int64_t start = window_start(rank, W, n);
       out.local[k] = rank - start;
-      // Word holding the start-th set bit: last word whose prefix <= start.
-      int64_t wi = std::upper_bound(prefix, prefix + words + 1, start) - prefix - 1;
-      uint64_t word = bits[wi];
-      const int first = select_in_word(word, start - prefix[wi]);
-      word &= ~uint64_t(0) << first;  // drop bits below the first one
-      for (int64_t w = 0; w < W; ++w) {
-        while (word == 0) word = bits[++wi];
-        const int b = __builtin_ctzll(word);
-        word &= word - 1;
-        const int64_t o = wi * 64 + b;
-        const int32_t s = slot_at[o];
-        row.set(w, tok[s], br[s], pmin + o);
-      }
+      copy_records(records + start, W, pmin, row.ids, row.mask, row.bright, row.wpos);
     }
   });
-  PT[4]+=now_us()-tp1;
   return true;
 }
 
@@ -291,8 +302,8 @@ WindowBatch build_windows_cpu(const at::Tensor& token_ids_in, const at::Tensor& 
   const float* br = brightness.data_ptr<float>();
   const int64_t* tgt = targets.data_ptr<int64_t>();
 
-  double t0=now_us();
-  const int64_t chunks = scan_chunks(n);
+  // Position range, one partial min/max per chunk.
+  const int64_t chunks = scan_chunks(n, kMinMaxGrain);
   std::vector<int64_t> cmin(chunks), cmax(chunks);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -300,16 +311,14 @@ WindowBatch build_windows_cpu(const at::Tensor& token_ids_in, const at::Tensor& 
       min_max(pos + b, e - b, cmin[c], cmax[c]);
     }
   });
-  double t1=now_us(); PT[0]+=t1-t0;
   const int64_t pmin = *std::min_element(cmin.begin(), cmin.end());
   const int64_t pmax = *std::max_element(cmax.begin(), cmax.end());
   const uint64_t span = static_cast<uint64_t>(pmax) - static_cast<uint64_t>(pmin);
-  const bool dense_ok = span <= static_cast<uint64_t>(kDenseSpanFactor * n + kDenseSpanSlack);
-  double t2=now_us();
+  const bool dense_ok = span <= static_cast<uint64_t>(kDenseSpanFactor * n + kDenseSpanSlack) &&
+                        span < (uint64_t(1) << 32);
   if (!(dense_ok && fill_dense(tok, pos, br, n, tgt, K, W, pmin, span, out))) {
     fill_sorted(tok, pos, br, n, tgt, K, W, pmin, span, out);
   }
-  PT[5]+=now_us()-t2; if(++PN%20000==0){fprintf(stderr,"minmax %.2f scatter %.2f prefix %.2f fill %.2f total_fill %.2f\n",PT[0]/PN,(PT[5]-PT[3]-PT[4])/PN,PT[3]/PN,PT[4]/PN,PT[5]/PN);}
   return result;
 }
 
