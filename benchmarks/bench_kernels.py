@@ -41,9 +41,10 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _median_ms(fn, reps=20):
-    """Median CUDA-event time of fn in ms (CUDA only)."""
-    fn()
+def cuda_median_ms(fn, reps=20, warmup=1):
+    """Median CUDA-event time of fn in ms, synchronising after every rep (CUDA only; bench_targets uses it too)."""
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
@@ -59,7 +60,7 @@ def _median_ms(fn, reps=20):
 def _record_ratio(benchmark, halo_fn, ref_fn, **info):
     benchmark.extra_info.update(info)
     if CUDA and not benchmark.disabled:
-        halo_ms, ref_ms = _median_ms(halo_fn), _median_ms(ref_fn)
+        halo_ms, ref_ms = cuda_median_ms(halo_fn), cuda_median_ms(ref_fn)
         benchmark.extra_info.update(halo_ms=halo_ms, reference_ms=ref_ms, ratio=ref_ms / halo_ms)
 
 
@@ -139,15 +140,18 @@ def _ref_compact(kv, slots, victims, n):
     _sync()
 
 
-def _index_select_compact(kv, slots, victims, n):
+def index_select_copy(kv, slots, victims, n):
     """The naive alternative: gather every survivor of every layer into a fresh cache (O(cache), new address)."""
     keep = torch.ones(n, dtype=torch.bool, device=kv.device)
     keep[victims] = False
     survivors = keep.nonzero().flatten()
-    out = kv.index_select(3, survivors)
-    metas = [t.index_select(0, survivors) for t in slots]
+    return kv.index_select(3, survivors), [t.index_select(0, survivors) for t in slots]
+
+
+def _index_select_compact(kv, slots, victims, n):
+    out = index_select_copy(kv, slots, victims, n)
     _sync()
-    return out, metas
+    return out
 
 
 def test_compaction_halo(benchmark):
@@ -164,7 +168,7 @@ def test_compaction_halo(benchmark):
                   lambda: _index_select_compact(kv, slots, victims, MID),
                   kernel="compaction", reference="index_select copy", shape=f"L={LAYERS} Hkv={HKV} D={D} N={MID} k={EVICT} {DTYPE}")
     if CUDA and not benchmark.disabled:
-        benchmark.extra_info["reference_compact_ms"] = _median_ms(lambda: _ref_compact(kv, slots, victims, MID))
+        benchmark.extra_info["reference_compact_ms"] = cuda_median_ms(lambda: _ref_compact(kv, slots, victims, MID))
 
 
 def test_compaction_reference(benchmark):

@@ -41,6 +41,7 @@ if not CUDA:
 import halo_kernels  # noqa: E402
 from halo import brightness as ref_brightness  # noqa: E402
 from halo.repair import GraphedMaskedLMForward, masked_lm_head  # noqa: E402
+from bench_kernels import _compaction_state, cuda_median_ms, index_select_copy  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 needs_kernels = pytest.mark.skipif(not halo_kernels.available(), reason="Triton unavailable")
@@ -53,7 +54,7 @@ DISTILBERT = dict(vocab_size=30522, dim=768, n_layers=6, n_heads=12, hidden_dim=
 TINY_DISTILBERT = dict(vocab_size=512, dim=64, n_layers=2, n_heads=2, hidden_dim=128)
 CONTEXTS = (2048, 32768)
 TARGET_CONTEXT = 32768
-EVICT = 64  # victims of the compaction case, as bench_kernels
+from bench_kernels import EVICT  # noqa: E402  (victims of the compaction case)
 ALPHA = 30.0  # brightness gain, as bench_kernels
 REPAIR_LENGTH = 512
 COPY_BYTES = 1 << 30
@@ -61,20 +62,9 @@ MATMUL_N = 8192
 
 
 # ------------------------------------------------------------------ timing and arithmetic
-def cuda_ms(fn, reps=20, warmup=3):
-    """Median CUDA-event time of fn in ms, synchronising after every rep (as bench_kernels' `_median_ms`)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return sorted(times)[len(times) // 2]
+def cuda_ms(fn):
+    """Median CUDA-event time of fn in ms after 3 warm-up calls."""
+    return cuda_median_ms(fn, reps=20, warmup=3)
 
 
 def synced(fn):
@@ -253,26 +243,6 @@ def brightness_step(keys, query, brightness, decay, mass, n_past):
 
 
 # ------------------------------------------------------------------ full copy of the cache (bench_kernels' reference)
-def compaction_state(layers, hkv, d, n, device, dtype, seed=1):
-    """The cache of bench_kernels' compaction case: kv [L, 2, Hkv, n + 16, D], slot metadata, EVICT victims."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    capacity = n + 16
-    kv = torch.randn(layers, 2, hkv, capacity, d, generator=gen, device=device, dtype=dtype)
-    positions = torch.arange(capacity, device=device)
-    token_ids = torch.randint(0, 32000, (capacity,), generator=gen, device=device)
-    brightness = torch.rand(capacity, generator=gen, device=device) * 255
-    victims = torch.randperm(n, generator=gen, device=device)[:EVICT]
-    return kv, [positions, token_ids, brightness], victims
-
-
-def full_copy(kv, slots, victims, n):
-    """bench_kernels' `_index_select_compact`: gather every survivor of every layer into a fresh cache."""
-    keep = torch.ones(n, dtype=torch.bool, device=kv.device)
-    keep[victims] = False
-    survivors = keep.nonzero().flatten()
-    return kv.index_select(3, survivors), [t.index_select(0, survivors) for t in slots]
-
-
 def copied_bytes(out, metas):
     """Bytes a full copy moves: each survivor read once and written once (the index and mask are negligible)."""
     return 2 * (out.nbytes + sum(m.nbytes for m in metas))
@@ -403,14 +373,12 @@ def bench_full_copy_bandwidth(benchmark):
     n = TARGET_CONTEXT
     benchmark.group = f"target: full copy bandwidth N={n}"
     copy_gbps, copy_ms = copy_bandwidth()
-    cfg = TINYLLAMA
-    state = compaction_state(cfg["num_hidden_layers"], cfg["num_key_value_heads"],
-                             cfg["hidden_size"] // cfg["num_attention_heads"], n, "cuda", torch.bfloat16)
-    out, metas = full_copy(*state, n)
+    state = _compaction_state(n)  # bench_kernels' compaction case: TinyLlama KV, bf16, on CUDA
+    out, metas = index_select_copy(*state, n)
     assert out.shape[3] == n - EVICT
     moved = copied_bytes(out, metas)
     del out, metas
-    ms = cuda_ms(lambda: full_copy(*state, n))
+    ms = cuda_ms(lambda: index_select_copy(*state, n))
     achieved = gbps(moved, ms)
     fraction = achieved / copy_gbps
     report(benchmark, "index_select full copy / copy_ bandwidth", f"TinyLlama KV bf16 N={n} k={EVICT}",
@@ -419,20 +387,21 @@ def bench_full_copy_bandwidth(benchmark):
            f"copy_ {copy_gbps:.0f} GB/s ({COPY_BYTES >> 30} GiB in {copy_ms:.3f} ms)",
            index_select_gbps=achieved, index_select_ms=ms, bytes_moved=moved, copy_gbps=copy_gbps,
            copy_ms=copy_ms, fraction_of_copy=fraction)
-    benchmark.pedantic(synced(lambda: full_copy(*state, n)), rounds=20, warmup_rounds=2)
+    benchmark.pedantic(synced(lambda: index_select_copy(*state, n)), rounds=20, warmup_rounds=2)
 
 
 def test_full_copy_bandwidth_cpu():
     """CPU smoke: the full copy on a tiny cache, its byte count and the bandwidth arithmetic."""
     n = 256
-    kv, slots, victims = compaction_state(2, 2, 8, n, "cpu", torch.float32)
-    out, metas = full_copy(kv, slots, victims, n)
-    assert out.shape == (2, 2, 2, n - EVICT, 8)
+    kv, slots, victims = _compaction_state(n)
+    out, metas = index_select_copy(kv, slots, victims, n)
+    layers, _, hkv, _, d = kv.shape
+    assert out.shape == (layers, 2, hkv, n - EVICT, d)
     keep = torch.ones(n, dtype=torch.bool)
     keep[victims] = False
     assert torch.equal(out, kv[:, :, :, :n][:, :, :, keep]) and torch.equal(metas[0], slots[0][:n][keep])
     survivors = n - EVICT
-    assert copied_bytes(out, metas) == 2 * survivors * (2 * 2 * 2 * 8 * 4 + 8 + 8 + 4)
+    assert copied_bytes(out, metas) == 2 * survivors * (layers * 2 * hkv * d * kv.element_size() + 8 + 8 + 4)
     assert gbps(2e9, 1.0) == pytest.approx(2000.0)
 
 
