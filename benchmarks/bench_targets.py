@@ -41,7 +41,7 @@ if not CUDA:
 import halo_kernels  # noqa: E402
 from halo import brightness as ref_brightness  # noqa: E402
 from halo.repair import GraphedMaskedLMForward, masked_lm_head  # noqa: E402
-from bench_kernels import _compaction_state, cuda_median_ms, index_select_copy  # noqa: E402
+from bench_kernels import EVICT, _compaction_state, cuda_median_ms, index_select_copy  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 needs_kernels = pytest.mark.skipif(not halo_kernels.available(), reason="Triton unavailable")
@@ -54,7 +54,6 @@ DISTILBERT = dict(vocab_size=30522, dim=768, n_layers=6, n_heads=12, hidden_dim=
 TINY_DISTILBERT = dict(vocab_size=512, dim=64, n_layers=2, n_heads=2, hidden_dim=128)
 CONTEXTS = (2048, 32768)
 TARGET_CONTEXT = 32768
-from bench_kernels import EVICT  # noqa: E402  (victims of the compaction case)
 ALPHA = 30.0  # brightness gain, as bench_kernels
 REPAIR_LENGTH = 512
 COPY_BYTES = 1 << 30
