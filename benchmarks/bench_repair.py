@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from halo.repair import GraphedMaskedLMForward, build_windows_reference, masked_lm_head
+from halo.repair import GraphedRepairForward, build_windows_reference, masked_lm_head
 from halo.repair.windows import extension_available, extension_has_cuda
 
 HAS_CUDA = torch.cuda.is_available()
@@ -148,7 +148,7 @@ def bench_repair_forward(benchmark, device, path, batch):
         def run():
             return head(model.base_model(input_ids=ids, attention_mask=attn)[0][ar, rows])
     else:
-        graphed = GraphedMaskedLMForward(model.base_model, head, batch_buckets=(1, 8), length_buckets=(512,))
+        graphed = GraphedRepairForward(model.base_model, head, batch_buckets=(1, 8), length_buckets=(512,))
 
         def run():
             return graphed(ids, attn, rows)

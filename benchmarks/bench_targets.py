@@ -9,7 +9,7 @@
    (TinyLlama shapes, N = 32k, 64 evictions) against a 1 GiB device-to-device `copy_`. Bandwidth counts bytes
    read plus bytes written. Target: a full-copy path reaches >= 70% of the copy bandwidth.
 3. Matmul rate: the repair forward (DistilBERT-base shapes, random init, bf16, 8 x 512, one target per row),
-   eager and through `halo.repair.GraphedMaskedLMForward`, against an 8192^3 bf16 matmul, with FLOPs counted
+   eager and through `halo.repair.GraphedRepairForward`, against an 8192^3 bf16 matmul, with FLOPs counted
    analytically (`repair_flops`). Target: >= 45% of the matmul rate at batch 8.
 4. Repair latency per evicted token: one graphed repair pass of 1 x 512 (one target) against the graph-captured
    TinyLlama decode step of item 1 at 2k. Target: repair per token <= one decode step.
@@ -40,7 +40,7 @@ if not CUDA:
 
 import halo_kernels  # noqa: E402
 from halo import brightness as ref_brightness  # noqa: E402
-from halo.repair import GraphedMaskedLMForward, masked_lm_head  # noqa: E402
+from halo.repair import GraphedRepairForward, masked_lm_head  # noqa: E402
 from bench_kernels import EVICT, _compaction_state, cuda_median_ms, index_select_copy  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -291,7 +291,7 @@ def repair_batch(batch, length, vocab, device):
 
 
 def graphed_repair(model):
-    return GraphedMaskedLMForward(model.base_model, masked_lm_head(model), batch_buckets=(1, 8),
+    return GraphedRepairForward(model.base_model, masked_lm_head(model), batch_buckets=(1, 8),
                                   length_buckets=(REPAIR_LENGTH,), max_length=REPAIR_LENGTH)
 
 
@@ -436,7 +436,7 @@ def bench_repair_matmul_fraction(benchmark, distilbert, path):
 
 
 def test_repair_matmul_fraction_cpu(tiny_mlm_cpu):
-    """CPU smoke: the repair forward on a tiny DistilBERT (GraphedMaskedLMForward falls back to eager), and the
+    """CPU smoke: the repair forward on a tiny DistilBERT (GraphedRepairForward falls back to eager), and the
     analytic FLOP count against torch's FlopCounterMode (which counts the matmuls; SDPA only where it has a rule)."""
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -9,7 +9,7 @@ Public API:
   `build_windows_reference`), `WindowBatch`, `windows_to_contract_dicts`.
 * `RepairBatch`, `validate_contract_dicts`, `CONTRACT_KEYS`.
 * `token_pieces`, `build_bridge`, `bridge_tokenizers`, `BridgeTable`.
-* `GraphedMaskedLMForward` (CUDA-graph replay of the MLM forward; eager elsewhere).
+* `GraphedRepairForward` (CUDA-graph replay of a repair forward, MLM or self; eager elsewhere).
 
 Everything works without the compiled extension.
 """
@@ -17,14 +17,14 @@ Everything works without the compiled extension.
 from .base import Repairer, Suggestions
 from .bridge import BridgeTable, TokenPieces, bridge_tokenizers, build_bridge, token_pieces
 from .contract import CONTRACT_KEYS, RepairBatch, validate_contract_dicts
-from .graphs import GraphedMaskedLMForward
+from .graphs import GraphedRepairForward
 from .masked_lm import MaskedLMRepairer, masked_lm_head
 from .self_lm import SelfRepairer
 from .windows import (MAX_WINDOW, WindowBatch, build_windows, build_windows_reference, extension_available,
                       windows_to_contract_dicts)
 
 __all__ = [
-    "CONTRACT_KEYS", "MAX_WINDOW", "BridgeTable", "GraphedMaskedLMForward", "MaskedLMRepairer", "RepairBatch",
+    "CONTRACT_KEYS", "MAX_WINDOW", "BridgeTable", "GraphedRepairForward", "MaskedLMRepairer", "RepairBatch",
     "Repairer", "SelfRepairer", "Suggestions", "TokenPieces", "WindowBatch", "bridge_tokenizers", "build_bridge",
     "build_windows", "build_windows_reference", "extension_available", "masked_lm_head", "token_pieces",
     "validate_contract_dicts", "windows_to_contract_dicts",

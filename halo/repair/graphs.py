@@ -1,4 +1,7 @@
-"""CUDA-graph replay of the masked-LM repair forward (`base model -> gather target rows -> vocab head`).
+"""CUDA-graph replay of a repair forward (`body -> gather target rows -> vocab head`).
+
+The body is the masked LM's base model (`MaskedLMRepairer`) or the host decoder (`SelfRepairer`, which passes
+it a prepared 4D mask so that nothing in it depends on data on the host).
 
 Shapes are bucketed: a call with B windows of L MLM tokens runs the graph captured for the smallest
 (batch bucket >= B, length bucket >= L), padding the extra rows and columns in preallocated static input
@@ -37,12 +40,12 @@ class _Captured:
     logits: torch.Tensor  # [Bb, V] written by every replay
 
 
-class GraphedMaskedLMForward:
+class GraphedRepairForward:
     """Callable `(input_ids [B, L], attention_mask [B, L], target_rows [B], scale [B, L] | None) -> logits [B, V]`.
 
     Args:
-        base: the MLM base model (`model.base_model`), called with `input_ids` or `inputs_embeds` and
-            `attention_mask`, returning hidden states first.
+        base: called with `input_ids` or `inputs_embeds` and `attention_mask` [B, L]; returns hidden states
+            [B, L, H], or a tuple / model output holding them first (e.g. an MLM's `model.base_model`).
         head: hidden [N, H] -> logits [N, V] (e.g. `masked_lm.masked_lm_head(model)`).
         pad_token_id: id written into padding.
         embeddings: the input embedding module (soft guidance: `inputs_embeds = embeddings(ids) * scale`).
@@ -69,14 +72,20 @@ class GraphedMaskedLMForward:
         """The (batch bucket, length bucket, soft) graphs captured so far."""
         return sorted(self._graphs)
 
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The body's hidden states [B, L, H] (soft guidance: input embeddings scaled by `scale` [B, L])."""
+        if scale is None:
+            out = self.base(input_ids=input_ids, attention_mask=attention_mask)
+        else:
+            emb = self.embeddings(input_ids)
+            out = self.base(inputs_embeds=emb * scale.to(emb.dtype)[..., None], attention_mask=attention_mask)
+        return out if isinstance(out, torch.Tensor) else out[0]
+
     def eager(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_rows: torch.Tensor,
               scale: torch.Tensor | None = None) -> torch.Tensor:
         """The same computation without graphs: logits [B, V] at the target rows."""
-        if scale is None:
-            hidden = self.base(input_ids=input_ids, attention_mask=attention_mask)[0]
-        else:
-            emb = self.embeddings(input_ids)
-            hidden = self.base(inputs_embeds=emb * scale.to(emb.dtype)[..., None], attention_mask=attention_mask)[0]
+        hidden = self.hidden(input_ids, attention_mask, scale)
         picked = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), target_rows]
         return self.head(picked)
 

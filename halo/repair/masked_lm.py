@@ -116,9 +116,9 @@ class MaskedLMRepairer(Repairer):
         self._head = masked_lm_head(model)
         self._graphs = None
         if cuda_graphs is not False and self.device.type == "cuda" and self._head is not None:
-            from .graphs import GraphedMaskedLMForward
+            from .graphs import GraphedRepairForward
 
-            self._graphs = GraphedMaskedLMForward(self.model.base_model, self._head, pad_token_id=self.pad_id,
+            self._graphs = GraphedRepairForward(self.model.base_model, self._head, pad_token_id=self.pad_id,
                                                   embeddings=self.model.get_input_embeddings(),
                                                   max_length=self.max_length)
 

@@ -21,6 +21,7 @@ import torch
 
 from .base import Repairer, Suggestions
 from .contract import RepairBatch
+from .graphs import GraphedRepairForward
 
 
 class SelfRepairer(Repairer):
@@ -33,10 +34,13 @@ class SelfRepairer(Repairer):
         rerank_top: None, or c >= 2 candidates to re-rank with the right context (see the module docstring).
         rerank_span: right-context tokens scored per candidate.
         guidance, repair_threshold, min_margin: see `halo.repair.base`.
+        cuda_graphs: replay captured CUDA graphs of the left-context forward for bucketed shapes
+            (`graphs.py`); None (the default) does on CUDA. The re-ranking forward always runs eagerly.
     """
 
     def __init__(self, model, tokenizer=None, *, rerank_top: int | None = None, rerank_span: int = 32,
-                 guidance: str = "hard", repair_threshold: float = 64.0, min_margin: float = 0.0):
+                 guidance: str = "hard", repair_threshold: float = 64.0, min_margin: float = 0.0,
+                 cuda_graphs: bool | None = None):
         super().__init__(guidance=guidance, repair_threshold=repair_threshold, min_margin=min_margin)
         if rerank_top is not None and int(rerank_top) < 2:
             raise ValueError(f"rerank_top must be None or >= 2, got {rerank_top}")
@@ -53,6 +57,11 @@ class SelfRepairer(Repairer):
         self.pad_id = int(pad) if pad is not None and 0 <= pad < self.vocab_size else 0
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self._neighbour_cache = None
+        graphed = GraphedRepairForward(self.decoder_body, self._logits, pad_token_id=self.pad_id,
+                                       embeddings=self.decoder.get_input_embeddings(), max_length=512)
+        # `(ids, attn, rows, scale) -> logits [K, V]` at the given rows: graph replay, or the same computation eagerly
+        self.row_logits = graphed if cuda_graphs is not False and self.device.type == "cuda" else graphed.eager
+        self._forward = graphed.hidden  # `(ids, attn, scale) -> hidden [B, L, H]`, one call of the decoder
 
     @property
     def host_vocab_size(self) -> int:
@@ -68,15 +77,22 @@ class SelfRepairer(Repairer):
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def _forward(self, ids: torch.Tensor, attn: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        """Decoder hidden states [B, L, H] for ids [B, L] (one call of the decoder)."""
-        pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-        if scale is None:
-            kw = {"input_ids": ids}
-        else:
-            emb = self.decoder.get_input_embeddings()(ids)
-            kw = {"inputs_embeds": emb * scale.to(emb.dtype)[..., None]}
-        return self.decoder(attention_mask=attn, position_ids=pos, use_cache=False, **kw)[0]
+    def decoder_body(self, input_ids=None, inputs_embeds=None, attention_mask=None) -> torch.Tensor:
+        """Hidden states [B, L, H] for the key mask attention_mask [B, L].
+
+        With SDPA-style attention (`sdpa`, `halo`) the mask goes in as a prepared 4D causal & key mask, so the
+        decoder does no data-dependent mask work (nothing that syncs the host or breaks CUDA-graph capture);
+        other attention implementations get the 2D mask.
+        """
+        keys = attention_mask
+        b, length = keys.shape
+        mask = keys
+        if getattr(self.model.config, "_attn_implementation", None) in ("sdpa", "halo"):
+            causal = torch.ones(length, length, dtype=torch.bool, device=keys.device).tril()
+            mask = (causal[None] & keys.bool()[:, None, :])[:, None]  # [B, 1, L, L]
+        pos = torch.arange(length, device=keys.device).expand(b, -1)
+        return self.decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=pos,
+                            use_cache=False)[0]
 
     def _inputs(self, batch: RepairBatch):
         """(ids, attention, scale) for the batch on the model's device; dim context handled per guidance."""
@@ -94,13 +110,10 @@ class SelfRepairer(Repairer):
     def suggest(self, batch: RepairBatch) -> Suggestions:
         if self.rerank_top is not None:
             return self._suggest_rerank(batch)
-        k = batch.size
         ids, attn, scale = self._inputs(batch)
         local = batch.target_local.to(self.device)
         has_left = local > 0
-        hidden = self._forward(ids, attn, scale)
-        picked = hidden[torch.arange(k, device=ids.device), (local - 1).clamp(min=0)]  # [K, H]
-        logits = self._logits(picked)  # [K, V]
+        logits = self.row_logits(ids, attn, (local - 1).clamp(min=0), scale)  # [K, V], the row before each target
         top_logit, top = logits.max(dim=-1)
         orig = batch.original_ids.to(ids.device)
         margin = top_logit - logits.gather(1, orig[:, None])[:, 0]

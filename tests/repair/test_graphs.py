@@ -4,7 +4,7 @@ import pytest
 import torch
 from repair_helpers import tiny_distilbert
 
-from halo.repair import GraphedMaskedLMForward, masked_lm_head
+from halo.repair import GraphedRepairForward, masked_lm_head
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
@@ -22,7 +22,7 @@ def _inputs(b, length, vocab, device, seed=0):
 
 def test_cpu_falls_back_to_eager():
     model = tiny_distilbert(300)
-    fwd = GraphedMaskedLMForward(model.base_model, masked_lm_head(model), embeddings=model.get_input_embeddings())
+    fwd = GraphedRepairForward(model.base_model, masked_lm_head(model), embeddings=model.get_input_embeddings())
     ids, attn, rows, scale = _inputs(3, 40, 300, "cpu")
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=attn).logits[torch.arange(3), rows]
@@ -37,7 +37,7 @@ def test_cpu_falls_back_to_eager():
 @pytest.mark.cuda
 def test_replay_equals_eager_on_cuda():
     model = tiny_distilbert(300).cuda()
-    fwd = GraphedMaskedLMForward(model.base_model, masked_lm_head(model), embeddings=model.get_input_embeddings(),
+    fwd = GraphedRepairForward(model.base_model, masked_lm_head(model), embeddings=model.get_input_embeddings(),
                                  batch_buckets=(2, 4), length_buckets=(32, 64))
     for b, length, seed in ((3, 40, 0), (2, 17, 1), (4, 64, 2), (3, 50, 3)):
         ids, attn, rows, scale = _inputs(b, length, 300, "cuda", seed)
@@ -65,3 +65,23 @@ def test_masked_lm_repairer_with_graphs_matches_eager(sp_host_tokenizer, mlm_tok
     dicts = [contract_dict(ids, j, j) for j in range(1, len(ids))]
     kw = dict(host_tokenizer=sp_host_tokenizer, model=model, tokenizer=mlm_tokenizer, min_margin=float("-inf"))
     assert MaskedLMRepairer(cuda_graphs=True, **kw).repair(dicts) == MaskedLMRepairer(cuda_graphs=False, **kw).repair(dicts)
+
+
+@cuda
+@pytest.mark.cuda
+def test_self_repairer_with_graphs_matches_eager_on_cuda():
+    from repair_helpers import contract_dict, tiny_llama
+
+    from halo.repair import SelfRepairer, validate_contract_dicts
+
+    model = tiny_llama(211, seed=3).cuda()
+    g = torch.Generator().manual_seed(0)
+    dicts = [contract_dict(torch.randint(0, 211, (w,), generator=g), w // 2, 10 * w) for w in (5, 40, 77, 200)]
+    batch = validate_contract_dicts(dicts)
+    graphed = SelfRepairer(model, cuda_graphs=True, min_margin=float("-inf"))
+    eager = SelfRepairer(model, cuda_graphs=False, min_margin=float("-inf"))
+    for _ in range(2):  # capture, then replay
+        a, b = graphed.suggest(batch), eager.suggest(batch)
+        assert torch.equal(a.token_ids, b.token_ids)
+        torch.testing.assert_close(a.margin, b.margin, rtol=1e-4, atol=1e-4)
+    assert graphed.row_logits.captured_shapes

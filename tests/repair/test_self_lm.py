@@ -116,3 +116,15 @@ def test_rerank_repair_contract(model):
         assert old != new and 0 <= new < VOCAB
     with pytest.raises(ValueError, match="rerank_top"):
         SelfRepairer(model, rerank_top=1)
+
+
+@pytest.mark.parametrize("guidance", ["hard", "soft"])
+def test_prepared_4d_mask_equals_the_decoders_own_mask(guidance):
+    """SDPA-style models get a prepared 4D mask (graph-safe), others the 2D one: the same suggestions."""
+    sdpa, eager = tiny_llama(VOCAB, seed=3), tiny_llama(VOCAB, seed=3)
+    sdpa.set_attn_implementation("sdpa")
+    eager.set_attn_implementation("eager")
+    batch = validate_contract_dicts(_dicts(seed=4, dim_fraction=0.4))
+    got = [SelfRepairer(m, guidance=guidance, min_margin=-math.inf).suggest(batch) for m in (sdpa, eager)]
+    assert torch.equal(got[0].token_ids, got[1].token_ids)
+    torch.testing.assert_close(got[0].margin, got[1].margin, rtol=1e-4, atol=1e-4)
