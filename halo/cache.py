@@ -340,6 +340,15 @@ class HaloCache(Cache):
             capture.clear_active()
             self.finish_forward()
 
+    def abort_forward(self) -> None:
+        """Drop the forward in flight without committing it: its new slots stay free, nothing is culled.
+
+        Patch rows may have overwritten some layers of their slots' K/V; their owner recomputes them.
+        """
+        self._forward = None
+        self._staged = None
+        capture.clear_active()
+
     def finish_forward(self) -> None:
         """Close the forward in flight (idempotent): brightness update, then cull to budget and compact."""
         f = self._forward

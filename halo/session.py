@@ -175,6 +175,7 @@ class Session:
         ids = token_ids.to(self.device)
         t_rows = ids.numel()
         positions = torch.arange(cache.seen, cache.seen + t_rows, device=self.device)
+        pending = self._pending_patches()
         patches = self._take_patches()
         cache.stage(ids, source, units, patch_slots=patches)
         keep = 1
@@ -182,7 +183,11 @@ class Session:
             ids = torch.cat([ids, cache.token_ids[patches]])
             positions = torch.cat([positions, cache.positions[patches]])
             keep = torch.tensor([t_rows - 1], device=self.device)
-        self._last_logits = self._forward(ids, positions, keep)[0, -1]
+        try:
+            self._last_logits = self._forward(ids, positions, keep)[0, -1]
+        except BaseException:
+            self._patches = {**pending, **self._patches}  # an aborted forward leaves them pending
+            raise
         self._settle()
         if cache.step_evicted and (self._repairer is not None or self.config.repair):
             self._repair_holes()
@@ -192,9 +197,13 @@ class Session:
         cache = self.cache
         halo_before = cache.halo_seconds
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model(input_ids=ids[None], position_ids=positions[None], past_key_values=cache,
-                             use_cache=True, logits_to_keep=logits_to_keep)
+        try:
+            with torch.inference_mode():
+                out = self.model(input_ids=ids[None], position_ids=positions[None], past_key_values=cache,
+                                 use_cache=True, logits_to_keep=logits_to_keep)
+        except BaseException:
+            cache.abort_forward()  # e.g. KeyboardInterrupt mid-forward: the step never happened
+            raise
         cache.finish_forward()
         self.model_seconds += time.perf_counter() - t0 - (cache.halo_seconds - halo_before)
         return out.logits
@@ -350,11 +359,16 @@ class Session:
         between steps when repair is on.
         """
         self._collect_repairs(wait=True)
+        pending = self._pending_patches()
         patches = self._take_patches()
         if patches is None:
             return 0
         self.cache.stage(patches[:0], self.config.source_names[0], patch_slots=patches)
-        self._forward(self.cache.token_ids[patches], self.cache.positions[patches])
+        try:
+            self._forward(self.cache.token_ids[patches], self.cache.positions[patches])
+        except BaseException:
+            self._patches = {**pending, **self._patches}
+            raise
         return patches.numel()
 
     def _pending_patches(self) -> dict[int, int]:

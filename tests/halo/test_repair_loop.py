@@ -252,3 +252,35 @@ def test_overlap_on_cuda_launches_without_a_host_sync(tiny_tok):
         session.feed_ids(ids[start:start + 4])
     session.flush_repairs()
     assert session.diffs and session.cache.n_valid <= session.config.budget
+
+
+def test_a_forward_interrupted_midway_changes_nothing_and_keeps_patches_pending(tiny_pair):
+    model, tok = tiny_pair
+    session = Session(model, tok, HaloConfig(budget=300, sink_tokens=2, recent_tokens=4, chunk_size=16))
+    session.feed("the quick brown fox jumps over the lazy dog and keeps running")
+    cache = session.cache
+    snap = session.memory()
+    position, old = int(snap.positions[5]), int(snap.token_ids[5])
+    session.apply_diffs([(position, old, 9)], defer=True)
+    before = (cache.n_valid, cache.seen, cache.steps, cache.positions.clone(), cache.token_ids.clone())
+
+    def interrupt(module, args, output):
+        raise KeyboardInterrupt
+
+    hook = model.model.layers[0].register_forward_hook(interrupt)  # before the last layer closes the forward
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            session.feed_ids(torch.tensor([11]))
+    finally:
+        hook.remove()
+    assert (cache.n_valid, cache.seen, cache.steps) == before[:3]
+    assert torch.equal(cache.positions[: cache.n_valid], before[3][: cache.n_valid])
+    assert torch.equal(cache.token_ids[: cache.n_valid], before[4][: cache.n_valid])
+    assert session._patches == {position: _slot(cache, position)}
+    session.feed_ids(torch.tensor([11]))  # the patch rides along now
+    order = [_slot(cache, p) for p in snap.positions.tolist()]
+    _, kv = _run_on_cached(model, cache, order[:5], 9, position)
+    for layer, (k, v) in enumerate(kv):
+        torch.testing.assert_close(cache.kv[layer, 0, :, order[5]], k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.kv[layer, 1, :, order[5]], v, rtol=1e-5, atol=1e-5)
+    assert cache.seen == before[1] + 1
