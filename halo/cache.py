@@ -131,6 +131,10 @@ class HaloCache(Cache):
         self.device = torch.device(device or "cpu")
         super().__init__(layers=[HaloLayer(self, i) for i in range(self.num_layers)])
         self.policy = policy or HaloPolicy()
+        # True: the last layer's attention closes each forward (plain `model.generate` needs the cache up to date
+        # when the model returns). A driver that calls finish_forward itself once the model returns (Session)
+        # sets False, so that an exception anywhere in the forward can drop it with abort_forward.
+        self.closes_in_attention = True
         self.default_source = "user"
         self.journal = Journal(self.config.source_names, skip_source=self.config.source_code("marker"))
         self._extra_fields: list[str] = []
@@ -192,6 +196,7 @@ class HaloCache(Cache):
         self.n_valid = 0
         self.seen = 0
         self.layout_version = 0  # bumped whenever slots move (compaction), so holders of slot indices can tell
+        self.conversation = getattr(self, "conversation", -1) + 1  # bumped by every reset
         self.steps = 0
         self.next_serial = 0
         self.next_unit = 0
@@ -338,7 +343,8 @@ class HaloCache(Cache):
             self.halo_seconds += time.perf_counter() - t0
         if layer_idx == self.num_layers - 1:
             capture.clear_active()
-            self.finish_forward()
+            if self.closes_in_attention:
+                self.finish_forward()
 
     def abort_forward(self) -> None:
         """Drop the forward in flight without committing it: its new slots stay free, nothing is culled.

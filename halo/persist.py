@@ -99,6 +99,7 @@ def save_session(session, path, *, extra: dict | None = None) -> Path:
     cache = session.cache
     if cache._forward is not None or cache.culled_units:
         raise RuntimeError("cannot save in the middle of a forward")
+    session.flush_repairs()  # the saved K/V must match the mirror
     n = cache.n_valid
     tensors = {"kv": cache.kv[:, :, :, :n].detach().to("cpu").contiguous()}
     for name in (*_SLOT_FIELDS, *cache._extra_fields):
@@ -118,7 +119,7 @@ def save_session(session, path, *, extra: dict | None = None) -> Path:
             "n_valid": n, "pinned_tokens": int(session.pinned_tokens)},
         "timings": {"halo_seconds": cache.halo_seconds, "model_seconds": session.model_seconds},
         "marker_ids": list(session._marker_ids),
-        "journal": [[e.position, e.token_id, e.source, e.brightness, e.step] for e in session.journal.entries],
+        "journal": [[e.position, e.token_id, e.source, e.brightness, e.step, e.kind] for e in session.journal.entries],
         "diffs": [list(map(int, d)) for d in session.diffs],
         "extra": extra or {},
         "checksums": {name: _digest(t) for name, t in tensors.items()},
@@ -234,10 +235,13 @@ def load_session(path, model, tokenizer, *, policy=None, check_name: bool = True
         session.pinned_tokens = int(counters["pinned_tokens"])
         names = config.source_names
         entries = []
-        for position, token_id, source, bright, step in meta["journal"]:
+        for position, token_id, source, bright, step, *rest in meta["journal"]:
+            kind = str(rest[0]) if rest else "evicted"  # files written before kinds were saved
             if source not in names:
                 raise ValueError(f"journal entry names unknown source {source!r}")
-            entries.append(JournalEntry(int(position), int(token_id), str(source), float(bright), int(step)))
+            if kind not in ("evicted", "replaced"):
+                raise ValueError(f"journal entry has unknown kind {kind!r}")
+            entries.append(JournalEntry(int(position), int(token_id), str(source), float(bright), int(step), kind))
         cache.journal.entries.extend(entries)
         session.diffs = [tuple(int(x) for x in d) for d in meta["diffs"]]
         session._last_logits = tensors["last_logits"].to(dev) if "last_logits" in tensors else None

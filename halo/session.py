@@ -56,6 +56,7 @@ class Session:
         self.tokenizer = tokenizer
         self.config = config or HaloConfig()
         self.cache = HaloCache(model, self.config, policy=policy)
+        self.cache.closes_in_attention = False  # _forward closes it, so an interrupted forward can be dropped
         self.device = self.cache.device
         self.vocab_size = int(model.config.vocab_size)
         self.diffs: list[tuple[int, int, int]] = []
@@ -66,6 +67,7 @@ class Session:
         self._last_logits: torch.Tensor | None = None
         self._patches: dict[int, int] = {}  # position -> slot whose K/V the next forward recomputes
         self._patch_layout = 0  # cache.layout_version the slots of _patches refer to
+        self._conversation = self.cache.conversation  # cache.conversation they belong to
         self._in_flight: list[_RepairJob] = []
         self._side_stream = None
         self._marker_ids = tokenizer(self.config.marker_text, add_special_tokens=False)["input_ids"]
@@ -225,7 +227,11 @@ class Session:
                                                 snap["units"].tolist(), culled, marker)
                     cache.evict_units(evict)
                     if place:
-                        self._place_markers(place)
+                        try:
+                            self._place_markers(place)
+                        except BaseException:  # the runs stay to be marked (unit -1: no marker of their own)
+                            cache.culled_units = [(-1, start, end) for start, end in place] + cache.culled_units
+                            raise
                 if cache.n_valid <= self.config.budget and not cache.culled_units:
                     return
                 cache.cull()
@@ -344,12 +350,11 @@ class Session:
         if not self._in_flight:
             return
         t0 = time.perf_counter()
-        ready = [job for job in self._in_flight if wait or job.step < self.cache.steps]
-        self._in_flight = [job for job in self._in_flight if job not in ready]
-        for job in ready:
+        for job in [job for job in self._in_flight if wait or job.step < self.cache.steps]:
             if job.done is not None:
                 torch.cuda.current_stream(self.device).wait_event(job.done)
             self._accept_diffs(self.repairer.diffs(job.batch, job.suggestions), strict=False)
+            self._in_flight.remove(job)
         self.repair_seconds += time.perf_counter() - t0
 
     def flush_repairs(self) -> int:
@@ -374,6 +379,8 @@ class Session:
     def _pending_patches(self) -> dict[int, int]:
         """position -> slot of the pending patches, re-found by position if the cache was compacted since."""
         cache = self.cache
+        if self._conversation != cache.conversation:  # the cache was reset: nothing pending refers to it
+            self._patches, self._in_flight, self._conversation = {}, [], cache.conversation
         if self._patches and self._patch_layout != cache.layout_version:
             slot_of = {p: i for i, p in enumerate(cache.positions[: cache.n_valid].tolist())}
             self._patches = {p: slot_of[p] for p in self._patches if p in slot_of}
@@ -505,7 +512,6 @@ class Session:
         """Write the compacted memory to one file, atomically (see halo.persist); repairs are flushed first."""
         from .persist import save_session
 
-        self.flush_repairs()
         return save_session(self, path, extra=extra)
 
     @classmethod

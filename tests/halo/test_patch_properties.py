@@ -409,9 +409,7 @@ def test_patch_rows_on_the_kernel_path_earn_nothing_and_match_the_reference(pair
         assert [e.position for e in folded.journal.evicted] == [e.position for e in other.journal.evicted]
 
 
-# ------------------------------------------------------------------ known bugs
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="halo/persist.py drops JournalEntry.kind: 'replaced' entries load as 'evicted'")
+# ------------------------------------------------------------------ regressions (bugs found in review)
 def test_save_load_keeps_replaced_journal_entries(pair, tmp_path):
     model, tok = pair
     session = Session(model, tok, HaloConfig(budget=20, sink_tokens=2, recent_tokens=4, chunk_size=4))
@@ -426,9 +424,6 @@ def test_save_load_keeps_replaced_journal_entries(pair, tmp_path):
     assert loaded.stats()["evicted"] == session.stats()["evicted"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="an interrupt after the last layer's attention (its MLP, the final norm, the LM head) still "
-                          "commits the step: the cache closes it inside that attention; stale logits, no markers")
 def test_an_interrupt_after_the_last_attention_drops_the_step_too(pair):
     model, tok = pair
     session = Session(model, tok, HaloConfig(budget=40, sink_tokens=2, recent_tokens=4, chunk_size=4))
@@ -454,9 +449,6 @@ def test_an_interrupt_after_the_last_attention_drops_the_step_too(pair):
     assert not cache.culled_units, "units were culled but no marker was placed (save() now refuses)"
 
 
-@pytest.mark.xfail(strict=True, raises=(IndexError, AssertionError),
-                   reason="HaloCache.reset() sets layout_version back to 0, so Session trusts the slot indices of "
-                          "patches pending from before the reset")
 def test_a_cache_reset_does_not_apply_stale_patches(pair):
     model, tok = pair
     config = HaloConfig(budget=64, sink_tokens=2, recent_tokens=4, chunk_size=16)
@@ -473,9 +465,6 @@ def test_a_cache_reset_does_not_apply_stale_patches(pair):
     torch.testing.assert_close(session.cache.kv[:, :, :, :12], fresh.cache.kv[:, :, :, :12])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="_settle takes cache.culled_units and evicts the old markers before the marker forward; an "
-                          "interrupted marker forward is now aborted, so the run stays elided with no marker")
 def test_an_interrupted_marker_forward_leaves_its_run_to_be_marked(pair):
     model, tok = pair
     session = Session(model, tok, HaloConfig(budget=40, sink_tokens=2, recent_tokens=4, chunk_size=4))
