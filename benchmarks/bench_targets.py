@@ -292,7 +292,7 @@ def repair_batch(batch, length, vocab, device):
 
 def graphed_repair(model):
     return GraphedRepairForward(model.base_model, masked_lm_head(model), batch_buckets=(1, 8),
-                                  length_buckets=(REPAIR_LENGTH,), max_length=REPAIR_LENGTH)
+                                length_buckets=(REPAIR_LENGTH,), max_length=REPAIR_LENGTH)
 
 
 # ------------------------------------------------------------------ fixtures

@@ -347,6 +347,7 @@ class Session:
 
     def _collect_repairs(self, wait: bool) -> None:
         """Turn finished repair jobs into diffs (stale ones dropped); `wait` also takes the youngest."""
+        self._forget_other_conversation()
         if not self._in_flight:
             return
         t0 = time.perf_counter()
@@ -379,13 +380,17 @@ class Session:
     def _pending_patches(self) -> dict[int, int]:
         """position -> slot of the pending patches, re-found by position if the cache was compacted since."""
         cache = self.cache
-        if self._conversation != cache.conversation:  # the cache was reset: nothing pending refers to it
-            self._patches, self._in_flight, self._conversation = {}, [], cache.conversation
+        self._forget_other_conversation()
         if self._patches and self._patch_layout != cache.layout_version:
             slot_of = {p: i for i, p in enumerate(cache.positions[: cache.n_valid].tolist())}
             self._patches = {p: slot_of[p] for p in self._patches if p in slot_of}
         self._patch_layout = cache.layout_version
         return self._patches
+
+    def _forget_other_conversation(self) -> None:
+        """Drop pending patches and repair jobs of an earlier conversation (the cache was reset since)."""
+        if self._conversation != self.cache.conversation:
+            self._patches, self._in_flight, self._conversation = {}, [], self.cache.conversation
 
     def _take_patches(self) -> torch.Tensor | None:
         """int64 [k] slots of the pending patches (now handed to a forward), or None."""
@@ -526,6 +531,7 @@ class Session:
         from .render import write_html
 
         return write_html(self, path, **kwargs)
+
 
 @dataclass(eq=False)  # identity: jobs hold tensors
 class _RepairJob:

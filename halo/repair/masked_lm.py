@@ -119,8 +119,8 @@ class MaskedLMRepairer(Repairer):
             from .graphs import GraphedRepairForward
 
             self._graphs = GraphedRepairForward(self.model.base_model, self._head, pad_token_id=self.pad_id,
-                                                  embeddings=self.model.get_input_embeddings(),
-                                                  max_length=self.max_length)
+                                                embeddings=self.model.get_input_embeddings(),
+                                                max_length=self.max_length)
 
     @property
     def host_vocab_size(self) -> int:

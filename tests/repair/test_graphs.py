@@ -38,7 +38,7 @@ def test_cpu_falls_back_to_eager():
 def test_replay_equals_eager_on_cuda():
     model = tiny_distilbert(300).cuda()
     fwd = GraphedRepairForward(model.base_model, masked_lm_head(model), embeddings=model.get_input_embeddings(),
-                                 batch_buckets=(2, 4), length_buckets=(32, 64))
+                               batch_buckets=(2, 4), length_buckets=(32, 64))
     for b, length, seed in ((3, 40, 0), (2, 17, 1), (4, 64, 2), (3, 50, 3)):
         ids, attn, rows, scale = _inputs(b, length, 300, "cuda", seed)
         with torch.no_grad():
