@@ -164,3 +164,41 @@ def bench_repair_forward(benchmark, device, path, batch):
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=attn).logits[ar, rows]
     torch.testing.assert_close(out, want, atol=2e-3, rtol=2e-3)
+
+
+# ------------------------------------------------------------------ self repair: left context only
+SELF_GROUP = "self repair 4 centred windows of 511 (cpu)"
+
+
+def _self_repair_case():
+    """A SelfRepairer on a small random Llama and a batch of 4 centred windows of 511 (targets at 255)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from halo.repair import RepairBatch, SelfRepairer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    repairer = SelfRepairer(LlamaForCausalLM(config).eval(), min_margin=float("-inf"))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 2048, (4, WINDOW), generator=g)
+    local = torch.full((4,), WINDOW // 2)
+    batch = RepairBatch(ids, torch.ones(4, WINDOW, dtype=torch.bool), torch.full((4, WINDOW), 200.0), local,
+                        torch.arange(4) * 1000, ids[torch.arange(4), local])
+    return repairer, batch
+
+
+@pytest.mark.parametrize("role", ["reference", "halo"])
+def bench_self_repair_left_context(benchmark, record_ratio, role):
+    """Off CUDA the self backend stops its forward at the last target; the reference runs the full width."""
+    benchmark.group = SELF_GROUP
+    repairer, batch = _self_repair_case()
+    rows = batch.target_local - 1
+    full_width = lambda: repairer.row_logits(batch.token_ids, batch.attention_mask.long(), rows)  # noqa: E731
+    with torch.no_grad():
+        if role == "reference":
+            out = benchmark(full_width).argmax(-1)
+        else:
+            out = benchmark(repairer.suggest, batch).token_ids
+        assert torch.equal(out, full_width().argmax(-1))
+    record_ratio(benchmark, SELF_GROUP, role)
