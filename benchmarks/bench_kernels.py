@@ -77,12 +77,23 @@ def _decode_state(n, seed=0):
 
 
 # ------------------------------------------------------------------ brightness: column mass x L + update
-def _halo_brightness(kv, query, brightness, decay, mass, n_past):
+def brightness_step(keys, query, brightness, decay, mass, n_past):
+    """The kernel path of one decode step's brightness (no sync, so bench_targets can graph-capture it): column
+    mass of every layer but the last, then the last layer's mass fused with the brightness update.
+
+    keys: one [Hkv, n_past + 1, D] key tensor per layer; query: [L, Hq, 1, D].
+    """
+    scale = query.shape[-1] ** -0.5
     mass.zero_()
-    for layer in range(LAYERS - 1):
-        halo_kernels.attention_column_mass(query[layer], kv[layer, 0, :, : n_past + 1], D ** -0.5, n_past, mass)
-    halo_kernels.attention_column_mass_and_update(query[-1], kv[-1, 0, :, : n_past + 1], D ** -0.5, n_past, mass,
-                                                  brightness, decay, ALPHA, LAYERS)
+    for layer in range(len(keys) - 1):
+        halo_kernels.attention_column_mass(query[layer], keys[layer], scale, n_past, mass)
+    halo_kernels.attention_column_mass_and_update(query[-1], keys[-1], scale, n_past, mass, brightness, decay,
+                                                  ALPHA, len(keys))
+
+
+def _halo_brightness(kv, query, brightness, decay, mass, n_past):
+    brightness_step([kv[layer, 0, :, : n_past + 1] for layer in range(LAYERS)], query, brightness, decay, mass,
+                    n_past)
     _sync()
 
 

@@ -115,7 +115,8 @@ def _model(device):
     return _MODELS[device]
 
 
-def _batch(b, length, vocab, device):
+def mlm_batch(b, length, vocab, device):
+    """Random MLM ids with one mask token (id 4) per row: (ids [b, length], attention_mask, target_rows [b])."""
     g = torch.Generator().manual_seed(b)
     ids = torch.randint(5, vocab, (b, length), generator=g)
     rows = torch.randint(1, length - 1, (b,), generator=g)
@@ -138,7 +139,7 @@ def _forward_impls():
 def bench_repair_forward(benchmark, device, path, batch):
     benchmark.group = f"repair forward {batch}x512 ({device})"
     model = _model(device)
-    ids, attn, rows = _batch(batch, 512, model.config.vocab_size, device)
+    ids, attn, rows = mlm_batch(batch, 512, model.config.vocab_size, device)
     ar = torch.arange(batch, device=device)
     head = masked_lm_head(model)
     if path == "eager_hf":

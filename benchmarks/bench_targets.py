@@ -41,7 +41,9 @@ if not CUDA:
 import halo_kernels  # noqa: E402
 from halo import brightness as ref_brightness  # noqa: E402
 from halo.repair import GraphedRepairForward, masked_lm_head  # noqa: E402
-from bench_kernels import EVICT, _compaction_state, cuda_median_ms, index_select_copy  # noqa: E402
+from bench_kernels import (ALPHA, EVICT, _compaction_state, brightness_step, cuda_median_ms,  # noqa: E402
+                           index_select_copy)
+from bench_repair import mlm_batch  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 needs_kernels = pytest.mark.skipif(not halo_kernels.available(), reason="Triton unavailable")
@@ -54,7 +56,6 @@ DISTILBERT = dict(vocab_size=30522, dim=768, n_layers=6, n_heads=12, hidden_dim=
 TINY_DISTILBERT = dict(vocab_size=512, dim=64, n_layers=2, n_heads=2, hidden_dim=128)
 CONTEXTS = (2048, 32768)
 TARGET_CONTEXT = 32768
-ALPHA = 30.0  # brightness gain, as bench_kernels
 REPAIR_LENGTH = 512
 COPY_BYTES = 1 << 30
 MATMUL_N = 8192
@@ -230,17 +231,6 @@ def brightness_state(decoder, n, seed=0):
     return keys, query, brightness, decay, mass
 
 
-def brightness_step(keys, query, brightness, decay, mass, n_past):
-    """bench_kernels' `_halo_brightness` (without its sync, so it can be captured): column mass of every layer but
-    the last, then the last layer's mass fused with the brightness update."""
-    scale = query.shape[-1] ** -0.5
-    mass.zero_()
-    for layer in range(len(keys) - 1):
-        halo_kernels.attention_column_mass(query[layer], keys[layer], scale, n_past, mass)
-    halo_kernels.attention_column_mass_and_update(query[-1], keys[-1], scale, n_past, mass, brightness, decay,
-                                                  ALPHA, len(keys))
-
-
 # ------------------------------------------------------------------ full copy of the cache (bench_kernels' reference)
 def copied_bytes(out, metas):
     """Bytes a full copy moves: each survivor read once and written once (the index and mask are negligible)."""
@@ -279,15 +269,6 @@ def repair_flops(batch, length, dim, hidden_dim, n_layers, vocab_size, targets=N
     return dict(linear=n_layers * 2 * batch * length * (4 * dim * dim + 2 * dim * hidden_dim),
                 attention=n_layers * 2 * 2 * batch * length * length * dim,
                 head=2 * targets * (dim * dim + dim * vocab_size))
-
-
-def repair_batch(batch, length, vocab, device):
-    """Random MLM ids with one mask token (id 4, as bench_repair) per row: (ids, attention_mask, target_rows)."""
-    g = torch.Generator().manual_seed(batch)
-    ids = torch.randint(5, vocab, (batch, length), generator=g)
-    rows = torch.randint(1, length - 1, (batch,), generator=g)
-    ids[torch.arange(batch), rows] = 4
-    return ids.to(device), torch.ones(batch, length, dtype=torch.long, device=device), rows.to(device)
 
 
 def graphed_repair(model):
@@ -411,7 +392,7 @@ def bench_repair_matmul_fraction(benchmark, distilbert, path):
     batch = 8
     benchmark.group = f"target: repair forward {batch}x{REPAIR_LENGTH} vs matmul rate"
     peak, peak_ms = matmul_rate()
-    ids, attn, rows = repair_batch(batch, REPAIR_LENGTH, DISTILBERT["vocab_size"], "cuda")
+    ids, attn, rows = mlm_batch(batch, REPAIR_LENGTH, DISTILBERT["vocab_size"], "cuda")
     graphed = graphed_repair(distilbert)
     with torch.no_grad():
         want = graphed.eager(ids, attn, rows)
@@ -442,7 +423,7 @@ def test_repair_matmul_fraction_cpu(tiny_mlm_cpu):
 
     batch, length = 2, 32
     model = tiny_mlm_cpu
-    ids, attn, rows = repair_batch(batch, length, TINY_DISTILBERT["vocab_size"], "cpu")
+    ids, attn, rows = mlm_batch(batch, length, TINY_DISTILBERT["vocab_size"], "cpu")
     graphed = graphed_repair(model)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         got = graphed(ids, attn, rows)
@@ -464,7 +445,7 @@ def bench_repair_token_vs_decode_step(benchmark, tinyllama, distilbert):
     graphed = graphed_repair(distilbert)
     per_token = {}
     for batch in (1, 8):  # one masked target per row: a pass repairs `batch` evicted tokens
-        ids, attn, rows = repair_batch(batch, REPAIR_LENGTH, DISTILBERT["vocab_size"], "cuda")
+        ids, attn, rows = mlm_batch(batch, REPAIR_LENGTH, DISTILBERT["vocab_size"], "cuda")
         fn = functools.partial(graphed, ids, attn, rows)
         with torch.no_grad():
             torch.testing.assert_close(fn(), graphed.eager(ids, attn, rows), atol=5e-2, rtol=5e-2)
@@ -476,7 +457,7 @@ def bench_repair_token_vs_decode_step(benchmark, tinyllama, distilbert):
            f"decode {step_ms:.3f} ms (graph)",
            repair_ms_per_token=per_token[1], repair_ms_per_token_batch8=per_token[8], decode_ms=step_ms,
            steps_per_token=ratio, context=n)
-    ids, attn, rows = repair_batch(1, REPAIR_LENGTH, DISTILBERT["vocab_size"], "cuda")
+    ids, attn, rows = mlm_batch(1, REPAIR_LENGTH, DISTILBERT["vocab_size"], "cuda")
     benchmark.pedantic(synced(functools.partial(graphed, ids, attn, rows)), rounds=30, warmup_rounds=2)
 
 
@@ -486,6 +467,6 @@ def test_repair_token_vs_decode_step_cpu(tiny_llama_cpu, tiny_mlm_cpu):
     decoder.fill(31)
     logits = decoder.step(torch.tensor([[7]]), torch.tensor([[31]]), 31)
     assert logits.shape == (1, TINY_LLAMA["vocab_size"])
-    ids, attn, rows = repair_batch(1, 32, TINY_DISTILBERT["vocab_size"], "cpu")
+    ids, attn, rows = mlm_batch(1, 32, TINY_DISTILBERT["vocab_size"], "cpu")
     out = graphed_repair(tiny_mlm_cpu)(ids, attn, rows)
     assert out.shape == (1, TINY_DISTILBERT["vocab_size"]) and torch.isfinite(out).all()
