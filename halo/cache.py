@@ -287,9 +287,8 @@ class HaloCache(Cache):
     def _patch_visibility(self, n_past: int, t_rows: int, patch_slots: torch.Tensor) -> torch.Tensor:
         """bool [T + k, n_past + T]: new rows causal as usual; patch rows see earlier positions and their own slot."""
         k = patch_slots.numel()
-        cols = torch.arange(n_past + t_rows, device=self.device)
         visible = torch.zeros(t_rows + k, n_past + t_rows, dtype=torch.bool, device=self.device)
-        visible[:t_rows] = cols[None, :] <= n_past + torch.arange(t_rows, device=self.device)[:, None]
+        visible[:t_rows] = self._causal_visibility(n_past, t_rows)
         patch_positions = self.positions[patch_slots]
         visible[t_rows:, :n_past] = self.positions[:n_past][None, :] < patch_positions[:, None]
         visible[torch.arange(t_rows, t_rows + k, device=self.device), patch_slots] = True
@@ -319,9 +318,12 @@ class HaloCache(Cache):
             return self._visible[None, None]
         if f.n_past == 0 or f.t_rows == 1:
             return None  # SDPA's is_causal (prefill from empty) or no mask (one row sees everything)
-        cols = torch.arange(f.n_past + f.t_rows, device=self.device)
-        rows = torch.arange(f.t_rows, device=self.device)
-        return (cols[None, :] <= (f.n_past + rows)[:, None])[None, None]
+        return self._causal_visibility(f.n_past, f.t_rows)[None, None]
+
+    def _causal_visibility(self, n_past: int, t_rows: int) -> torch.Tensor:
+        """bool [T, n_past + T]: new row t sees every retained slot and the new rows up to itself."""
+        cols = torch.arange(n_past + t_rows, device=self.device)
+        return cols[None, :] <= n_past + torch.arange(t_rows, device=self.device)[:, None]
 
     def capture_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         """Accumulate one layer's attention mass; after the last layer, close the forward."""

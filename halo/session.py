@@ -177,19 +177,15 @@ class Session:
         ids = token_ids.to(self.device)
         t_rows = ids.numel()
         positions = torch.arange(cache.seen, cache.seen + t_rows, device=self.device)
-        pending = self._pending_patches()
-        patches = self._take_patches()
+        patches = self._patch_slots()
         cache.stage(ids, source, units, patch_slots=patches)
         keep = 1
         if patches is not None:
             ids = torch.cat([ids, cache.token_ids[patches]])
             positions = torch.cat([positions, cache.positions[patches]])
             keep = torch.tensor([t_rows - 1], device=self.device)
-        try:
-            self._last_logits = self._forward(ids, positions, keep)[0, -1]
-        except BaseException:
-            self._patches = {**pending, **self._patches}  # an aborted forward leaves them pending
-            raise
+        self._last_logits = self._forward(ids, positions, keep)[0, -1]
+        self._patches = {}  # recomputed by that forward (an interrupted one leaves them pending)
         self._settle()
         if cache.step_evicted and (self._repairer is not None or self.config.repair):
             self._repair_holes()
@@ -365,16 +361,12 @@ class Session:
         between steps when repair is on.
         """
         self._collect_repairs(wait=True)
-        pending = self._pending_patches()
-        patches = self._take_patches()
+        patches = self._patch_slots()
         if patches is None:
             return 0
         self.cache.stage(patches[:0], self.config.source_names[0], patch_slots=patches)
-        try:
-            self._forward(self.cache.token_ids[patches], self.cache.positions[patches])
-        except BaseException:
-            self._patches = {**pending, **self._patches}
-            raise
+        self._forward(self.cache.token_ids[patches], self.cache.positions[patches])
+        self._patches = {}
         return patches.numel()
 
     def _pending_patches(self) -> dict[int, int]:
@@ -382,7 +374,7 @@ class Session:
         cache = self.cache
         self._forget_other_conversation()
         if self._patches and self._patch_layout != cache.layout_version:
-            slot_of = {p: i for i, p in enumerate(cache.positions[: cache.n_valid].tolist())}
+            slot_of = self._slot_of_position()
             self._patches = {p: slot_of[p] for p in self._patches if p in slot_of}
         self._patch_layout = cache.layout_version
         return self._patches
@@ -392,13 +384,16 @@ class Session:
         if self._conversation != self.cache.conversation:
             self._patches, self._in_flight, self._conversation = {}, [], self.cache.conversation
 
-    def _take_patches(self) -> torch.Tensor | None:
-        """int64 [k] slots of the pending patches (now handed to a forward), or None."""
+    def _patch_slots(self) -> torch.Tensor | None:
+        """int64 [k] slots of the pending patches, for the next forward to recompute, or None."""
         pending = self._pending_patches()
         if not pending:
             return None
-        self._patches = {}
         return torch.tensor(list(pending.values()), dtype=torch.int64, device=self.device)
+
+    def _slot_of_position(self) -> dict[int, int]:
+        """position -> slot of every retained token (one host read of the positions)."""
+        return {p: i for i, p in enumerate(self.cache.positions[: self.cache.n_valid].tolist())}
 
     def apply_diffs(self, diffs: list[tuple[int, int, int]], *, defer: bool = False) -> int:
         """Apply repair diffs `(position, old_token_id, new_token_id)` to the mirror and the KV cache.
@@ -427,7 +422,7 @@ class Session:
             return 0
         cache = self.cache
         n = cache.n_valid
-        slot_of = {p: i for i, p in enumerate(cache.positions[:n].tolist())}
+        slot_of = self._slot_of_position()
         current = cache.token_ids[:n].tolist()
         sources = cache.sources[:n].tolist()
         marker = self.config.source_code("marker")
