@@ -22,6 +22,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <tuple>
 
 namespace halo {
@@ -61,6 +62,24 @@ inline WindowBatch allocate_window_batch(const at::Tensor& like, int64_t num_tar
   return WindowBatch(at::empty({num_targets, width}, long_opts), at::empty({num_targets, width}, long_opts),
                      at::empty({num_targets, width}, like.options().dtype(at::kFloat)),
                      at::empty({num_targets}, long_opts), at::empty({num_targets, width}, long_opts));
+}
+
+// One build's inputs made contiguous, its sizes and its outputs (allocated, not yet filled). Both backends start
+// here, after the argument and device checks (on CUDA under the device guard, so allocations land there).
+struct WindowBuild {
+  at::Tensor token_ids, positions, brightness, targets;
+  int64_t K, W;
+  WindowBatch result;
+};
+
+inline WindowBuild start_window_build(const at::Tensor& token_ids, const at::Tensor& positions,
+                                      const at::Tensor& brightness, int64_t n_valid, const at::Tensor& targets,
+                                      int64_t window) {
+  const int64_t K = targets.size(0);
+  const int64_t W = std::min(window, n_valid);
+  const at::Tensor ids = token_ids.contiguous();
+  return WindowBuild{ids, positions.contiguous(), brightness.contiguous(), targets.contiguous(), K, W,
+                     allocate_window_batch(ids, K, W)};
 }
 
 WindowBatch build_windows_cpu(const at::Tensor& token_ids, const at::Tensor& positions, const at::Tensor& brightness,

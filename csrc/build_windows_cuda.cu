@@ -68,15 +68,9 @@ WindowBatch build_windows_cuda(const at::Tensor& token_ids_in, const at::Tensor&
   check_build_windows_args(token_ids_in, positions_in, brightness_in, n_valid, targets_in, window);
   TORCH_CHECK(token_ids_in.is_cuda(), "build_windows_cuda: tensors must be on a CUDA device");
   const c10::cuda::CUDAGuard device_guard(token_ids_in.device());
-  const at::Tensor token_ids = token_ids_in.contiguous();
-  const at::Tensor positions = positions_in.contiguous();
-  const at::Tensor brightness = brightness_in.contiguous();
-  const at::Tensor targets = targets_in.contiguous();
-
+  auto [token_ids, positions, brightness, targets, K, W, result] =
+      start_window_build(token_ids_in, positions_in, brightness_in, n_valid, targets_in, window);
   const int64_t n = n_valid;
-  const int64_t K = targets.size(0);
-  const int64_t W = std::min(window, n);
-  WindowBatch result = allocate_window_batch(token_ids, K, W);
   auto& [ids_t, mask_t, bright_t, local_t, wpos_t] = result;
   if (K == 0) return result;
   if (n == 0) {
