@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import capture, ops
 from .config import HaloConfig
-from .cull import position_order
+from .cull import select_victims
 from .journal import Journal
 from .policy import CullPolicy, HaloPolicy
 
@@ -420,8 +420,7 @@ class HaloCache(Cache):
             scores[in_unit] = best[inverse]
             brightness[in_unit] = brightest[inverse]
             protected[in_unit] = guarded[inverse]
-        order = position_order(self.positions, n)
-        ranked = order[torch.sort(scores.masked_fill(protected, float("inf"))[order], stable=True).indices]
+        ranked = select_victims(scores, self.positions, protected, n, n)  # every slot, dying order first
         ranked_l, units_l = ranked.tolist(), units.tolist()
         protected_l, bright_l = protected.tolist(), brightness.tolist()
         members: dict[int, list[int]] = {}
