@@ -53,6 +53,8 @@ class TokenPieces:
         bytes: list[bytes] the UTF-8 bytes the token contributes to running text (leading space for word starts;
             empty for special tokens).
         lowercases: whether the tokenizer lower-cases its input text.
+        byte_fallback: list[bool] True for SentencePiece byte-fallback pieces (`<0x0A>`), which stand for one raw
+            byte rather than for text of the vocabulary.
     """
 
     style: str
@@ -60,6 +62,7 @@ class TokenPieces:
     texts: list
     bytes: list
     lowercases: bool
+    byte_fallback: list
 
     def __len__(self) -> int:
         return len(self.kinds)
@@ -108,9 +111,9 @@ def token_pieces(tokenizer) -> TokenPieces:
     style = _detect_style(tokens)
     special = _special_ids(tokenizer)
     alphabet = byte_level_alphabet()
-    kinds, texts, raw = [], [], []
+    kinds, texts, raw, fallback = [], [], [], []
     for i, tok in enumerate(tokens):
-        kind, text, data = NO_PIECE, None, b""
+        kind, text, data, is_byte = NO_PIECE, None, b"", False
         if tok is None or i in special:
             pass
         elif style == "wordpiece":
@@ -121,7 +124,7 @@ def token_pieces(tokenizer) -> TokenPieces:
         elif style == "sentencepiece":
             m = _BYTE_FALLBACK.match(tok)
             if m:
-                data = bytes([int(m.group(1), 16)])
+                data, is_byte = bytes([int(m.group(1), 16)]), True
             elif tok.startswith(_SP_SPACE):
                 kind, text, data = WORD_START, tok[1:].replace(_SP_SPACE, " "), tok.replace(_SP_SPACE, " ").encode()
             else:
@@ -141,7 +144,8 @@ def token_pieces(tokenizer) -> TokenPieces:
         kinds.append(kind)
         texts.append(text)
         raw.append(data)
-    return TokenPieces(style, kinds, texts, raw, _lowercases(tokenizer))
+        fallback.append(is_byte)
+    return TokenPieces(style, kinds, texts, raw, _lowercases(tokenizer), fallback)
 
 
 @dataclass(frozen=True)

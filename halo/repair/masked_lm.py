@@ -8,10 +8,12 @@ Per `repair` call, for K windows:
    mask of the text is the i-th masked host position: the MLM row of the target is known exactly.
 2. One batched forward: the MLM *base* model to hidden states [K, L, H], gather the K target rows, and apply the
    vocabulary head to those rows only ([K, V_mlm] logits; the head never runs over every position).
-3. Restrict to bridged MLM tokens (`bridge.py`), take the top-1, map it to its host id. The margin is its logit
-   minus the logit of the MLM token spelling the current host token (+inf when the MLM cannot spell it, so the
-   gate only holds back suggestions against current tokens the MLM can score); a suggestion that spells the
-   current token (e.g. `the` for `▁The` under an uncased MLM) counts as "no change".
+3. Restrict to bridged MLM tokens (`bridge.py`) of the target's kind (`kinds.py`: a whole word only by a whole
+   word, a suffix only by a suffix, a symbol only by a symbol; one [K', V_mlm] mask on device, no host sync),
+   take the top-1, map it to its host id. The margin is its logit minus the logit of the MLM token spelling the
+   current host token (+inf when the MLM cannot spell it, so the gate only holds back suggestions against
+   current tokens the MLM can score); a suggestion that spells the current token (e.g. `the` for `▁The` under an
+   uncased MLM) counts as "no change", so an uncased MLM never flips case alone.
 
 Targets whose host token spells no word (whitespace, special tokens, byte pieces) get no suggestion.
 """
@@ -25,8 +27,11 @@ from dataclasses import dataclass
 import torch
 
 from .base import Repairer, Suggestions
-from .bridge import NO_PIECE, WORD_START, build_bridge, token_pieces
+from .bridge import NO_PIECE, WORD_START, BridgeTable, build_bridge, token_pieces
 from .contract import RepairBatch
+from .errors import RepairModelError
+from .kinds import TokenKind, candidate_mask, token_kinds
+from .offline import load_mlm_model, load_mlm_tokenizer, require_masked_lm
 
 
 def masked_lm_head(model) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -45,6 +50,18 @@ def masked_lm_head(model) -> Callable[[torch.Tensor], torch.Tensor] | None:
         if isinstance(head, torch.nn.Module):
             return head
     return None
+
+
+def mlm_candidate_kinds(bridge: BridgeTable, host_kinds: torch.Tensor) -> torch.Tensor:
+    """int8 [V_mlm] the kind of the host token each MLM token bridges to; `SPECIAL` (never a candidate) if none.
+
+    Args:
+        bridge: the (host, MLM) bridge, on any device.
+        host_kinds: int8 [V_host] `token_kinds` of the host vocabulary; the result lives on its device.
+    """
+    to_host = bridge.mlm_to_host.to(host_kinds.device)
+    special = torch.full_like(to_host, int(TokenKind.SPECIAL), dtype=torch.int8)
+    return torch.where(to_host >= 0, host_kinds[to_host.clamp(min=0)], special)
 
 
 @dataclass(frozen=True)
@@ -72,14 +89,18 @@ class MaskedLMRepairer(Repairer):
     """Repair with any `AutoModelForMaskedLM`, bridged to the host vocabulary.
 
     Args:
-        model_name_or_path: loaded with `AutoModelForMaskedLM` / `AutoTokenizer.from_pretrained` unless `model`
-            and `tokenizer` are given.
+        model_name_or_path: a masked LM's folder or cached hub name, loaded from local files only
+            (`offline.py`) unless `model` and `tokenizer` are given.
         host_tokenizer: the host model's tokenizer (SentencePiece `▁`, byte-level `Ġ` or WordPiece vocabularies).
         model, tokenizer: an already built MLM and its tokenizer (soft guidance needs a fast tokenizer).
         guidance, repair_threshold, min_margin: see `halo.repair.base`.
         device: where the MLM runs (default: where its parameters are).
         cuda_graphs: replay captured CUDA graphs of the forward for bucketed shapes (`graphs.py`); None (the
             default) does on CUDA.
+
+    Raises:
+        RepairModelError: the model is not found offline, is not a masked LM, or its vocabulary has no bridge to
+            the host tokenizer (checked before the weights are loaded).
     """
 
     def __init__(self, model_name_or_path: str = "distilbert-base-uncased", host_tokenizer=None, *, model=None,
@@ -88,24 +109,31 @@ class MaskedLMRepairer(Repairer):
         super().__init__(guidance=guidance, repair_threshold=repair_threshold, min_margin=min_margin)
         if host_tokenizer is None:
             raise TypeError("MaskedLMRepairer needs the host tokenizer (host_tokenizer=...)")
-        if model is None or tokenizer is None:
-            from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-            model = model if model is not None else AutoModelForMaskedLM.from_pretrained(model_name_or_path)
-            tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model_name_or_path)
+        name = model_name_or_path if model is None else getattr(model, "name_or_path", "") or model_name_or_path
+        if model is None:
+            require_masked_lm(model_name_or_path)
+        if tokenizer is None:
+            tokenizer = load_mlm_tokenizer(model_name_or_path)
         if tokenizer.mask_token_id is None:
-            raise ValueError("the MLM tokenizer has no mask token")
+            raise RepairModelError(name, "not a masked LM (its tokenizer has no mask token)")
         if guidance == "soft" and not getattr(tokenizer, "is_fast", False):
             raise ValueError("guidance='soft' needs a fast MLM tokenizer (offset mappings)")
+        self.host_pieces = token_pieces(host_tokenizer)
+        self.mlm_pieces = token_pieces(tokenizer)
+        self.bridge = build_bridge(self.host_pieces, self.mlm_pieces)
+        if not bool(self.bridge.bridged.any()):
+            raise RepairModelError(name, f"its vocabulary has no bridge to the host tokenizer (none of its "
+                                         f"{len(self.mlm_pieces)} tokens spells a {self.host_pieces.style} host token)")
+        if model is None:
+            model = load_mlm_model(model_name_or_path)
         if device is not None:
             model = model.to(device)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.host_pieces = token_pieces(host_tokenizer)
-        self.mlm_pieces = token_pieces(tokenizer)
-        self.bridge = build_bridge(self.host_pieces, self.mlm_pieces)
         self._bridge_dev = self.bridge.to(self.device)
+        self.host_kinds = token_kinds(self.host_pieces).to(self.device)
+        self.mlm_kinds = mlm_candidate_kinds(self.bridge, self.host_kinds)
         self.mask_token = tokenizer.mask_token
         self.mask_id = int(tokenizer.mask_token_id)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
@@ -270,10 +298,11 @@ class MaskedLMRepairer(Repairer):
             return Suggestions(new, margin), mlm_top
         logits = self.target_logits(inputs)  # [K', V]
         bridge = self._bridge_dev
-        restricted = logits.masked_fill(~bridge.bridged, float("-inf"))
-        top_logit, top = restricted.max(dim=-1)
         rows = inputs.rows.to(logits.device)
         orig = batch.original_ids.to(logits.device)[rows]
+        allowed = candidate_mask(self.host_kinds[orig], self.mlm_kinds)  # [K', V]: bridged and of the target's kind
+        restricted = logits.masked_fill(~allowed, float("-inf"))
+        top_logit, top = restricted.max(dim=-1)
         cur_mlm = bridge.host_to_mlm[orig]
         has_cur = cur_mlm >= 0
         cur_logit = logits.gather(1, cur_mlm.clamp(min=0)[:, None])[:, 0]

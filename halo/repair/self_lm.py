@@ -2,8 +2,11 @@
 
 One batched forward per `repair` call over the right-padded windows (same vocabulary, no bridge): the decoder
 runs to hidden states, the K rows at `target - 1` are gathered, and only they go through the LM head. A target
-at window index 0 has no left context and gets no suggestion. Hard guidance zeroes the attention mask at dim
-context positions (position ids stay those of the full window); soft guidance scales their input embeddings.
+at window index 0 has no left context and gets no suggestion. With the host tokenizer, candidates are restricted
+to the target's kind (`kinds.py`: a whole word only by a whole word, a suffix by a suffix, a symbol by a
+symbol; whitespace, byte and special targets get none) by one [K, V] mask on device. Hard guidance zeroes the
+attention mask at dim context positions (position ids stay those of the full window); soft guidance scales their
+input embeddings.
 
 Right-context re-ranking (`rerank_top=c`). Picking the top c of the left-context distribution and then scoring
 them would need the forward's own output as its input, i.e. a second pass. Instead the candidates are fixed
@@ -12,7 +15,8 @@ before the pass: the current token plus its c - 1 nearest neighbours in the host
 sequences (window k with candidate i at the target), truncated after `rerank_span` right-context tokens (a
 causal LM never looks further), and the single forward scores every candidate by
 `log p(x | left) + sum_t log p(w_t | left, x, w_<t)` over the right context. The suggestion is the best-scoring
-candidate; its margin is its score minus the current token's.
+candidate; its margin is its score minus the current token's. Neighbours of another kind than the current
+token are never candidates (with fewer than c - 1 of its kind, the remaining slots score -inf).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from .base import Repairer, Suggestions
 from .contract import RepairBatch
 from .graphs import GraphedRepairForward
+from .kinds import candidate_mask, token_kinds
 
 
 class SelfRepairer(Repairer):
@@ -30,7 +35,8 @@ class SelfRepairer(Repairer):
     Args:
         model: the host causal LM (its decoder is `model.get_decoder()` / `model.base_model`, its head
             `model.get_output_embeddings()`).
-        tokenizer: the host tokenizer (its pad id fills padding; optional).
+        tokenizer: the host tokenizer (its pad id fills padding, its pieces give each token's kind); optional:
+            without it candidates are not restricted by kind.
         rerank_top: None, or c >= 2 candidates to re-rank with the right context (see the module docstring).
         rerank_span: right-context tokens scored per candidate.
         guidance, repair_threshold, min_margin: see `halo.repair.base`.
@@ -57,6 +63,8 @@ class SelfRepairer(Repairer):
         self.pad_id = int(pad) if pad is not None and 0 <= pad < self.vocab_size else 0
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self._neighbour_cache = None
+        # int8 [V] kind of every host id (`kinds.py`), or None without a tokenizer
+        self.kinds = token_kinds(tokenizer, size=self.vocab_size).to(self.device) if tokenizer is not None else None
         graphed = GraphedRepairForward(self.decoder_body, self._logits, pad_token_id=self.pad_id,
                                        embeddings=self.decoder.get_input_embeddings(), max_length=512)
         # `(ids, attn, rows, scale) -> logits [K, V]` at the given rows: graph replay, or the same computation eagerly
@@ -120,15 +128,30 @@ class SelfRepairer(Repairer):
             ids, attn = ids[:, :width], attn[:, :width]
             scale = scale[:, :width] if scale is not None else None
         logits = self.row_logits(ids, attn, (local - 1).clamp(min=0), scale)  # [K, V], the row before each target
-        top_logit, top = logits.max(dim=-1)
         orig = batch.original_ids.to(ids.device)
+        allowed = self.allowed_candidates(orig)
+        restricted = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))
+        top_logit, top = restricted.max(dim=-1)
         margin = top_logit - logits.gather(1, orig[:, None])[:, 0]
-        new = torch.where(has_left, top, -1)
+        new = torch.where(has_left & torch.isfinite(top_logit), top, -1)
         return Suggestions(new, margin)
 
+    def allowed_candidates(self, original_ids: torch.Tensor) -> torch.Tensor | None:
+        """bool [K, V]: host ids that may replace each current token (its kind), or None without a tokenizer."""
+        if self.kinds is None:
+            return None
+        if self.kinds.device != original_ids.device:
+            self.kinds = self.kinds.to(original_ids.device)
+        return candidate_mask(self.kinds[original_ids], self.kinds)
+
     # ---------------------------------------------------------------- re-ranking
-    def candidates(self, original_ids: torch.Tensor, c: int) -> torch.Tensor:
-        """int64 [K, c]: each current token first, then its c - 1 nearest output-embedding neighbours."""
+    def candidates(self, original_ids: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each current token first, then its c - 1 nearest output-embedding neighbours of its kind.
+
+        Returns:
+            (ids, valid): int64 [K, c] candidate ids and bool [K, c] whether each may replace the current token
+            (the current token itself always; a neighbour only if of its kind, see `allowed_candidates`).
+        """
         weight = self.head.weight
         key = (weight.data_ptr(), weight._version, weight.shape)
         if self._neighbour_cache is None or self._neighbour_cache[0] != key:
@@ -136,8 +159,15 @@ class SelfRepairer(Repairer):
         unit = self._neighbour_cache[1]
         orig = original_ids.to(weight.device)
         sims = unit[orig] @ unit.T  # [K, V]
-        sims[torch.arange(orig.shape[0], device=orig.device), orig] = float("inf")
-        return sims.topk(min(c, self.vocab_size), dim=-1).indices
+        allowed = self.allowed_candidates(orig)
+        if allowed is not None:
+            sims = sims.masked_fill(~allowed, float("-inf"))
+        rows = torch.arange(orig.shape[0], device=orig.device)
+        sims[rows, orig] = float("inf")
+        ids = sims.topk(min(c, self.vocab_size), dim=-1).indices
+        valid = torch.ones_like(ids, dtype=torch.bool) if allowed is None else allowed.gather(1, ids)
+        valid[:, 0] = True
+        return ids, valid
 
     def _suggest_rerank(self, batch: RepairBatch) -> Suggestions:
         k, c = batch.size, min(self.rerank_top, self.vocab_size)
@@ -151,7 +181,7 @@ class SelfRepairer(Repairer):
         cut = ids.shape[1] if dev.type == "cuda" else int((local + span).max()) + 1
         ids, attn = ids[:, :cut], attn[:, :cut]
         scale = scale[:, :cut] if scale is not None else None
-        cand = self.candidates(batch.original_ids, c)  # [K, c]
+        cand, valid_cand = self.candidates(batch.original_ids, c)  # [K, c]
         seq = ids.repeat_interleave(c, 0)  # [K*c, L]
         rows = torch.arange(k * c, device=dev)
         t_rep = local.repeat_interleave(c)
@@ -174,6 +204,7 @@ class SelfRepairer(Repairer):
         logp = torch.log_softmax(self._logits(h), dim=-1)  # [K*c, steps, V]
         tok_lp = logp.gather(2, seq.gather(1, tgt_pos)[..., None])[..., 0]
         score = torch.where(valid, tok_lp, 0.0).sum(1).view(k, c)
+        score = score.masked_fill(~valid_cand, float("-inf"))  # neighbours of another kind never win
         best_score, best = score.max(dim=1)
         new = cand.gather(1, best[:, None])[:, 0]
         new = torch.where(local > 0, new, -1)

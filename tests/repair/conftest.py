@@ -4,15 +4,59 @@ Nothing here reads outside the repository or downloads anything: the corpus is `
 tokenizers are a SentencePiece unigram model (trained with `sentencepiece`, served through a tokenizers
 Unigram + Metaspace backend, Llama-2 style `▁` pieces with byte fallback) and a byte-level BPE (GPT-2/SmolLM2
 style `Ġ` pieces); the MLM tokenizer is an uncased WordPiece with [CLS] [SEP] [MASK] [PAD] [UNK].
+
+Real vocabularies (the Llama-2 SentencePiece tokenizer, the BERT uncased WordPiece tokenizer) are used when a
+folder of them is present in the shared data folder (`$HALO_SHARED_DATA`, default `../shared/data` next to the
+repository); tests that need them skip otherwise, so the repository never depends on that folder.
 """
 
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 
 import pytest
 
 from repair_helpers import tiny_distilbert
+
+SHARED_DATA = Path(os.environ.get("HALO_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+
+
+def shared_tokenizer(folder: str):
+    """The tokenizer saved in SHARED_DATA/folder (loaded offline), or skip the test when it is absent."""
+    path = SHARED_DATA / folder
+    if not (path / "tokenizer_config.json").is_file():
+        pytest.skip(f"{path} is not present (optional real vocabulary)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer():
+    """The real Llama-2 SentencePiece tokenizer (32000 pieces, byte fallback), if present."""
+    return shared_tokenizer("llama2-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def bert_uncased_tokenizer():
+    """The real BERT uncased WordPiece tokenizer (30522 pieces), if present."""
+    return shared_tokenizer("bert-uncased-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def bert_vocab_mlm(bert_uncased_tokenizer):
+    """A tiny random DistilBERT MLM over the real BERT uncased vocabulary (nothing downloaded)."""
+    return tiny_distilbert(len(bert_uncased_tokenizer), seed=5)
+
+
+@pytest.fixture(scope="session")
+def tiny_bl_tokenizer():
+    """The tiny byte-level BPE of tests/tiny.py (320 ids)."""
+    from tiny import tiny_tokenizer
+
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")

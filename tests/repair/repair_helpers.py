@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 
@@ -59,3 +61,40 @@ class CallCounter:
     def __exit__(self, *exc):
         for h in self._handles:
             h.remove()
+
+
+BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+
+
+def word_shape(tokenizer, token_id: int, style: str):
+    """(starts a word, has a letter or digit) of a host token, read from its own spelling.
+
+    An oracle independent of `halo.repair.kinds` for SentencePiece (`▁`, style "sentencepiece") and byte-level
+    BPE (`Ġ`, style "byte_level") vocabularies. None for what repair must leave alone: special tokens, byte
+    pieces, partial characters, whitespace, and pieces with inner whitespace.
+    """
+    if token_id in set(tokenizer.all_special_ids):
+        return None
+    tok = tokenizer.convert_ids_to_tokens(token_id)
+    if style == "sentencepiece":
+        if BYTE_PIECE.match(tok):
+            return None
+        starts = tok.startswith("\u2581")
+        body = (tok[1:] if starts else tok).replace("\u2581", " ")
+    else:
+        text = tokenizer.decode([token_id])
+        if "\ufffd" in text:
+            return None
+        starts = tok.startswith("\u0120")
+        body = text[1:] if starts else text
+    if not body or any(c.isspace() for c in body):
+        return None
+    return starts, any(c.isalnum() for c in body)
+
+
+def mlm_word_shape(mlm_tokenizer, mlm_id: int):
+    """(starts a word, has a letter or digit) of a WordPiece MLM token (`##` marks a continuation)."""
+    tok = mlm_tokenizer.convert_ids_to_tokens(mlm_id)
+    starts = not tok.startswith("##")
+    body = tok if starts else tok[2:]
+    return starts, any(c.isalnum() for c in body)

@@ -85,3 +85,25 @@ def test_self_repairer_with_graphs_matches_eager_on_cuda():
         assert torch.equal(a.token_ids, b.token_ids)
         torch.testing.assert_close(a.margin, b.margin, rtol=1e-4, atol=1e-4)
     assert graphed.row_logits.captured_shapes
+
+
+@cuda
+@pytest.mark.cuda
+def test_kind_restricted_self_repair_with_graphs_matches_eager_on_cuda(sp_host_tokenizer):
+    """The kind mask runs on the replayed logits (tensor ops only): same diffs as eager, every one kind-true."""
+    from repair_helpers import contract_dict, tiny_llama
+
+    from halo.repair import SelfRepairer, validate_contract_dicts
+
+    model = tiny_llama(len(sp_host_tokenizer), seed=3).cuda()
+    text = "The object returns a list of values for the function."
+    ids = sp_host_tokenizer(text, add_special_tokens=False)["input_ids"]
+    batch = validate_contract_dicts([contract_dict(ids, j, j) for j in range(1, len(ids))])
+    graphed = SelfRepairer(model, sp_host_tokenizer, cuda_graphs=True, min_margin=float("-inf"))
+    eager = SelfRepairer(model, sp_host_tokenizer, cuda_graphs=False, min_margin=float("-inf"))
+    for _ in range(2):  # capture, then replay
+        a, b = graphed.suggest(batch), eager.suggest(batch)
+        assert torch.equal(a.token_ids, b.token_ids)
+    diffs = graphed.repair_batch(batch)
+    kinds = graphed.kinds.cpu()
+    assert diffs and all(int(kinds[old]) == int(kinds[new]) for _, old, new in diffs)

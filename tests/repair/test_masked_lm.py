@@ -1,11 +1,15 @@
-"""Masked-LM backend on a tiny random DistilBERT with in-process tokenizers (SentencePiece and byte-level hosts)."""
+"""Masked-LM backend on a tiny random DistilBERT with in-process tokenizers (SentencePiece and byte-level hosts).
+
+The references restrict the MLM's candidates the way the backend must: bridged tokens of the target's shape
+(word start or continuation, word or symbol), read from the token spellings (`repair_helpers.word_shape`).
+"""
 
 import math
 import random
 
 import pytest
 import torch
-from repair_helpers import CallCounter, contract_dict, tiny_distilbert
+from repair_helpers import CallCounter, contract_dict, mlm_word_shape, tiny_distilbert, word_shape
 from transformers import pipeline
 
 from halo.repair import MaskedLMRepairer, validate_contract_dicts
@@ -29,19 +33,30 @@ def fill_mask(mlm_model, mlm_tokenizer):
     return pipeline("fill-mask", model=mlm_model, tokenizer=mlm_tokenizer, device="cpu")
 
 
+def _style(host) -> str:
+    return "sentencepiece" if "\u2581the" in host.get_vocab() else "byte_level"
+
+
+def _allowed(rep, host, mlm_tokenizer, original_id) -> torch.Tensor:
+    """bool [V_mlm]: bridged MLM tokens of the same shape as the host token `original_id` (independent oracle)."""
+    shape = word_shape(host, original_id, _style(host))
+    shapes = [mlm_word_shape(mlm_tokenizer, m) for m in range(len(mlm_tokenizer))]
+    return rep.bridge.bridged & torch.tensor([s == shape for s in shapes])
+
+
 def _independent_text(host, ids, j):
     """The window text with the target replaced by [MASK], built with the host's own decoder."""
     return host.decode(ids[:j]) + " [MASK] " + host.decode(ids[j + 1:])
 
 
-def _pipeline_best_bridged(fill_mask, text, bridged, mask_ordinal=0):
+def _pipeline_best_allowed(fill_mask, text, allowed, mask_ordinal=0):
     vocab = fill_mask.tokenizer.vocab_size if hasattr(fill_mask.tokenizer, "vocab_size") else len(fill_mask.tokenizer)
     out = fill_mask(text, top_k=len(fill_mask.tokenizer))
     if out and isinstance(out[0], list):  # several masks: one list per mask
         out = out[mask_ordinal]
     assert len(out) == len(fill_mask.tokenizer) >= vocab
     for cand in out:  # sorted by score, best first
-        if bool(bridged[cand["token"]]):
+        if bool(allowed[cand["token"]]):
             return cand["token"]
     return -1
 
@@ -65,17 +80,17 @@ def test_top1_equals_fill_mask_pipeline(host, mlm_model, mlm_tokenizer, fill_mas
         assert int(inputs.input_ids[n, inputs.target_rows[n]]) == mlm_tokenizer.mask_token_id
     suggestions, mlm_top = rep.predict(batch)
     for n, text in enumerate(expected_texts):
-        best = _pipeline_best_bridged(fill_mask, text, rep.bridge.bridged)
+        orig = dicts[n]["original_token_id_at_mask"]
+        best = _pipeline_best_allowed(fill_mask, text, _allowed(rep, host, mlm_tokenizer, orig))
         assert int(mlm_top[n]) == best
         host_best = int(rep.bridge.mlm_to_host[best])
-        orig = dicts[n]["original_token_id_at_mask"]
         if int(rep.bridge.host_to_mlm[orig]) == best:
             host_best = orig  # the suggestion spells the current token
         assert int(suggestions.token_ids[n]) == host_best
     diffs = rep.repair(dicts)
     assert diffs == [(d["global_cull_position"], d["original_token_id_at_mask"], int(suggestions.token_ids[n]))
                      for n, d in enumerate(dicts) if int(suggestions.token_ids[n]) != d["original_token_id_at_mask"]]
-    assert all(rep.host_pieces.kinds[new] != NO_PIECE for _, _, new in diffs)
+    assert all(word_shape(host, new, _style(host)) == word_shape(host, old, _style(host)) for _, old, new in diffs)
 
 
 def test_hard_guidance_masks_dim_context(host, mlm_model, mlm_tokenizer, fill_mask):
@@ -93,7 +108,8 @@ def test_hard_guidance_masks_dim_context(host, mlm_model, mlm_tokenizer, fill_ma
     assert text.count("[MASK]") == len(dim) + 1
     ordinal = sum(1 for i in dim if i < j)
     _, top = rep.predict(batch)
-    assert int(top[0]) == _pipeline_best_bridged(fill_mask, text, rep.bridge.bridged, ordinal)
+    allowed = _allowed(rep, host, mlm_tokenizer, ids[j])
+    assert int(top[0]) == _pipeline_best_allowed(fill_mask, text, allowed, ordinal)
 
 
 def test_soft_guidance_scales_embeddings(host, mlm_model, mlm_tokenizer):
@@ -114,7 +130,7 @@ def test_soft_guidance_scales_embeddings(host, mlm_model, mlm_tokenizer):
     emb = mlm_model.get_input_embeddings()(inputs.input_ids) * scale[None, :, None]
     with torch.no_grad():
         logits = mlm_model(inputs_embeds=emb, attention_mask=inputs.attention_mask).logits[0, inputs.target_rows[0]]
-    expected = logits.masked_fill(~rep.bridge.bridged, float("-inf")).argmax()
+    expected = logits.masked_fill(~_allowed(rep, host, mlm_tokenizer, ids[j]), float("-inf")).argmax()
     assert int(rep.predict(batch)[1][0]) == int(expected)
 
 
@@ -135,7 +151,9 @@ def test_long_windows_are_trimmed_around_the_target(host, mlm_tokenizer):
     small = tiny_distilbert(len(mlm_tokenizer), seed=1, max_positions=64)
     rep = MaskedLMRepairer(host_tokenizer=host, model=small, tokenizer=mlm_tokenizer, min_margin=-math.inf)
     ids = host(" ".join(SENTENCES * 12), add_special_tokens=False)["input_ids"][:511]
-    targets = [j for j in (5, 250, 505) if rep.host_pieces.kinds[ids[j]] != NO_PIECE]
+    # word starts near each end and the middle (words always have bridged candidates of their kind)
+    targets = [next(j for j in range(at, 511) if word_shape(host, ids[j], _style(host)) == (True, True))
+               for at in (5, 250, 500)]
     batch = validate_contract_dicts([contract_dict(ids, j, j) for j in targets])
     inputs = rep.build_inputs(batch)
     assert inputs.input_ids.shape[1] == 64

@@ -78,7 +78,9 @@ def test_target_without_left_context_gets_no_suggestion(model):
 def _independent_rerank(model, rep, d, c, span):
     """Scores every candidate with its own forward: log p(x | left) + log p(right context | left, x)."""
     ids, j = d["window_token_ids"].clone(), d["masked_position_local"]
-    cands = rep.candidates(torch.tensor([d["original_token_id_at_mask"]]), c)[0]
+    cands, valid = rep.candidates(torch.tensor([d["original_token_id_at_mask"]]), c)
+    cands = cands[0]
+    assert valid.all()  # no tokenizer: no kind restriction
     end = min(len(ids), j + span + 1)
     scores = []
     for x in cands.tolist():
