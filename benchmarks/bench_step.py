@@ -99,7 +99,7 @@ def _repaired_step(benchmark, model, tokenizer, fold: bool):
         session.feed_ids(token)
 
     benchmark.pedantic(step, setup=diffs, rounds=30, warmup_rounds=3)
-    assert session.cache.n_valid == BUDGET and not session._patches
+    assert session.cache.n_valid == BUDGET and not session.repairs.pending
 
 
 def bench_repaired_step_separate_patch_forward(benchmark, smollm_pair, record_ratio):
@@ -110,3 +110,49 @@ def bench_repaired_step_separate_patch_forward(benchmark, smollm_pair, record_ra
 def bench_repaired_step_patches_ride_along(benchmark, smollm_pair, record_ratio):
     _repaired_step(benchmark, *smollm_pair, fold=True)
     record_ratio(benchmark, REPAIR_GROUP, "halo")
+
+
+# ------------------------------------------------------------ Session.generate, as users meet it
+SESSION_GROUP = "session-generate-step-512"
+FED = 700
+
+
+def _fed_ids(model):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(100, 40000, (FED,), generator=g)
+
+
+def bench_default_cache_generate_step(benchmark, smollm, record_ratio):
+    """Greedy decoding with DynamicCache held at BUDGET tokens: forward, argmax, crop back by one."""
+    model = smollm
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        logits = model(_fed_ids(model)[None, -BUDGET:].to(model.device), past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits
+
+        def step():
+            nonlocal logits
+            token = torch.argmax(logits[0, -1]).view(1, 1)
+            logits = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            cache.crop(-1)
+
+        benchmark.pedantic(step, rounds=30, warmup_rounds=3)
+    record_ratio(benchmark, SESSION_GROUP, "reference")
+
+
+def bench_session_generate_step(benchmark, smollm_pair, record_ratio):
+    """One `Session.generate` token at budget BUDGET after FED tokens were fed: every step evicts one token."""
+    from halo import Session
+
+    model, tokenizer = smollm_pair
+    session = Session(model, tokenizer, HaloConfig(budget=BUDGET, recent_tokens=64, chunk_size=64))
+    session.feed_ids(_fed_ids(model))
+    evicted = session.stats()["evicted"]
+
+    def step():
+        session.generate(1, stop_on_eos=False)
+
+    benchmark.pedantic(step, rounds=30, warmup_rounds=3)
+    stats = session.stats()
+    assert stats["retained"] == BUDGET and stats["evicted"] == evicted + 33
+    record_ratio(benchmark, SESSION_GROUP, "halo")

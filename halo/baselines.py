@@ -54,15 +54,15 @@ class H2OPolicy(CullPolicy):
 
     def observe(self, cache, n_past: int, t_rows: int) -> None:
         n = cache.n_valid
-        acc = getattr(cache, self.field_name)
-        owner = getattr(cache, self.field_name + "_serial")
+        acc = cache.slot_field(self.field_name)
+        owner = cache.slot_field(self.field_name + "_serial")
         fresh = owner[:n] != cache.serials[:n]
         acc[:n].masked_fill_(fresh, 0.0)
         owner[:n] = cache.serials[:n]
         acc[:n] += cache.mass[:n]
 
     def scores(self, cache) -> torch.Tensor:
-        return getattr(cache, self.field_name)[: cache.n_valid].clone()
+        return cache.slot_field(self.field_name)[: cache.n_valid].clone()
 
 
 @dataclass

@@ -8,9 +8,9 @@ Semantics. A forward adds T new slots after `n_past` retained ones; its query ro
 layer, `p_{h,t}[j]` is the softmax probability of row t, head h, on slot j. Each row is one tic:
 
     mass[j]       += sum_t n_t * mean_h p_{h,t}[j]        (per layer; uniform attention reads 1.0 per row)
-    brightness[j]  = clamp(brightness[j] + alpha * mass[j] / num_layers - decay[j] * tics[j], 0, 255)
+    brightness[j]  = clamp(brightness[j] + alpha * mass[j] / num_layers - decay[j] * rows_seeing[j], 0, 255)
 
-where `tics[j]` is the number of rows that see slot j (T for old slots, T - s for the s-th new slot), so
+where `rows_seeing[j]` is the number of rows that see slot j (T for old slots, T - s for the s-th new slot), so
 feeding text in one chunk or token by token gives the same brightness whenever nothing clamps.
 """
 
@@ -18,27 +18,11 @@ from __future__ import annotations
 
 import torch
 
+from halo_kernels.checks import check_mass_inputs
+
 MAX_BRIGHTNESS = 255.0
 # Bound on the [Hq, rows, N] fp32 block the reference materialises at once (elements).
 _BLOCK_ELEMENTS = 1 << 22
-
-
-def check_mass_inputs(query: torch.Tensor, key: torch.Tensor, n_past: int, mass: torch.Tensor) -> None:
-    """ValueError naming the problem when the arguments of attention_column_mass (either twin) do not fit."""
-    if query.dim() != 3 or key.dim() != 3:
-        raise ValueError(f"query must be [Hq, T, D] and key [Hkv, N, D]; got {tuple(query.shape)} and {tuple(key.shape)}")
-    hq, t, d = query.shape
-    hkv, n, dk = key.shape
-    if d != dk:
-        raise ValueError(f"head dim mismatch: query has {d}, key has {dk}")
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key heads ({hkv})")
-    if n_past < 0 or n_past + t > n:
-        raise ValueError(f"n_past ({n_past}) + rows ({t}) exceeds the {n} key slots")
-    if mass.dtype != torch.float32 or mass.dim() != 1 or mass.numel() < n_past + t:
-        raise ValueError(f"mass must be a float32 vector of at least {n_past + t} slots, got {mass.dtype} {tuple(mass.shape)}")
-    if query.device != key.device or mass.device != key.device:
-        raise ValueError(f"device mismatch: query {query.device}, key {key.device}, mass {mass.device}")
 
 
 def attention_column_mass(
@@ -87,8 +71,11 @@ def attention_column_mass(
     mass[:n] += total
 
 
-def slot_tics(n_past: int, t_rows: int, device) -> torch.Tensor:
-    """float32 [n_past + T]: how many of this forward's rows see each slot (T for old slots, T - s for new slot s)."""
+def rows_seeing(n_past: int, t_rows: int, device) -> torch.Tensor:
+    """float32 [n_past + T]: how many of this forward's rows see each slot (T for old slots, T - s for new slot s).
+
+    Each row that sees a slot is one step of its decay (one "tic" in the design's words).
+    """
     idx = torch.arange(n_past + t_rows, device=device)
     return (t_rows - (idx - n_past).clamp(min=0)).to(torch.float32)
 
@@ -113,6 +100,29 @@ def update_brightness(
         num_layers: layers whose mass was summed (mass / num_layers is the layer average).
     """
     n = n_past + t_rows
-    tics = slot_tics(n_past, t_rows, brightness.device)
-    updated = brightness[:n] + mass[:n] * (alpha / num_layers) - decay[:n] * tics
+    seen_by = rows_seeing(n_past, t_rows, brightness.device)
+    updated = brightness[:n] + mass[:n] * (alpha / num_layers) - decay[:n] * seen_by
     brightness[:n] = updated.clamp_(0.0, MAX_BRIGHTNESS)
+
+
+def attention_column_mass_and_update(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    n_past: int,
+    mass: torch.Tensor,
+    brightness: torch.Tensor,
+    decay: torch.Tensor,
+    alpha: float,
+    num_layers: int,
+    last_row_mass: torch.Tensor | None = None,
+) -> None:
+    """The last layer of a forward: accumulate its column mass, then apply the brightness update (in place).
+
+    Reference twin of the fused kernel `halo_kernels.attention_column_mass_and_update`: exactly
+    `attention_column_mass(query, key, scaling, n_past, mass, last_row_mass)` followed by
+    `update_brightness(brightness, mass, decay, n_past, T, alpha, num_layers)`, with T = query.shape[1] and
+    `mass` holding the sum over all `num_layers` layers once this layer is added. `decay` is float32 [>= n_past + T].
+    """
+    attention_column_mass(query, key, scaling, n_past, mass, last_row_mass)
+    update_brightness(brightness, mass, decay, n_past, query.shape[1], alpha, num_layers)

@@ -34,7 +34,8 @@ def clear_active() -> None:
 
 
 def record_input_ids(module, args, output) -> None:
-    """Forward hook on the input embedding: remember the ids so the cache can mirror the text."""
+    """Forward hook on the input embedding: remember the ids, so a forward no driver describes (plain
+    `generate`) still mirrors its text. Forwards run with a ForwardSpec carry their ids in the spec."""
     ids = args[0] if args and isinstance(args[0], torch.Tensor) else None
     _state.input_ids = ids
 
@@ -49,7 +50,7 @@ def halo_attention_forward(module, query, key, value, attention_mask, scaling=No
     """`fn(module, query [B,Hq,T,D], key/value [B,Hkv,N,D], mask, **kw) -> (out [B,T,Hq,D], None)`."""
     cache = getattr(_state, "cache", None)
     layer_idx = getattr(module, "layer_idx", None)
-    if cache is None or getattr(_state, "layer_idx", None) != layer_idx or not cache.owns(layer_idx, key):
+    if cache is None or getattr(_state, "layer_idx", None) != layer_idx or not cache.holds_keys_of(layer_idx, key):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5

@@ -13,7 +13,7 @@ class SourcePolicy:
 
     Attributes:
         initial: brightness a newborn token of this source starts with, in [0, 255].
-        decay: brightness lost per tic (per query row that sees the token), >= 0.
+        decay: brightness lost per query row that sees the token, >= 0.
         pinned: pinned tokens never decay and are never culled (e.g. the system prompt).
     """
 
@@ -31,8 +31,8 @@ class SourcePolicy:
 def default_sources() -> dict[str, SourcePolicy]:
     """Default per-source policies.
 
-    Conversation text (user, assistant) is born at mid brightness (128) and fades at one unit per tic unless the
-    model keeps attending to it (uniform attention adds alpha * 1.0 per tic). Born below the 255 ceiling, a
+    Conversation text (user, assistant) is born at mid brightness (128) and fades by one unit per row that sees it unless the
+    model keeps attending to it (uniform attention adds alpha * 1.0 per row). Born below the 255 ceiling, a
     token's brightness keeps the history of attention it earned instead of clamping (tuned on dev essays: at a
     budget of 1/8 of the text this beats the sinks + recent window rule; born at 255 it did not). Tool and log
     output is born dimmer and fades faster: it is usually read once. The system prompt is pinned. `marker` is the source of elision
@@ -58,7 +58,7 @@ class HaloConfig:
         sink_tokens: the first tokens of the stream (attention sinks), always protected.
         recent_tokens: grace window: the most recent tokens by position are always protected.
         chunk_size: most tokens fed in one forward; the K/V buffers hold `budget + chunk_size` slots.
-        alpha: gain on normalised attention (uniform attention over the visible slots reads 1.0 per tic).
+        alpha: gain on normalised attention (uniform attention over the visible slots reads 1.0 per row).
         sources: source name -> SourcePolicy. Add or replace entries freely; `marker` must exist.
         unit_sources: sources whose text is split into line units (culled whole, replaced by markers).
         dark_bias: lambda in the cull score `b + lambda * mean(b of the +-dark_radius neighbours)`: a token
@@ -68,7 +68,8 @@ class HaloConfig:
             brightness falls to it die of neglect even under budget.
         marker_text: text of an elision marker; it replaces whole lines, so it ends with a newline.
         kernels: "auto" uses the fused Triton kernels on CUDA and the vectorised PyTorch path on CPU;
-            "reference" forces the plain PyTorch path everywhere.
+            "reference" forces the plain PyTorch path everywhere; "triton" forces the kernels (on CPU only under
+            TRITON_INTERPRET=1, for tests). Chosen once, when the cache is built (halo.backend).
         repair: None (off), "self" (the host model re-predicts targets from their left context) or a masked-LM
             name or folder (e.g. "distilbert-base-uncased", bridged to the host vocabulary).
         repair_threshold: tokens dimmer than this (and brighter than the tokens just culled) may be repaired.
@@ -145,8 +146,8 @@ class HaloConfig:
                 raise ValueError(f"unit_sources names {name!r}, which is not in sources ({sorted(self.sources)})")
         if not self.marker_text:
             raise ValueError("marker_text must not be empty")
-        if self.kernels not in ("auto", "reference"):
-            raise ValueError(f"kernels must be 'auto' or 'reference', got {self.kernels!r}")
+        if self.kernels not in ("auto", "reference", "triton"):
+            raise ValueError(f"kernels must be 'auto', 'reference' or 'triton', got {self.kernels!r}")
 
     def replace(self, **changes) -> "HaloConfig":
         """A validated copy with some fields changed."""

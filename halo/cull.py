@@ -58,3 +58,72 @@ def select_victims(scores: torch.Tensor, positions: torch.Tensor, protected: tor
     keyed = scores[:n_valid].masked_fill(protected[:n_valid], float("inf"))[order]
     ranked = torch.sort(keyed, stable=True).indices[:k]
     return order[ranked]
+
+
+def select_unit_victims(scores: torch.Tensor, positions: torch.Tensor, brightness: torch.Tensor,
+                        protected: torch.Tensor, units: torch.Tensor, need: int, threshold: float | None
+                        ) -> tuple[list[int], list[int], dict[int, list[int]]]:
+    """Victims when some retained slots belong to units (host path): a unit lives and dies whole.
+
+    A unit scores as its best-scoring token, counts as bright as its brightest token and is protected when any
+    of its tokens is. Slots die in `select_victims` order (score, then position) until `need` slots are chosen;
+    with `threshold`, every unprotected slot (or unit) whose brightness is at most it dies too.
+
+    Args:
+        scores: float32 [n] cull scores; positions: int64 [>= n]; brightness: float32 [n];
+        protected: bool [n]; units: int64 [n] unit id per slot (-1 for plain tokens); need: slots to free.
+    Returns:
+        (victim slots, culled unit ids, unit id -> its retained slots). RuntimeError if fewer than `need`
+        slots are unprotected.
+    """
+    n = units.numel()
+    scores, brightness, protected = scores[:n].clone(), brightness.clone(), protected.clone()
+    in_unit = units >= 0
+    if bool(in_unit.any()):
+        ids, inverse = torch.unique(units[in_unit], return_inverse=True)
+        best = torch.full((ids.numel(),), float("-inf"), device=scores.device).scatter_reduce(0, inverse, scores[in_unit], "amax")
+        brightest = torch.zeros(ids.numel(), device=scores.device).scatter_reduce(0, inverse, brightness[in_unit], "amax")
+        guarded = torch.zeros(ids.numel(), dtype=torch.bool, device=scores.device).scatter_reduce(0, inverse, protected[in_unit], "amax")
+        scores[in_unit] = best[inverse]
+        brightness[in_unit] = brightest[inverse]
+        protected[in_unit] = guarded[inverse]
+    ranked = select_victims(scores, positions, protected, n, n).tolist()  # every slot, dying order first
+    units_l, protected_l, bright_l = units.tolist(), protected.tolist(), brightness.tolist()
+    members: dict[int, list[int]] = {}
+    for slot, unit in enumerate(units_l):
+        if unit >= 0:
+            members.setdefault(unit, []).append(slot)
+    chosen: list[int] = []
+    culled: list[int] = []
+    taken: set[int] = set()
+    for slot in ranked:
+        if protected_l[slot]:
+            break  # protected slots rank last
+        neglected = threshold is not None and bright_l[slot] <= threshold
+        if len(chosen) >= need and not neglected:
+            if threshold is None:
+                break
+            continue
+        unit = units_l[slot]
+        if unit < 0:
+            chosen.append(slot)
+        elif unit not in taken:
+            taken.add(unit)
+            culled.append(unit)
+            chosen.extend(members[unit])
+    if len(chosen) < need:
+        raise RuntimeError(f"cannot cull {need} tokens: only {len(chosen)} are unprotected")
+    return chosen, culled, members
+
+
+def unit_runs(unit_ids: list[int], members: dict[int, list[int]], positions: torch.Tensor, sources: torch.Tensor,
+              marker_source: int) -> list[tuple[int, int, int]]:
+    """(unit id, first position, last position) of each culled text unit (elision markers are left out)."""
+    sources_l, positions_l = sources.tolist(), positions.tolist()
+    runs = []
+    for unit in unit_ids:
+        slots = members[unit]
+        if sources_l[slots[0]] != marker_source:
+            pos = [positions_l[s] for s in slots]
+            runs.append((unit, min(pos), max(pos)))
+    return runs

@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+KINDS = ("evicted", "replaced")
+"""Journal entry kinds: a culled token, and the old token of an applied repair diff."""
+
 
 @dataclass(frozen=True)
 class JournalEntry:
@@ -42,18 +45,20 @@ class Journal:
     def __init__(self, source_names: list[str], skip_source: int | None = None):
         self.source_names = list(source_names)
         self.skip_source = skip_source
-        self._entries: list[JournalEntry] = []
-        self._pending: list[tuple[torch.Tensor, ...]] = []
         self._sink = None
+        self.clear()
 
     def clear(self) -> None:
         """Drop every entry (the sink file, if any, keeps what was written)."""
-        self._entries = []
-        self._pending = []
+        self._entries: list[JournalEntry] = []
+        self._by_kind: dict[str, list[JournalEntry]] = {kind: [] for kind in KINDS}
+        self._pending: list[tuple] = []
 
     def record(self, positions: torch.Tensor, token_ids: torch.Tensor, sources: torch.Tensor, brightness: torch.Tensor,
                step: int, kind: str = "evicted") -> None:
         """Queue evicted (or replaced) slots as equal-length 1-D tensors on any device; copies them."""
+        if kind not in KINDS:
+            raise ValueError(f"journal entry kind must be one of {KINDS}, got {kind!r}")
         if positions.numel():
             self._pending.append((positions.clone(), token_ids.clone(), sources.clone(), brightness.clone(), step, kind))
         if self._sink is not None:
@@ -89,6 +94,7 @@ class Journal:
                 entry = JournalEntry(int(position), int(token_id), self.source_names[int(source)], float(bright),
                                      int(step), kind)
                 self._entries.append(entry)
+                self._by_kind[kind].append(entry)
         if self._sink is not None:
             self._write(self._entries[start:])
 
@@ -100,8 +106,36 @@ class Journal:
 
     @property
     def evicted(self) -> list[JournalEntry]:
-        """Entries of culled tokens only (each fed position appears here or in the cache, exactly once)."""
-        return [e for e in self.entries if e.kind == "evicted"]
+        """Entries of culled tokens only (each fed position appears here or in the cache, exactly once).
+
+        Kept as it grows: reading it costs only the materialisation of what was recorded since the last read.
+        """
+        self._flush_pending()
+        return self._by_kind["evicted"]
+
+    def count(self, kind: str = "evicted") -> int:
+        """Number of entries of `kind` so far: a running total (amortised O(1) per recorded token)."""
+        self._flush_pending()
+        return len(self._by_kind[kind])
+
+    def state_dict(self) -> dict:
+        """JSON-able state: `entries` as [position, token_id, source, brightness, step, kind] rows."""
+        return {"entries": [[e.position, e.token_id, e.source, e.brightness, e.step, e.kind] for e in self.entries]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the entries by those of `state_dict()` output; ValueError on an unknown source or kind."""
+        entries = []
+        for position, token_id, source, bright, step, *rest in state["entries"]:
+            kind = str(rest[0]) if rest else "evicted"  # files written before kinds were saved
+            if source not in self.source_names:
+                raise ValueError(f"journal entry names unknown source {source!r}")
+            if kind not in KINDS:
+                raise ValueError(f"journal entry has unknown kind {kind!r}")
+            entries.append(JournalEntry(int(position), int(token_id), str(source), float(bright), int(step), kind))
+        self.clear()
+        self._entries.extend(entries)
+        for entry in entries:
+            self._by_kind[entry.kind].append(entry)
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
-
 
 @dataclass
 class CullPolicy(ABC):
@@ -48,4 +46,4 @@ class HaloPolicy(CullPolicy):
 
     def scores(self, cache) -> torch.Tensor:
         cfg = cache.config
-        return ops.cull_scores(cache, cache.brightness, cache.positions, cache.n_valid, cfg.dark_bias, cfg.dark_radius)
+        return cache.backend.cull_scores(cache.brightness, cache.positions, cache.n_valid, cfg.dark_bias, cfg.dark_radius)

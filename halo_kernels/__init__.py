@@ -1,7 +1,7 @@
 """halo_kernels: Triton kernels for Halo Weave's per-step cache operations.
 
 Every op has a plain-PyTorch reference twin with the same signature (`halo.brightness`, `halo.cull`,
-`halo.compact`); `halo.ops` dispatches to these kernels for CUDA tensors when `available()`.
+`halo.compact`); `halo.backend` picks these kernels for CUDA caches when `available()`.
 
     attention_column_mass(query, key, scaling, n_past, mass, last_row_mass=None)       column_mass.py
     attention_column_mass_and_update(query, key, scaling, n_past, mass, brightness,

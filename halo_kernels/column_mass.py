@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from halo.brightness import check_mass_inputs
+from .checks import check_mass_inputs
 
 from ._common import FLOAT_DTYPES, cdiv, check_device, interpreting, next_power_of_2, parallel_target
 from .brightness_update import brightness_step

@@ -71,7 +71,7 @@ def main(args) -> int:
                 fed += len(piece)
                 retained.append(session.cache.n_valid)
                 bar.update(len(piece))
-                bar.set_postfix(retained=session.cache.n_valid, evicted=len(session.journal.evicted))
+                bar.set_postfix(retained=session.cache.n_valid, evicted=session.journal.count("evicted"))
     produced = [0]
 
     def on_token(_token_id: int) -> None:  # called before each generated token is fed: record the previous step

@@ -96,7 +96,7 @@ def stream_nll(model, tokenizer, ids: list[int], config: HaloConfig, policy_name
     nll: list[float] = []
     max_retained = 0
     for i in range(len(ids)):
-        logits = session._step(tokens[i:i + 1], "user")
+        logits = session.step(tokens[i:i + 1], "user")
         max_retained = max(max_retained, session.cache.n_valid)
         if i + 1 < len(ids):
             nll.append(float(-torch.log_softmax(logits.float(), -1)[ids[i + 1]]))

@@ -75,7 +75,7 @@ def test_h2o_accumulates_the_mass_each_token_received(pair, ids):
         cache = session.cache
         for pos, m in zip(cache.positions[: cache.n_valid].tolist(), cache.mass[: cache.n_valid].tolist()):
             expected[pos] = expected.get(pos, 0.0) + m
-        got = dict(zip(cache.positions[: cache.n_valid].tolist(), cache.h2o_score[: cache.n_valid].tolist()))
+        got = dict(zip(cache.positions[: cache.n_valid].tolist(), cache.slot_field("h2o_score")[: cache.n_valid].tolist()))
         for pos, value in got.items():
             assert value == pytest.approx(expected[pos], rel=1e-5, abs=1e-5)
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from halo.brightness import attention_column_mass, slot_tics, update_brightness
+from halo.brightness import attention_column_mass, rows_seeing, update_brightness
 
 
 def naive_mass(query, key, scaling, n_past):
@@ -40,7 +40,7 @@ def test_uniform_attention_reads_one_per_row():
     mass = torch.zeros(10)
     attention_column_mass(query, key, 1.0, 6, mass)
     # slot j is seen by rows t >= j - 6, and each row gives it exactly 1.0
-    torch.testing.assert_close(mass, slot_tics(6, 4, "cpu"))
+    torch.testing.assert_close(mass, rows_seeing(6, 4, "cpu"))
 
 
 def test_column_mass_accumulates_and_rejects_bad_shapes():

@@ -98,6 +98,12 @@ def assert_patched_exactly(model, cache, patched_positions):
             torch.testing.assert_close(cache.kv[layer, 1, :, slot], v, rtol=RTOL, atol=ATOL)
 
 
+def _pending(session) -> dict[int, int]:
+    """position -> slot of the pending patches still retained (the scheduler drops the others)."""
+    slots = session.repairs.patch_slots(session.cache)
+    return {} if slots is None else dict(zip(session.repairs.pending, slots.tolist()))
+
+
 # ------------------------------------------------------------------ driver
 class Driver:
     """Runs ops on a Session and checks the invariants after each."""
@@ -152,15 +158,15 @@ class Driver:
             used.add(position)
             diffs.append((position, int(cache.token_ids[slot_of[position]]), new))
         before = len(session.diffs)
-        pending_before = set(session._pending_patches())
+        pending_before = set(_pending(session))
         assert session.apply_diffs(diffs, defer=defer) == len(diffs)
         assert session.diffs[before:before + len(diffs)] == diffs
         if defer:
-            assert set(session._pending_patches()) == pending_before | {p for p, _, _ in diffs}
+            assert set(_pending(session)) == pending_before | {p for p, _, _ in diffs}
         else:
             # apply_diffs(defer=False) flushes: every pending patch (older ones too) is now in the KV
             # (the flush also takes the diffs of repair jobs still in flight)
-            assert session._patches == {} and session._in_flight == []
+            assert session.repairs.pending == [] and session.repairs.in_flight == []
             retained = _slot_of(cache)
             patched = pending_before | used | {p for p, _, _ in session.diffs[before + len(diffs):] if p in retained}
             self.flushes += 1
@@ -180,14 +186,14 @@ class Driver:
 
     def flush(self):
         session, cache = self.session, self.cache
-        pending = set(session._pending_patches())
+        pending = set(_pending(session))
         before = len(session.diffs)
         patched = session.flush_repairs()
         retained = _slot_of(cache)
         # the flush also takes the diffs of repair jobs still in flight
         expected = pending | {p for p, _, _ in session.diffs[before:] if p in retained}
         assert patched == len(expected)
-        assert session._patches == {} and session._in_flight == []
+        assert session.repairs.pending == [] and session.repairs.in_flight == []
         assert session.flush_repairs() == 0, "a second flush has nothing left to do"
         self.flushes += 1
         self.patched_total += patched
@@ -197,9 +203,9 @@ class Driver:
     def _snapshot_for_fold(self):
         """What the next step's patch rows will see: the K/V and positions now, the pending patches' tokens."""
         session, cache = self.session, self.cache
-        if any(job.step < cache.steps for job in session._in_flight):
+        if any(job.step < cache.steps for job in session.repairs.in_flight):
             return None  # a due job's diffs would join the patches at the step's start
-        pending = dict(session._pending_patches())
+        pending = dict(_pending(session))
         if not pending:
             return None
         n = cache.n_valid
@@ -223,7 +229,7 @@ class Driver:
         slot_after = _slot_of(cache)
         patched = snap["tokens"]
         if len(session.diffs) == snap["diffs"]:
-            assert not session._pending_patches(), "the step must have taken every pending patch"
+            assert not _pending(session), "the step must have taken every pending patch"
         if not all(p in slot_after for p in patched):
             return  # a patched slot was culled after the step: its K/V are gone
         kv0, positions0 = snap["kv"], snap["positions"]
@@ -257,7 +263,7 @@ class Driver:
             first = ids[: session.config.chunk_size]
             logits, _ = _run(self.model, kvs_of(list(range(len(positions0)))), list(first),
                              list(range(start, start + len(first))))
-            torch.testing.assert_close(session._last_logits, logits, rtol=RTOL, atol=1e-4)
+            torch.testing.assert_close(session.last_logits, logits, rtol=RTOL, atol=1e-4)
             self.logits_checked += 1
 
     # ---- invariants
@@ -270,7 +276,7 @@ class Driver:
     def check(self):
         session, cache, config = self.session, self.cache, self.session.config
         assert cache.n_valid <= config.budget
-        assert cache._forward is None and not cache.culled_units
+        assert not cache.in_forward and not session.markers.pending_runs
         mem = session.memory()
         text = [(p, t) for p, t, s in zip(mem.positions.tolist(), mem.token_ids.tolist(), mem.sources) if s != "marker"]
         retained = [p for p, _ in text]
@@ -289,7 +295,7 @@ class Driver:
         assert all(t == current[p] for p, t in text)
         assert all(e.token_id == current[e.position] for e in evicted)
         # pending patches point at retained text slots holding a diffed token
-        pending = session._pending_patches()
+        pending = _pending(session)
         slot_of = _slot_of(cache)
         diffed = {p for p, _, _ in session.diffs}
         assert all(slot_of.get(p) == s and p in diffed for p, s in pending.items())
@@ -360,18 +366,17 @@ def test_the_driver_exercises_folded_and_flushed_patches(pair):
 def _ride_along_session(model, tok, kernels: bool, fold: bool, monkeypatch):
     """A session whose repairs ride along a feed (fold) or are flushed first, on the kernel or reference path."""
     import halo_kernels
-    from halo import ops
 
     rows = []
     with monkeypatch.context() as patch:
         if kernels:
-            patch.setattr(ops, "use_kernels", lambda cache: cache.config.kernels == "auto")
             fused = halo_kernels.attention_column_mass_and_update
             patch.setattr(halo_kernels, "attention_column_mass_and_update",
                           lambda query, *a: rows.append(query.shape[1]) or fused(query, *a))
         config = HaloConfig(budget=20, sink_tokens=2, recent_tokens=3, chunk_size=4,
-                            kernels="auto" if kernels else "reference")
+                            kernels="triton" if kernels else "reference")
         session = Session(model, tok, config)
+        assert session.cache.backend.name == ("triton" if kernels else "reference")
         session.feed_ids(torch.arange(40, 64))
         snap = session.memory()
         diffs = [(int(snap.positions[i]), int(snap.token_ids[i]), 7 + i) for i in (3, 6, 9)]
@@ -444,16 +449,16 @@ def test_an_interrupt_after_the_last_attention_drops_the_step_too(pair):
             session.feed(" and the cat sat on the mat")
     finally:
         hook.remove()
-    assert position in session._patches
+    assert position in session.repairs.pending
     assert (cache.seen, cache.steps, cache.n_valid) == before, "the interrupted step was committed"
-    assert not cache.culled_units, "units were culled but no marker was placed (save() now refuses)"
+    assert not session.markers.pending_runs, "units were culled but no marker was placed (save() now refuses)"
 
 
 def test_a_cache_reset_does_not_apply_stale_patches(pair):
     model, tok = pair
     config = HaloConfig(budget=64, sink_tokens=2, recent_tokens=4, chunk_size=16)
     session = Session(model, tok, config)
-    session.feed_ids(torch.arange(40, 52))  # no cull yet: layout_version is still 0
+    session.feed_ids(torch.arange(40, 52))  # no cull yet: no slot has moved
     snap = session.memory()
     session.apply_diffs([(int(snap.positions[9]), int(snap.token_ids[9]), 7)], defer=True)
     session.cache.reset()  # start over on the same buffers
@@ -472,8 +477,8 @@ def test_an_interrupted_marker_forward_leaves_its_run_to_be_marked(pair):
     armed = [True]
 
     def interrupt(module, args, output):
-        forward = session.cache._forward
-        if armed[0] and forward is not None and forward.service:  # the first marker forward
+        spec = session.cache.current_spec
+        if armed[0] and spec is not None and not spec.streams:  # the first marker forward
             armed[0] = False
             raise KeyboardInterrupt
 
@@ -484,4 +489,4 @@ def test_an_interrupted_marker_forward_leaves_its_run_to_be_marked(pair):
     finally:
         hook.remove()
     assert not armed[0], "a marker forward must have run"
-    assert session.stats()["markers"] > 0 or session.cache.culled_units, "a culled run has no marker, and none is due"
+    assert session.stats()["markers"] > 0 or session.markers.pending_runs, "a culled run has no marker, and none is due"

@@ -34,8 +34,9 @@ def test_loaded_session_continues_exactly(tiny_tok, tmp_path):
     assert restored.journal.entries == original.journal.entries
     assert restored.diffs == original.diffs
     assert restored.pinned_tokens == original.pinned_tokens
-    for name in ("seen", "steps", "next_serial", "next_unit", "unit_slots", "n_valid"):
-        assert getattr(restored.cache, name) == getattr(original.cache, name), name
+    counters = restored.cache.state_dict()["counters"]
+    assert counters == original.cache.state_dict()["counters"]
+    assert set(counters) == {"seen", "steps", "next_serial", "next_unit", "unit_slots", "n_valid"}
     # generating straight away uses the saved last logits
     assert restored.generate(3) == original.generate(3)
     replies = []
@@ -57,7 +58,7 @@ def test_save_is_one_file_with_json_metadata(tiny_pair, tmp_path):
     meta, tensors = read_file(tmp_path / "s.halo")
     assert meta["model"]["num_layers"] == 2 and meta["model"]["vocab_size"] == len(tok)
     assert meta["config"]["sources"]["system"]["pinned"] is True
-    assert tensors["kv"].shape[3] == session.cache.n_valid
+    assert tensors["cache.kv"].shape[3] == session.cache.n_valid
     assert Session.load(tmp_path / "s.halo", model, tok).extra == {"note": "hi"}
     # overwriting replaces atomically
     session.feed("more text here")
@@ -114,8 +115,9 @@ def test_metadata_tampering_is_refused(tiny_pair, tmp_path):
     path = busy_session(model, tok).save(tmp_path / "s.halo")
     meta, _ = read_file(path)
     tensors = load_file(str(path))
-    tensors["slot.positions"] = tensors["slot.positions"][:-1]
-    meta["checksums"]["slot.positions"] = __import__("halo.persist", fromlist=["x"])._digest(tensors["slot.positions"])
+    tensors["cache.slots.positions"] = tensors["cache.slots.positions"][:-1]
+    meta["checksums"]["cache.slots.positions"] = __import__("halo.persist", fromlist=["x"])._digest(
+        tensors["cache.slots.positions"])
     save_file(tensors, str(tmp_path / "bad.halo"), metadata={"halo": json.dumps(meta)})
     with pytest.raises(ValueError, match="shape"):
         Session.load(tmp_path / "bad.halo", model, tok)

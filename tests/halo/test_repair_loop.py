@@ -22,10 +22,11 @@ def test_targets_are_dim_alive_unprotected_and_nearest_the_holes(tiny_pair):
     session = Session(model, tok, repair_config(repair=None))
     session.feed(TEXT[:200])
     cache, cfg = session.cache, session.config
-    assert cache.step_evicted, "the last step must have culled something"
+    evictions = session.last_step.evictions
+    assert evictions, "the last step must have culled something"
     targets = session.repair_targets()
-    holes = torch.cat([p for p, _ in cache.step_evicted])
-    line = float(torch.cat([b for _, b in cache.step_evicted]).max())
+    holes = torch.cat([e.positions for e in evictions])
+    line = float(torch.cat([e.brightness for e in evictions]).max())
     protected = cache.protected_mask()
     distances = []
     for slot in targets.tolist():
@@ -128,13 +129,13 @@ def test_patches_ride_along_with_the_next_forward_exactly(tiny_pair, ranks):
     cache = session.cache
     order = [_slot(cache, p) for p in positions]
     logits, _ = _run_on_cached(model, cache, order, 11, len(ids))
-    torch.testing.assert_close(session._last_logits, logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(session.last_logits, logits, rtol=1e-4, atol=1e-4)
     for rank in ranks:
         _, kv = _run_on_cached(model, cache, order[:rank], repaired[rank], positions[rank])
         for layer, (k, v) in enumerate(kv):
             torch.testing.assert_close(cache.kv[layer, 0, :, order[rank]], k, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(cache.kv[layer, 1, :, order[rank]], v, rtol=1e-5, atol=1e-5)
-    assert session._patches == {}
+    assert session.repairs.pending == []
 
 
 def test_folded_patch_equals_a_separate_patch_forward(tiny_pair):
@@ -155,7 +156,7 @@ def test_folded_patch_equals_a_separate_patch_forward(tiny_pair):
     assert a.n_valid == b.n_valid and torch.equal(a.positions, b.positions) and torch.equal(a.token_ids, b.token_ids)
     torch.testing.assert_close(a.kv[:, :, :, : a.n_valid], b.kv[:, :, :, : b.n_valid], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.brightness[: a.n_valid], b.brightness[: b.n_valid], rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(folded._last_logits, separate._last_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(folded.last_logits, separate.last_logits, rtol=1e-4, atol=1e-4)
     assert [e.position for e in folded.journal.evicted] == [e.position for e in separate.journal.evicted]
 
 
@@ -187,17 +188,17 @@ def test_overlap_applies_each_steps_diffs_one_step_later(tiny_pair):
     for start in range(0, len(ids), 4):
         before = len(session.diffs)
         steps = session.cache.steps
-        due = [job for job in session._in_flight if job.step < steps]  # overlapped the previous step
+        due = [job for job in session.repairs.in_flight if job.step < steps]  # overlapped the previous step
         session.feed_ids(torch.tensor(ids[start:start + 4]))
-        assert not any(job in session._in_flight for job in due), "due jobs are collected at the step boundary"
-        assert all(job.step >= session.cache.steps - 1 for job in session._in_flight)
-        launched += any(job.step == session.cache.steps for job in session._in_flight)
+        assert not any(job in session.repairs.in_flight for job in due), "due jobs are collected at the step boundary"
+        assert all(job.step >= session.cache.steps - 1 for job in session.repairs.in_flight)
+        launched += any(job.step == session.cache.steps for job in session.repairs.in_flight)
         if not due:
             assert len(session.diffs) == before, "no diff may appear before its job is due"
     assert launched, "the tiny model's repairs must have launched jobs"
     assert session.diffs, "collected jobs must have produced diffs"
     session.flush_repairs()
-    assert session._in_flight == [] and session._patches == {}
+    assert session.repairs.in_flight == [] and session.repairs.pending == []
     cache = session.cache
     assert cache.n_valid <= session.config.budget
     current = dict(zip(cache.positions[: cache.n_valid].tolist(), cache.token_ids[: cache.n_valid].tolist()))
@@ -216,8 +217,8 @@ def test_overlap_drops_diffs_whose_target_died_meanwhile(tiny_pair):
     batch = RepairBatch.from_windows(build_windows(cache.token_ids, cache.positions, cache.brightness, cache.n_valid,
                                                    targets, 32))
     session.repairer.min_margin = float("-inf")  # every differing suggestion becomes a diff
-    session._in_flight.append(session._launch(batch))
-    suggested = session.repairer.diffs(batch, session._in_flight[0].suggestions)
+    session.repairs.in_flight.append(session.repairs.launch(batch, session.cache))
+    suggested = session.repairer.diffs(batch, session.repairs.in_flight[0].suggestions)
     assert suggested, "the tiny model must disagree with some of five tokens"
     doomed = suggested[0][0]
     cache.evict(torch.tensor([_slot(cache, doomed)]))
@@ -243,11 +244,11 @@ def test_overlap_on_cuda_launches_without_a_host_sync(tiny_tok):
                                                    targets, 32), validate=False)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        job = session._launch(batch)
+        job = session.repairs.launch(batch, session.cache)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert job.done is not None and job.suggestions.token_ids.is_cuda
-    session._in_flight.append(job)
+    session.repairs.in_flight.append(job)
     for start in range(60, ids.numel(), 4):
         session.feed_ids(ids[start:start + 4])
     session.flush_repairs()
@@ -276,7 +277,8 @@ def test_a_forward_interrupted_midway_changes_nothing_and_keeps_patches_pending(
     assert (cache.n_valid, cache.seen, cache.steps) == before[:3]
     assert torch.equal(cache.positions[: cache.n_valid], before[3][: cache.n_valid])
     assert torch.equal(cache.token_ids[: cache.n_valid], before[4][: cache.n_valid])
-    assert session._patches == {position: _slot(cache, position)}
+    assert session.repairs.pending == [position]
+    assert session.repairs.patch_slots(cache).tolist() == [_slot(cache, position)]
     session.feed_ids(torch.tensor([11]))  # the patch rides along now
     order = [_slot(cache, p) for p in snap.positions.tolist()]
     _, kv = _run_on_cached(model, cache, order[:5], 9, position)

@@ -81,7 +81,7 @@ def test_log_lines_die_whole_and_leave_one_merged_marker(tiny_pair):
     for start in marker_starts.values():
         assert start in line_starts and start in dead_positions
     kinds = "".join("M" if m else "T" for m in marker)
-    assert "M" * (len(session._marker_ids) + 1) not in kinds, "adjacent markers must merge"
+    assert "M" * (len(session.markers.token_ids) + 1) not in kinds, "adjacent markers must merge"
     assert config.marker_text in session.memory_text()
     # the conversation goes on: the budget still holds
     session.feed("What failed?", source="user")

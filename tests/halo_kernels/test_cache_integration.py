@@ -1,7 +1,7 @@
-"""HaloCache driven through halo.ops with the kernels (interpreter on CPU, compiled on CUDA) equals the reference path.
+"""HaloCache on the Triton backend (interpreter on CPU, compiled on CUDA) equals the reference backend.
 
-On CPU the dispatcher never picks the kernels (they are for CUDA tensors), so the test forces `use_kernels` and
-runs a whole generate: column mass on every layer's captured q/K, brightness update, victim selection, and
+On CPU `kernels="auto"` never picks the kernels (they are for CUDA tensors), so the test asks for
+`kernels="triton"` and runs a whole generate: column mass on every layer's captured q/K, brightness update, victim selection, and
 compaction of the K/V buffers and the slot metadata, every step, at a budget that culls on every step.
 """
 
@@ -9,18 +9,16 @@ import pytest
 import torch
 
 import halo_kernels
-from halo import HaloCache, HaloConfig, ops
+from halo import HaloCache, HaloConfig
 from tiny import tiny_llama
 
 
-def _run(model, ids, kernels, monkeypatch, device):
-    with monkeypatch.context() as patch:
-        if kernels:
-            patch.setattr(ops, "use_kernels", lambda cache: cache.config.kernels == "auto")
-        config = HaloConfig(budget=24, recent_tokens=4, sink_tokens=2, chunk_size=8,
-                            kernels="auto" if kernels else "reference")
-        cache = HaloCache(model, config)
-        out = model.generate(ids, max_new_tokens=24, do_sample=False, past_key_values=cache)
+def _run(model, ids, kernels, device):
+    config = HaloConfig(budget=24, recent_tokens=4, sink_tokens=2, chunk_size=8,
+                        kernels="triton" if kernels else "reference")
+    cache = HaloCache(model, config)
+    assert cache.backend.name == ("triton" if kernels else "reference")
+    out = model.generate(ids, max_new_tokens=24, do_sample=False, past_key_values=cache)
     n = cache.n_valid
     order = torch.sort(cache.positions[:n]).indices
     return out, cache, order
@@ -39,10 +37,10 @@ def test_generate_with_kernels_equals_reference(device, monkeypatch):
     monkeypatch.setattr(halo_kernels, "attention_column_mass_and_update",
                         lambda *a: fused_calls.append(1) or fused(*a))
 
-    out_k, cache_k, order_k = _run(model, ids, True, monkeypatch, device)
+    out_k, cache_k, order_k = _run(model, ids, True, device)
     assert calls, "the kernel path was not taken"
     assert fused_calls, "the last layer should fuse its column mass with the brightness update"
-    out_r, cache_r, order_r = _run(model, ids, False, monkeypatch, device)
+    out_r, cache_r, order_r = _run(model, ids, False, device)
 
     assert torch.equal(out_k, out_r)
     assert cache_k.n_valid == cache_r.n_valid == 24

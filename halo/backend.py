@@ -1,0 +1,80 @@
+"""The step backend: the fused Triton kernels or their plain-PyTorch reference twins, chosen once per cache.
+
+Both implement the same six operations with the same signatures (`halo.brightness`, `halo.cull` and
+`halo.compact` define the semantics; `halo_kernels` holds the fused twins):
+
+    attention_column_mass(query, key, scaling, n_past, mass, last_row_mass=None)
+    attention_column_mass_and_update(query, key, scaling, n_past, mass, brightness, decay, alpha, num_layers,
+                                     last_row_mass=None)          the last layer: its mass + the brightness update
+    update_brightness(brightness, mass, decay, n_past, t_rows, alpha, num_layers)
+    cull_scores(brightness, positions, n_valid, dark_bias, radius) -> float32 [n_valid]
+    select_victims(scores, positions, protected, n_valid, k) -> int64 [k]
+    compact_(kv, slot_tensors, victims, n_valid) -> int
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+from . import brightness as _brightness
+from . import compact as _compact
+from . import cull as _cull
+
+KERNEL_CHOICES = ("auto", "reference", "triton")
+"""HaloConfig.kernels values: `auto` (Triton on CUDA, reference elsewhere), `reference`, `triton` (forced)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The per-step operations of one implementation (see the module docstring for signatures)."""
+
+    name: str
+    attention_column_mass: Callable
+    attention_column_mass_and_update: Callable
+    update_brightness: Callable
+    cull_scores: Callable
+    select_victims: Callable
+    compact_: Callable
+
+    @classmethod
+    def from_module(cls, name: str, module: ModuleType) -> "Backend":
+        return cls(name, module.attention_column_mass, module.attention_column_mass_and_update,
+                   module.update_brightness, module.cull_scores, module.select_victims, module.compact_)
+
+
+REFERENCE = Backend("reference", _brightness.attention_column_mass, _brightness.attention_column_mass_and_update,
+                    _brightness.update_brightness, _cull.cull_scores, _cull.select_victims, _compact.compact_)
+
+
+def _triton_module() -> ModuleType | None:
+    """halo_kernels when its kernels can run here (Triton importable and CUDA, or the interpreter), else None."""
+    try:
+        import halo_kernels
+    except ImportError:
+        return None
+    return halo_kernels if halo_kernels.available() else None
+
+
+def select_backend(kernels: str, device: torch.device) -> Backend:
+    """The backend a cache on `device` uses for HaloConfig.kernels = `kernels`.
+
+    `auto` takes the Triton kernels for CUDA devices when they can run and the reference otherwise;
+    `reference` always the reference; `triton` the kernels or a RuntimeError saying why they cannot run.
+    """
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+    if kernels == "reference":
+        return REFERENCE
+    module = _triton_module()
+    if kernels == "triton":
+        if module is None:
+            raise RuntimeError("kernels='triton' but the Triton kernels cannot run here (no CUDA device, Triton "
+                               "missing, and TRITON_INTERPRET is not set)")
+        return Backend.from_module("triton", module)
+    if torch.device(device).type == "cuda" and module is not None:
+        return Backend.from_module("triton", module)
+    return REFERENCE

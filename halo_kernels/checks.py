@@ -1,0 +1,23 @@
+"""Argument checks shared by the kernels and their PyTorch reference twins (imports only torch)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_mass_inputs(query: torch.Tensor, key: torch.Tensor, n_past: int, mass: torch.Tensor) -> None:
+    """ValueError naming the problem when the arguments of attention_column_mass (either twin) do not fit."""
+    if query.dim() != 3 or key.dim() != 3:
+        raise ValueError(f"query must be [Hq, T, D] and key [Hkv, N, D]; got {tuple(query.shape)} and {tuple(key.shape)}")
+    hq, t, d = query.shape
+    hkv, n, dk = key.shape
+    if d != dk:
+        raise ValueError(f"head dim mismatch: query has {d}, key has {dk}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key heads ({hkv})")
+    if n_past < 0 or n_past + t > n:
+        raise ValueError(f"n_past ({n_past}) + rows ({t}) exceeds the {n} key slots")
+    if mass.dtype != torch.float32 or mass.dim() != 1 or mass.numel() < n_past + t:
+        raise ValueError(f"mass must be a float32 vector of at least {n_past + t} slots, got {mass.dtype} {tuple(mass.shape)}")
+    if query.device != key.device or mass.device != key.device:
+        raise ValueError(f"device mismatch: query {query.device}, key {key.device}, mass {mass.device}")
