@@ -10,7 +10,6 @@ the parts do the work: the cache (`halo.cache`), the markers (`halo.markers`), r
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -19,29 +18,13 @@ from .cache import HaloCache
 from .config import HaloConfig
 from .forward import ForwardSpec, StepResult, stream_spec
 from .markers import ElisionMarkers
+from .inputs import check_pinned_fits, check_token_ids
+from .memory import MemorySnapshot
 from .policy import CullPolicy
+from .repair import load_repairer
 from .repair.scheduler import RepairScheduler, repair_targets
 from .sampling import check_sampling, eos_ids, sample
 from .units import tokenize_lines
-
-
-@dataclass
-class MemorySnapshot:
-    """The retained tokens sorted by position (ties by birth). Tensors are on the CPU.
-
-    Attributes:
-        positions: int64 [n] absolute positions; token_ids: int64 [n]; brightness: float32 [n];
-        sources: source name per token; units: int64 [n] unit id (-1 for plain tokens).
-    """
-
-    positions: torch.Tensor
-    token_ids: torch.Tensor
-    brightness: torch.Tensor
-    sources: list[str]
-    units: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.positions.numel())
 
 
 class Session:
@@ -67,6 +50,9 @@ class Session:
         self.device = self.cache.device
         self.vocab_size = int(model.config.vocab_size)
         self.markers = ElisionMarkers(tokenizer, self.config.marker_text, self.config.source_code("marker"))
+        if repairer is None and self.config.repair:  # load now: a bad repair model fails before anything is fed
+            repairer = load_repairer(self.config.repair, model, tokenizer, device=self.device,
+                                     repair_threshold=self.config.repair_threshold)
         self.repairs = RepairScheduler(repairer, self.config, self.vocab_size)
         self.diffs: list[tuple[int, int, int]] = []
         self.model_seconds = 0.0
@@ -88,10 +74,7 @@ class Session:
 
     def memory(self) -> MemorySnapshot:
         """The retained tokens in position order."""
-        snap = self.cache.snapshot()
-        names = self.config.source_names
-        return MemorySnapshot(snap["positions"], snap["token_ids"], snap["brightness"],
-                              [names[c] for c in snap["sources"].tolist()], snap["units"])
+        return MemorySnapshot.of(self.cache)
 
     def memory_text(self) -> str:
         """The remembered text, in position order, elision markers included."""
@@ -132,35 +115,16 @@ class Session:
             ids, lines = self.tokenizer(text, add_special_tokens=first)["input_ids"], None
         if not ids:
             raise ValueError(f"feed() text {text[:40]!r} tokenises to nothing")
-        self._check_pinned(source, len(ids))
+        check_pinned_fits(self.config, self.pinned_tokens, source, len(ids))
         units = None if lines is None else self.cache.new_unit_ids(max(lines) + 1)[torch.tensor(lines)]
         return self._feed(torch.tensor(ids, dtype=torch.int64), source, units)
 
     def feed_ids(self, token_ids: torch.Tensor, source: str = "user") -> int:
         """Stream already-tokenised ids (int64 [T] on the CPU or the model's device) as `source`."""
-        if not isinstance(token_ids, torch.Tensor):
-            raise TypeError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
-        if token_ids.dim() != 1 or token_ids.numel() == 0:
-            raise ValueError(f"token_ids must be a non-empty 1-D tensor, got shape {tuple(token_ids.shape)}")
-        if token_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"token_ids must be int64 (or int32), got {token_ids.dtype}")
-        if token_ids.device.type not in ("cpu", self.device.type):
-            raise ValueError(f"token_ids are on device {token_ids.device}; the model is on {self.device}")
-        low, high = int(token_ids.min()), int(token_ids.max())
-        if low < 0 or high >= self.vocab_size:
-            raise ValueError(f"token id out of range [0, {self.vocab_size}): got min {low}, max {high}")
+        check_token_ids(token_ids, self.vocab_size, self.device)
         self.config.source_code(source)
-        self._check_pinned(source, token_ids.numel())
+        check_pinned_fits(self.config, self.pinned_tokens, source, token_ids.numel())
         return self._feed(token_ids.to(torch.int64), source, None)
-
-    def _check_pinned(self, source: str, count: int) -> None:
-        if not self.config.sources[source].pinned:
-            return
-        cfg = self.config
-        if self.pinned_tokens + count + cfg.sink_tokens + cfg.recent_tokens > cfg.budget:
-            raise ValueError(f"budget ({cfg.budget}) is below the protected set this would make: {self.pinned_tokens} "
-                             f"pinned + {count} new pinned '{source}' tokens + {cfg.sink_tokens} sinks + "
-                             f"{cfg.recent_tokens} recent")
 
     def _feed(self, token_ids: torch.Tensor, source: str, units: torch.Tensor | None) -> int:
         total = int(token_ids.numel())
@@ -186,7 +150,7 @@ class Session:
         self.repairs.patches_done()
         result.extend(self.markers.settle(cache, result.culled_runs, self._run))
         self.last_step = result
-        if result.evictions and self.repairer is not None:
+        if result.evictions and self.repairs.repairer is not None:
             self.diffs += self.repairs.after_cull(cache, result.evictions)
         return self._last_logits
 
@@ -207,16 +171,7 @@ class Session:
     # ------------------------------------------------------------- repair
     @property
     def repairer(self):
-        """The repair backend (built on first use from `config.repair`), or None when repair is off."""
-        if self.repairs.repairer is None and self.config.repair:
-            from .repair import MaskedLMRepairer, SelfRepairer
-
-            common = {"repair_threshold": self.config.repair_threshold}
-            if self.config.repair == "self":
-                self.repairs.repairer = SelfRepairer(self.model, self.tokenizer, **common)
-            else:
-                self.repairs.repairer = MaskedLMRepairer(self.config.repair, host_tokenizer=self.tokenizer,
-                                                         device=self.device, **common)
+        """The repair backend (`config.repair`'s, loaded when the session starts, or the one given), or None."""
         return self.repairs.repairer
 
     @property
@@ -249,14 +204,11 @@ class Session:
     def apply_diffs(self, diffs: list[tuple[int, int, int]], *, defer: bool = False) -> int:
         """Apply repair diffs `(position, old_token_id, new_token_id)` to the mirror and the KV cache.
 
-        The mirror changes at once. Each new token's K/V are recomputed at its original position against the
-        retained tokens before it (earlier patches included) and written into the token's slot in place;
-        brightness, source and unit stay. With `defer=False` that happens now, in one service forward; with
-        `defer=True` the patches ride along as extra rows of the next forward (`feed`/`generate`), which
-        costs far less than a forward of their own; `flush_repairs()` forces them. The old token goes to the
-        journal as a "replaced" entry and the diff to `Session.diffs`. Validates every diff first (retained
-        position, matching old token, id in range, no duplicates) and applies nothing on error. Returns the
-        number applied.
+        The mirror changes at once (old tokens go to the journal as "replaced", diffs to `diffs`). Each new
+        token's K/V are recomputed at its position against the retained tokens before it and written into its
+        slot: now, in one service forward, or with `defer=True` as extra rows of the next forward (cheaper;
+        `flush_repairs()` forces them). Every diff is validated first (retained position, matching old token,
+        id in range, no duplicates); on error nothing is applied. Returns the number applied.
         """
         applied = self.repairs.accept(self.cache, diffs, strict=True)
         self.diffs += applied
