@@ -13,6 +13,7 @@ asserted in every case.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -86,7 +87,7 @@ def bench_build_windows_speedup(benchmark, request):
     ref_fn, _ = _window_fn("reference", "cpu")
     ext_fn, _ = _window_fn("extension", "cpu")
     disabled = request.config.getoption("benchmark_disable", False)
-    repeats = 3 if disabled else 300
+    repeats = 3 if disabled else int(os.environ.get("HALO_BENCH_ROUNDS") or 300)  # gpu_suite.sh: 20
     t_ref, t_ext = _best_seconds(ref_fn, repeats), _best_seconds(ext_fn, repeats)
     benchmark.extra_info.update(reference_us=t_ref * 1e6, extension_us=t_ext * 1e6, speedup=t_ref / t_ext)
     print(f"\nbuild_windows CPU: reference {t_ref * 1e6:.1f} us, extension {t_ext * 1e6:.1f} us, "

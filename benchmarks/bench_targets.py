@@ -59,6 +59,9 @@ TARGET_CONTEXT = 32768
 REPAIR_LENGTH = 512
 COPY_BYTES = 1 << 30
 MATMUL_N = 8192
+# pedantic rounds: HALO_BENCH_ROUNDS when set (benchmarks/gpu_suite.sh sets it to fit its time budget), else each
+# benchmark's own default
+ROUNDS = int(os.environ.get("HALO_BENCH_ROUNDS") or 0)
 
 
 # ------------------------------------------------------------------ timing and arithmetic
@@ -323,7 +326,7 @@ def bench_brightness_share_of_decode_step(benchmark, tinyllama, mode, n):
     report(benchmark, f"brightness ({mode}) / decode step", f"TinyLlama bf16 N={n}", percent, "%",
            "<= 5% at 32k", met, f"decode {step_ms:.3f} ms (graph), brightness {bright_ms:.3f} ms ({mode})",
            decode_ms=step_ms, brightness_ms=bright_ms, percent_of_step=percent, mode=mode, context=n)
-    benchmark.pedantic(synced(run), rounds=50, warmup_rounds=3)
+    benchmark.pedantic(synced(run), rounds=ROUNDS or 50, warmup_rounds=3)
 
 
 def test_brightness_share_cpu(tiny_llama_cpu):
@@ -367,7 +370,7 @@ def bench_full_copy_bandwidth(benchmark):
            f"copy_ {copy_gbps:.0f} GB/s ({COPY_BYTES >> 30} GiB in {copy_ms:.3f} ms)",
            index_select_gbps=achieved, index_select_ms=ms, bytes_moved=moved, copy_gbps=copy_gbps,
            copy_ms=copy_ms, fraction_of_copy=fraction)
-    benchmark.pedantic(synced(lambda: index_select_copy(*state, n)), rounds=20, warmup_rounds=2)
+    benchmark.pedantic(synced(lambda: index_select_copy(*state, n)), rounds=ROUNDS or 20, warmup_rounds=2)
 
 
 def test_full_copy_bandwidth_cpu():
@@ -413,7 +416,7 @@ def bench_repair_matmul_fraction(benchmark, distilbert, path):
            f"({MATMUL_N}^3 in {peak_ms:.3f} ms)",
            repair_ms=ms, repair_gflop=flops / 1e9, repair_tflops=rate, matmul_tflops=peak, matmul_ms=peak_ms,
            fraction_of_matmul=fraction, path=path, batch=batch)
-    benchmark.pedantic(synced(fn), rounds=20, warmup_rounds=2)
+    benchmark.pedantic(synced(fn), rounds=ROUNDS or 20, warmup_rounds=2)
 
 
 def test_repair_matmul_fraction_cpu(tiny_mlm_cpu):
@@ -458,7 +461,7 @@ def bench_repair_token_vs_decode_step(benchmark, tinyllama, distilbert):
            repair_ms_per_token=per_token[1], repair_ms_per_token_batch8=per_token[8], decode_ms=step_ms,
            steps_per_token=ratio, context=n)
     ids, attn, rows = mlm_batch(1, REPAIR_LENGTH, DISTILBERT["vocab_size"], "cuda")
-    benchmark.pedantic(synced(functools.partial(graphed, ids, attn, rows)), rounds=30, warmup_rounds=2)
+    benchmark.pedantic(synced(functools.partial(graphed, ids, attn, rows)), rounds=ROUNDS or 30, warmup_rounds=2)
 
 
 def test_repair_token_vs_decode_step_cpu(tiny_llama_cpu, tiny_mlm_cpu):
