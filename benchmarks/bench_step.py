@@ -5,6 +5,8 @@ one token per step at its budget. Target (CPU, SmolLM2-135M, budget 512): Halo's
 plain decode step. On CUDA the same benchmark runs the fused kernels.
 """
 
+import os
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -14,6 +16,7 @@ from halo.models import ModelNotFoundError
 
 BUDGET = 512
 GROUP = "decode-step-512"
+ROUNDS = int(os.environ.get("HALO_BENCH_ROUNDS") or 30)  # pedantic rounds; gpu_suite.sh sets HALO_BENCH_ROUNDS
 
 
 def _embedded():
@@ -45,7 +48,7 @@ def bench_default_cache_decode_step(benchmark, smollm, record_ratio):
             model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
             cache.crop(-1)  # back to BUDGET tokens: same context length every step
 
-        benchmark.pedantic(step, rounds=30, warmup_rounds=3)
+        benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=3)
     record_ratio(benchmark, GROUP, "reference")
 
 
@@ -63,7 +66,7 @@ def bench_halo_cache_decode_step(benchmark, smollm, record_ratio):
         def step():
             model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
-        benchmark.pedantic(step, rounds=30, warmup_rounds=3)
+        benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=3)
         assert cache.n_valid == BUDGET
     record_ratio(benchmark, GROUP, "halo")
 
@@ -98,7 +101,7 @@ def _repaired_step(benchmark, model, tokenizer, fold: bool):
             session.flush_repairs()
         session.feed_ids(token)
 
-    benchmark.pedantic(step, setup=diffs, rounds=30, warmup_rounds=3)
+    benchmark.pedantic(step, setup=diffs, rounds=ROUNDS, warmup_rounds=3)
     assert session.cache.n_valid == BUDGET and not session.repairs.pending
 
 
@@ -136,7 +139,7 @@ def bench_default_cache_generate_step(benchmark, smollm, record_ratio):
             logits = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
             cache.crop(-1)
 
-        benchmark.pedantic(step, rounds=30, warmup_rounds=3)
+        benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=3)
     record_ratio(benchmark, SESSION_GROUP, "reference")
 
 
@@ -152,7 +155,7 @@ def bench_session_generate_step(benchmark, smollm_pair, record_ratio):
     def step():
         session.generate(1, stop_on_eos=False)
 
-    benchmark.pedantic(step, rounds=30, warmup_rounds=3)
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=3)
     stats = session.stats()
-    assert stats["retained"] == BUDGET and stats["evicted"] == evicted + 33
+    assert stats["retained"] == BUDGET and stats["evicted"] == evicted + (1 if benchmark.disabled else ROUNDS + 3)
     record_ratio(benchmark, SESSION_GROUP, "halo")
