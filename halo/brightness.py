@@ -51,7 +51,8 @@ def attention_column_mass(
     k_t = key[:, :n].float().transpose(1, 2)  # [Hkv, D, N]
     q = query.float().reshape(hkv, group * t_rows, d)  # rows ordered (g, t)
     rows_per_block = max(1, _BLOCK_ELEMENTS // max(1, hq * n))
-    total = torch.zeros(n, dtype=torch.float32, device=key.device)
+    # one block (every decode step) adds straight into `mass`; several sum first, then add
+    total = mass[:n] if rows_per_block >= t_rows else torch.zeros(n, dtype=torch.float32, device=key.device)
     for start in range(0, t_rows, rows_per_block):
         stop = min(t_rows, start + rows_per_block)
         rows = stop - start
@@ -68,7 +69,8 @@ def attention_column_mass(
         total += torch.matmul(weight, probs.view(hkv, group * rows, n)).sum(dim=0)
         if last_row_mass is not None and stop == t_rows:
             last_row_mass[:n] += probs[:, :, -1].sum(dim=(0, 1)) * (float(n) / hq)
-    mass[:n] += total
+    if rows_per_block < t_rows:
+        mass[:n] += total
 
 
 def rows_seeing(n_past: int, t_rows: int, device) -> torch.Tensor:
