@@ -2,8 +2,9 @@
 
 Every policy here runs on the same machinery as Halo Weave: the same budget, the same protected set (attention
 sinks + recent window + pinned sources, from `HaloCache.protected_mask`), the same one-set-for-all-layers
-eviction and compaction, the same accounting. Only the score that ranks unprotected slots differs (lower dies
-first, ties by position, oldest first), so differences in the evaluation are differences of rule alone.
+eviction and compaction, the same accounting, log/tool lines culled whole. Only the score that ranks unprotected
+slots differs (lower dies first, ties by position, oldest first), and, as published, they cull single tokens
+of plain text (no word units), so differences in the evaluation are differences of rule alone.
 
 `POLICIES` names them for the evaluator; `make_policy(name, seed=...)` builds one. `full` (no eviction) is not
 a policy: it is the evaluator running with a budget at least the text length.
@@ -28,6 +29,7 @@ class StreamingPolicy(CullPolicy):
     """
 
     name = "streaming"
+    keeps_words = False
     needs_attention = False
 
     def scores(self, cache) -> torch.Tensor:
@@ -44,6 +46,7 @@ class H2OPolicy(CullPolicy):
     """
 
     name = "h2o"
+    keeps_words = False
     field_name: str = "h2o_score"
 
     def attach(self, cache) -> None:
@@ -74,6 +77,7 @@ class TOVAPolicy(CullPolicy):
     """
 
     name = "tova"
+    keeps_words = False
 
     def scores(self, cache) -> torch.Tensor:
         return cache.last_mass[: cache.n_valid].clone()
@@ -84,6 +88,7 @@ class RandomPolicy(CullPolicy):
     """Random eviction (control): the same protected set, uniformly random scores from a seeded generator."""
 
     name = "random"
+    keeps_words = False
     needs_attention = False
     seed: int = 0
     _generator: torch.Generator | None = field(default=None, init=False, repr=False)

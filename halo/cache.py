@@ -1,16 +1,15 @@
 """HaloCache: a fixed-budget transformers Cache whose tokens live and die by brightness.
 
-Storage is preallocated (halo.slots): K/V [L, 2, Hkv, C, D] (C = budget + chunk_size slots) and per-slot
-tensors [C] (positions, token_ids, sources, units, serials, brightness). Retained slots are always `0 .. n_valid - 1`; a forward writes its T new tokens to slots `n_valid ..` and,
-after the last layer, brightness is updated, the cache is culled back to the budget and compacted in place.
-The buffers are the cache's own: read them through the properties, change them through the methods.
+Storage is preallocated (halo.slots): K/V [L, 2, Hkv, C, D] (C = budget + chunk_size) and per-slot tensors [C].
+Retained slots are always `0 .. n_valid - 1`; a forward writes its T new tokens to slots `n_valid ..` and, after
+the last layer, brightness is updated, the cache is culled back to the budget and compacted in place. The
+buffers are the cache's own: read them through the properties, change them through the methods.
 
 A driver describes each forward with a `ForwardSpec` and runs it with `run(spec, forward)`, which returns a
 `StepResult` (see halo.forward). Without a driver (plain `model.generate`) the cache makes the default spec
 itself and closes each forward when the last layer's attention has run.
 
-Positions keep counting (RoPE uses the true positions): `get_seq_length()` is the number of positions used so
-far, not the number retained. The cache holds one conversation: batch size 1.
+Positions keep counting (RoPE sees true positions); `get_seq_length()` counts them. Batch size 1.
 """
 
 from __future__ import annotations
@@ -97,6 +96,7 @@ class HaloCache(Cache):
         self._decay = torch.tensor([0.0 if p.pinned else p.decay for p in policies], dtype=torch.float32,
                                    device=self.device)
         self._pinned = torch.tensor([p.pinned for p in policies], dtype=torch.bool, device=self.device)
+        self._line_sources = {self.config.source_code(name) for name in self.config.unit_sources}
         self._reset_count = -1  # reset() counts itself
         self.reset()
         self.policy.attach(self)
@@ -322,7 +322,7 @@ class HaloCache(Cache):
             self.units[:n], need, self.config.cull_threshold)
         if not chosen:
             return CullResult()
-        runs = unit_runs(culled_units, members, self.positions[:n], self.sources[:n], self.config.source_code("marker"))
+        runs = unit_runs(culled_units, members, self.positions[:n], self.sources[:n], self._line_sources)
         self._unit_slots -= sum(len(members[u]) for u in culled_units)
         return CullResult([self.evict(torch.tensor(chosen, dtype=torch.int64, device=self.device))], runs)
 

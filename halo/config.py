@@ -61,6 +61,8 @@ class HaloConfig:
         alpha: gain on normalised attention (uniform attention over the visible slots reads 1.0 per row).
         sources: source name -> SourcePolicy. Add or replace entries freely; `marker` must exist.
         unit_sources: sources whose text is split into line units (culled whole, replaced by markers).
+        word_units: split the text of every other source into words (whitespace-delimited runs of tokens, at most
+            24), each culled whole, so a number, name or URL is kept entire or not at all (halo.units).
         dark_bias: lambda in the cull score `b + lambda * mean(b of the +-dark_radius neighbours)`: a token
             whose neighbourhood is also dim goes first.
         dark_radius: neighbourhood half-width, in retained tokens in position order.
@@ -89,6 +91,7 @@ class HaloConfig:
     alpha: float = 1.0
     sources: dict[str, SourcePolicy] = field(default_factory=default_sources)
     unit_sources: tuple[str, ...] = ("log", "tool")
+    word_units: bool = True
     dark_bias: float = 0.5
     dark_radius: int = 4
     cull_threshold: float | None = None

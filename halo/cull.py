@@ -67,7 +67,9 @@ def select_unit_victims(scores: torch.Tensor, positions: torch.Tensor, brightnes
 
     A unit scores as its best-scoring token, counts as bright as its brightest token and is protected when any
     of its tokens is. Slots die in `select_victims` order (score, then position) until `need` slots are chosen;
-    with `threshold`, every unprotected slot (or unit) whose brightness is at most it dies too.
+    with `threshold`, every unprotected slot (or unit) whose brightness is at most it dies too. Only when the
+    units protected whole leave fewer than `need` slots (a budget too small for the protected set and the
+    words or lines around its edges) are such units cut, at their own unprotected tokens, dimmest first.
 
     Args:
         scores: float32 [n] cull scores; positions: int64 [>= n]; brightness: float32 [n];
@@ -77,6 +79,7 @@ def select_unit_victims(scores: torch.Tensor, positions: torch.Tensor, brightnes
         slots are unprotected.
     """
     n = units.numel()
+    own_protected_l = protected.tolist()
     scores, brightness, protected = scores[:n].clone(), brightness.clone(), protected.clone()
     in_unit = units >= 0
     if bool(in_unit.any()):
@@ -111,19 +114,27 @@ def select_unit_victims(scores: torch.Tensor, positions: torch.Tensor, brightnes
             taken.add(unit)
             culled.append(unit)
             chosen.extend(members[unit])
+    if len(chosen) < need:  # units protected whole leave too little: cut them at their unprotected tokens
+        taken_slots = set(chosen)
+        for slot in ranked:
+            if len(chosen) >= need:
+                break
+            if not own_protected_l[slot] and slot not in taken_slots:
+                chosen.append(slot)
     if len(chosen) < need:
         raise RuntimeError(f"cannot cull {need} tokens: only {len(chosen)} are unprotected")
     return chosen, culled, members
 
 
 def unit_runs(unit_ids: list[int], members: dict[int, list[int]], positions: torch.Tensor, sources: torch.Tensor,
-              marker_source: int) -> list[tuple[int, int, int]]:
-    """(unit id, first position, last position) of each culled text unit (elision markers are left out)."""
+              line_sources: set[int]) -> list[tuple[int, int, int]]:
+    """(unit id, first position, last position) of each culled line unit (the units of `line_sources`: word units
+    and elision markers are left out), for the markers that stand for culled lines."""
     sources_l, positions_l = sources.tolist(), positions.tolist()
     runs = []
     for unit in unit_ids:
         slots = members[unit]
-        if sources_l[slots[0]] != marker_source:
+        if sources_l[slots[0]] in line_sources:
             pos = [positions_l[s] for s in slots]
             runs.append((unit, min(pos), max(pos)))
     return runs

@@ -83,6 +83,7 @@ def config_from_dict(data: dict) -> HaloConfig:
     if unknown:
         raise ValueError(f"saved config has unknown fields {sorted(unknown)} (saved by a newer halo?)")
     data = dict(data)
+    data.setdefault("word_units", False)  # saved before word units existed: continue as that session did
     if "sources" in data:
         data["sources"] = {name: SourcePolicy(**policy) for name, policy in data["sources"].items()}
     if "unit_sources" in data:

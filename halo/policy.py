@@ -21,6 +21,9 @@ class CullPolicy(ABC):
     # False for policies that never read attention (e.g. position-only ones): the cache then skips the
     # attention-mass capture and the brightness update, so their per-step cost is measured fairly.
     needs_attention = True
+    # False for the published baselines, which cull single tokens: the session then gives their text no word
+    # units (HaloConfig.word_units applies to policies that keep words whole).
+    keeps_words = True
 
     def attach(self, cache) -> None:
         """Register per-slot state on the cache (called once)."""

@@ -24,7 +24,7 @@ from .policy import CullPolicy
 from .repair import load_repairer
 from .repair.scheduler import RepairScheduler, repair_targets
 from .sampling import check_sampling, eos_ids, sample
-from .units import tokenize_lines
+from .units import WordState, kind_table, tokenize_lines, word_starts
 
 
 class Session:
@@ -59,6 +59,9 @@ class Session:
         self.pinned_tokens = 0
         self.extra: dict = {}
         self.last_step: StepResult | None = None  # the last stream step, its markers' settle included
+        self.word_state = WordState()  # the word the stream is in (word units, HaloConfig.word_units)
+        keeps_words = self.config.word_units and self.cache.policy.keeps_words
+        self._kinds = kind_table(tokenizer, self.vocab_size) if keeps_words else None
         self._last_logits: torch.Tensor | None = None
 
     # ------------------------------------------------------------- reading
@@ -133,15 +136,20 @@ class Session:
         chunk = self.config.chunk_size
         for start in range(0, total, chunk):
             self.step(token_ids[start:start + chunk], source, None if units is None else units[start:start + chunk])
+        if units is not None:
+            self.word_state = WordState()  # a line unit ends any word
         return total
 
     def step(self, token_ids: torch.Tensor, source: str = "user", units: torch.Tensor | None = None) -> torch.Tensor:
         """One stream forward of up to chunk_size new tokens (int64 [T]); returns the logits [V] of the last one.
 
         Pending repair patches ride along as extra rows; after the forward the cache is culled to budget, culled
-        line runs are marked, and, with repair on, the tokens near the new holes are repaired.
+        line runs are marked, and, with repair on, the tokens near the new holes are repaired. Without `units`,
+        text of a source that is not split into lines is split into words (HaloConfig.word_units).
         """
         cache = self.cache
+        if units is None and self._kinds is not None and source not in self.config.unit_sources:
+            units = self._word_units(token_ids)
         self.diffs += self.repairs.collect(cache, wait=False)
         spec = stream_spec(cache, token_ids, source, units, self.repairs.patch_slots(cache))
         keep = 1 if spec.patch_slots is None else torch.tensor([spec.new_rows - 1], device=self.device)
@@ -153,6 +161,17 @@ class Session:
         if result.evictions and self.repairs.repairer is not None:
             self.diffs += self.repairs.after_cull(cache, result.evictions)
         return self._last_logits
+
+    def _word_units(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """int64 [T] a word unit id per token, continuing the word the stream is in (halo.units.word_starts)."""
+        starts, state = word_starts(self._kinds[token_ids.cpu()].tolist(), self.word_state)
+        fresh = self.cache.new_unit_ids(sum(starts)).tolist()
+        units, unit = [], self.word_state.unit
+        for start in starts:
+            unit = fresh.pop(0) if start else unit
+            units.append(unit)
+        self.word_state = WordState(unit, state.kind, state.length)
+        return torch.tensor(units, dtype=torch.int64)
 
     def _run(self, spec: ForwardSpec, logits_to_keep=1) -> tuple[torch.Tensor, StepResult]:
         """Run the model over `spec` through the cache; returns (logits, StepResult)."""
@@ -259,7 +278,7 @@ class Session:
         state = {"cache": self.cache.state_dict(),
                  "session": {"pinned_tokens": self.pinned_tokens, "model_seconds": self.model_seconds,
                              "marker_ids": list(self.markers.token_ids), "diffs": [list(map(int, d)) for d in self.diffs],
-                             "extra": dict(self.extra)}}
+                             "extra": dict(self.extra), "word_state": list(vars(self.word_state).values())}}
         if self._last_logits is not None:
             state["last_logits"] = self._last_logits.detach().to("cpu").contiguous()
         return state
@@ -278,6 +297,7 @@ class Session:
         self.model_seconds = float(own["model_seconds"])
         self.diffs = [tuple(int(x) for x in d) for d in own["diffs"]]
         self.extra = dict(own.get("extra") or {})
+        self.word_state = WordState(*own.get("word_state", ()))  # files of format 1: no word units yet
         self._last_logits = None if logits is None else logits.to(self.device)
 
     def save(self, path, *, extra: dict | None = None):

@@ -1,8 +1,15 @@
-"""Units: log and tool output lives and dies by whole lines (elision markers: halo.markers)."""
+"""Units: tokens that live and die together. Log and tool output is split into lines (their culled runs become
+elision markers, halo.markers); all other text into words, so a number, a name or a URL is never cut."""
 
 from __future__ import annotations
 
 import bisect
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .repair.kinds import TokenKind, token_kinds
 
 
 def tokenize_lines(tokenizer, text: str, add_special_tokens: bool) -> tuple[list[int], list[int]]:
@@ -22,3 +29,50 @@ def tokenize_lines(tokenizer, text: str, add_special_tokens: bool) -> tuple[list
         ids.extend(piece)
         lines.extend([index] * len(piece))
     return ids, lines
+
+
+# ------------------------------------------------------------------ words
+MAX_WORD_TOKENS = 24
+"""A word unit never grows past this many tokens (a long unspaced run such as minified JSON splits)."""
+
+
+@dataclass(frozen=True)
+class WordState:
+    """Where the stream stands in a word: the last token's unit id (-1 after a line unit), its kind, the length."""
+
+    unit: int = -1
+    kind: int = int(TokenKind.SPACE)
+    length: int = 0
+
+
+_CONTINUES = frozenset(map(int, (TokenKind.WORD_CONTINUATION, TokenKind.SYMBOL_CONTINUATION, TokenKind.BYTE)))
+_TEXT = frozenset(map(int, (TokenKind.WORD_START, TokenKind.WORD_CONTINUATION, TokenKind.SYMBOL_START,
+                            TokenKind.SYMBOL_CONTINUATION, TokenKind.BYTE)))
+_KIND_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def kind_table(tokenizer, size: int) -> torch.Tensor:
+    """int8 [size] TokenKind per id (halo.repair.kinds), computed once per tokenizer object."""
+    table = _KIND_TABLES.get(tokenizer)
+    if table is None or table.numel() != size:
+        table = _KIND_TABLES[tokenizer] = token_kinds(tokenizer, size)
+    return table
+
+
+def word_starts(kinds: list[int], state: WordState) -> tuple[list[bool], WordState]:
+    """Which tokens start a new word, given their kinds and where the stream stood before them.
+
+    A word is a whitespace-delimited run of text tokens (`52445`, `it.`, `https://x.org/a`, `foo_bar()`): a token
+    continues the previous one's word when it has no leading space (a continuation, a glued symbol or a byte
+    piece), the previous token was text, and the word is shorter than MAX_WORD_TOKENS. Whitespace, special and
+    control tokens are words of their own. Returns (starts, the state after the last token); the caller gives
+    each start a fresh unit id and every other token the unit of the token before it.
+    """
+    starts = []
+    kind_prev, length = state.kind, state.length if state.unit >= 0 else 0
+    for kind in kinds:
+        joins = kind in _CONTINUES and kind_prev in _TEXT and 0 < length < MAX_WORD_TOKENS
+        starts.append(not joins)
+        length = length + 1 if joins else 1
+        kind_prev = kind
+    return starts, WordState(state.unit, kind_prev, length)
