@@ -16,6 +16,8 @@ feeding text in one chunk or token by token gives the same brightness whenever n
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from halo_kernels.checks import check_mass_inputs
@@ -50,6 +52,12 @@ def attention_column_mass(
     n = n_past + t_rows
     k_t = key[:, :n].float().transpose(1, 2)  # [Hkv, D, N]
     q = query.float().reshape(hkv, group * t_rows, d)  # rows ordered (g, t)
+    if t_rows == 1:  # a decode step: the general path's arithmetic, without its bookkeeping
+        probs = torch.softmax(torch.matmul(q, k_t).mul_(scaling), dim=-1)  # [Hkv, G, N]
+        mass[:n] += torch.matmul(_row_weight(n, hq, group, key.device), probs).sum(dim=0)
+        if last_row_mass is not None:
+            last_row_mass[:n] += probs.sum(dim=(0, 1)) * (float(n) / hq)
+        return
     rows_per_block = max(1, _BLOCK_ELEMENTS // max(1, hq * n))
     # one block (every decode step) adds straight into `mass`; several sum first, then add
     total = mass[:n] if rows_per_block >= t_rows else torch.zeros(n, dtype=torch.float32, device=key.device)
@@ -71,6 +79,13 @@ def attention_column_mass(
             last_row_mass[:n] += probs[:, :, -1].sum(dim=(0, 1)) * (float(n) / hq)
     if rows_per_block < t_rows:
         mass[:n] += total
+
+
+@functools.lru_cache(maxsize=64)
+def _row_weight(n: int, hq: int, group: int, device: torch.device) -> torch.Tensor:
+    """float32 [group]: n / Hq for each query head of a KV group, as the general path computes it."""
+    with torch.inference_mode(False):
+        return (torch.arange(n, n + 1, device=device, dtype=torch.float32) / hq).repeat(group)
 
 
 def rows_seeing(n_past: int, t_rows: int, device) -> torch.Tensor:

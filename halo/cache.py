@@ -317,14 +317,14 @@ class HaloCache(Cache):
 
     def _cull_units(self, need: int, protect_serials_from: int | None) -> CullResult:
         n = self._n_valid
-        chosen, culled_units, members = select_unit_victims(
-            self.policy.scores(self), self.positions, self.brightness[:n], self.protected_mask(protect_serials_from),
-            self.units[:n], need, self.config.cull_threshold)
-        if not chosen:
+        victims = select_unit_victims(self.policy.scores(self), self.positions, self.brightness[:n],
+                                      self.protected_mask(protect_serials_from), self.units[:n], need,
+                                      self.config.cull_threshold)
+        if victims.numel() == 0:
             return CullResult()
-        runs = unit_runs(culled_units, members, self.positions[:n], self.sources[:n], self._line_sources)
-        self._unit_slots -= sum(len(members[u]) for u in culled_units)
-        return CullResult([self.evict(torch.tensor(chosen, dtype=torch.int64, device=self.device))], runs)
+        runs = unit_runs(victims, self.units, self.positions, self.sources, self._line_sources)
+        self._unit_slots -= int((self.units[victims] >= 0).sum())
+        return CullResult([self.evict(victims)], runs)
 
     def evict(self, victims: torch.Tensor) -> Eviction:
         """Journal and compact away `victims` (int64 [k] distinct retained slots); returns what left."""

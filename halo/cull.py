@@ -62,79 +62,67 @@ def select_victims(scores: torch.Tensor, positions: torch.Tensor, protected: tor
 
 def select_unit_victims(scores: torch.Tensor, positions: torch.Tensor, brightness: torch.Tensor,
                         protected: torch.Tensor, units: torch.Tensor, need: int, threshold: float | None
-                        ) -> tuple[list[int], list[int], dict[int, list[int]]]:
-    """Victims when some retained slots belong to units (host path): a unit lives and dies whole.
+                        ) -> torch.Tensor:
+    """int64 [k] victims when some retained slots belong to units: a unit lives and dies whole.
 
     A unit scores as its best-scoring token, counts as bright as its brightest token and is protected when any
-    of its tokens is. Slots die in `select_victims` order (score, then position) until `need` slots are chosen;
-    with `threshold`, every unprotected slot (or unit) whose brightness is at most it dies too. Only when the
-    units protected whole leave fewer than `need` slots (a budget too small for the protected set and the
-    words or lines around its edges) are such units cut, at their own unprotected tokens, dimmest first.
+    of its tokens is. Units (a plain token is a unit of its own) die in the order of their first slot in
+    `select_victims` order (score, then position) until `need` slots are chosen; with `threshold`, every
+    unprotected unit whose brightness is at most it dies too. Only when the units protected whole leave fewer
+    than `need` slots (a budget too small for the protected set and the words or lines around its edges) are
+    such units cut, at their own unprotected tokens, dimmest first. Victims come unit by unit in that order,
+    each unit's slots in slot order. Vectorised; one host read of the count.
 
     Args:
         scores: float32 [n] cull scores; positions: int64 [>= n]; brightness: float32 [n];
         protected: bool [n]; units: int64 [n] unit id per slot (-1 for plain tokens); need: slots to free.
-    Returns:
-        (victim slots, culled unit ids, unit id -> its retained slots). RuntimeError if fewer than `need`
-        slots are unprotected.
+    Raises RuntimeError if fewer than `need` slots are unprotected.
     """
     n = units.numel()
-    own_protected_l = protected.tolist()
-    scores, brightness, protected = scores[:n].clone(), brightness.clone(), protected.clone()
-    in_unit = units >= 0
-    if bool(in_unit.any()):
-        ids, inverse = torch.unique(units[in_unit], return_inverse=True)
-        best = torch.full((ids.numel(),), float("-inf"), device=scores.device).scatter_reduce(0, inverse, scores[in_unit], "amax")
-        brightest = torch.zeros(ids.numel(), device=scores.device).scatter_reduce(0, inverse, brightness[in_unit], "amax")
-        guarded = torch.zeros(ids.numel(), dtype=torch.bool, device=scores.device).scatter_reduce(0, inverse, protected[in_unit], "amax")
-        scores[in_unit] = best[inverse]
-        brightness[in_unit] = brightest[inverse]
-        protected[in_unit] = guarded[inverse]
-    ranked = select_victims(scores, positions, protected, n, n).tolist()  # every slot, dying order first
-    units_l, protected_l, bright_l = units.tolist(), protected.tolist(), brightness.tolist()
-    members: dict[int, list[int]] = {}
-    for slot, unit in enumerate(units_l):
-        if unit >= 0:
-            members.setdefault(unit, []).append(slot)
-    chosen: list[int] = []
-    culled: list[int] = []
-    taken: set[int] = set()
-    for slot in ranked:
-        if protected_l[slot]:
-            break  # protected slots rank last
-        neglected = threshold is not None and bright_l[slot] <= threshold
-        if len(chosen) >= need and not neglected:
-            if threshold is None:
-                break
-            continue
-        unit = units_l[slot]
-        if unit < 0:
-            chosen.append(slot)
-        elif unit not in taken:
-            taken.add(unit)
-            culled.append(unit)
-            chosen.extend(members[unit])
-    if len(chosen) < need:  # units protected whole leave too little: cut them at their unprotected tokens
-        taken_slots = set(chosen)
-        for slot in ranked:
-            if len(chosen) >= need:
-                break
-            if not own_protected_l[slot] and slot not in taken_slots:
-                chosen.append(slot)
-    if len(chosen) < need:
-        raise RuntimeError(f"cannot cull {need} tokens: only {len(chosen)} are unprotected")
-    return chosen, culled, members
+    device = units.device
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    slot = torch.arange(n, device=device)
+    key = torch.where(units >= 0, units, units.max().clamp(min=0) + 1 + slot)  # plain tokens: units of their own
+    _, group = torch.unique(key, return_inverse=True)
+    groups = int(group.max()) + 1 if n else 0
+    best = torch.full((groups,), float("-inf"), device=device).scatter_reduce(0, group, scores[:n], "amax")
+    brightest = torch.full((groups,), float("-inf"), device=device).scatter_reduce(0, group, brightness, "amax")
+    guarded = torch.zeros(groups, dtype=torch.bool, device=device).scatter_reduce(0, group, protected, "amax")
+    ranked = select_victims(best[group], positions, guarded[group], n, n)  # every slot, dying order first
+    rank_of_slot = torch.empty(n, dtype=torch.int64, device=device)
+    rank_of_slot[ranked] = slot
+    first = torch.full((groups,), n, dtype=torch.int64, device=device).scatter_reduce(0, group, rank_of_slot, "amin")
+    order = torch.argsort(first)  # groups in dying order
+    sizes = torch.bincount(group, minlength=groups)[order]
+    open_ = ~guarded[order]
+    before = torch.cumsum(torch.where(open_, sizes, 0), 0) - torch.where(open_, sizes, 0)
+    taken = open_ & (before < need)
+    if threshold is not None:
+        taken |= open_ & (brightest[order] <= threshold)
+    group_rank = torch.empty(groups, dtype=torch.int64, device=device)
+    group_rank[order] = torch.arange(groups, device=device)
+    chosen_groups = torch.zeros(groups, dtype=torch.bool, device=device)
+    chosen_groups[order[taken]] = True
+    in_chosen = chosen_groups[group]
+    victims = slot[in_chosen][torch.argsort(group_rank[group][in_chosen] * n + slot[in_chosen])]
+    count = victims.numel()
+    if count < need:  # units protected whole leave too little: cut them at their unprotected tokens
+        own = (~protected & ~in_chosen)[ranked]
+        extra = ranked[own][: need - count]
+        victims = torch.cat([victims, extra])
+    if victims.numel() < need:
+        raise RuntimeError(f"cannot cull {need} tokens: only {victims.numel()} are unprotected")
+    return victims
 
 
-def unit_runs(unit_ids: list[int], members: dict[int, list[int]], positions: torch.Tensor, sources: torch.Tensor,
+def unit_runs(victims: torch.Tensor, units: torch.Tensor, positions: torch.Tensor, sources: torch.Tensor,
               line_sources: set[int]) -> list[tuple[int, int, int]]:
-    """(unit id, first position, last position) of each culled line unit (the units of `line_sources`: word units
-    and elision markers are left out), for the markers that stand for culled lines."""
-    sources_l, positions_l = sources.tolist(), positions.tolist()
-    runs = []
-    for unit in unit_ids:
-        slots = members[unit]
-        if sources_l[slots[0]] in line_sources:
-            pos = [positions_l[s] for s in slots]
-            runs.append((unit, min(pos), max(pos)))
-    return runs
+    """(unit id, first position, last position) of each line unit among `victims` (the units of `line_sources`:
+    word units and elision markers are left out), in victim order, for the markers that stand for culled lines."""
+    runs: dict[int, list[int]] = {}
+    for unit, position, source in zip(units[victims].tolist(), positions[victims].tolist(), sources[victims].tolist()):
+        if unit >= 0 and source in line_sources:
+            span = runs.setdefault(unit, [position, position])
+            span[0], span[1] = min(span[0], position), max(span[1], position)
+    return [(unit, first, last) for unit, (first, last) in runs.items()]

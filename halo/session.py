@@ -147,13 +147,17 @@ class Session:
         line runs are marked, and, with repair on, the tokens near the new holes are repaired. Without `units`,
         text of a source that is not split into lines is split into words (HaloConfig.word_units).
         """
-        cache = self.cache
+        cache, word_before = self.cache, self.word_state
         if units is None and self._kinds is not None and source not in self.config.unit_sources:
             units = self._word_units(token_ids)
         self.diffs += self.repairs.collect(cache, wait=False)
         spec = stream_spec(cache, token_ids, source, units, self.repairs.patch_slots(cache))
         keep = 1 if spec.patch_slots is None else torch.tensor([spec.new_rows - 1], device=self.device)
-        logits, result = self._run(spec, keep)
+        try:
+            logits, result = self._run(spec, keep)
+        except BaseException:  # the step never happened: the stream is still in the word it was in
+            self.word_state = word_before
+            raise
         self._last_logits = logits[0, -1]
         self.repairs.patches_done()
         result.extend(self.markers.settle(cache, result.culled_runs, self._run))
