@@ -17,14 +17,14 @@ from . import persist
 from .cache import HaloCache
 from .config import HaloConfig
 from .forward import ForwardSpec, StepResult, stream_spec
-from .markers import ElisionMarkers
 from .inputs import check_pinned_fits, check_token_ids
+from .markers import ElisionMarkers
 from .memory import MemorySnapshot
 from .policy import CullPolicy
 from .repair import load_repairer
 from .repair.scheduler import RepairScheduler, repair_targets
 from .sampling import check_sampling, eos_ids, sample
-from .units import WordState, kind_table, tokenize_lines, word_starts
+from .units import WordState, WordTracker, tokenize_lines
 
 
 class Session:
@@ -59,9 +59,8 @@ class Session:
         self.pinned_tokens = 0
         self.extra: dict = {}
         self.last_step: StepResult | None = None  # the last stream step, its markers' settle included
-        self.word_state = WordState()  # the word the stream is in (word units, HaloConfig.word_units)
         keeps_words = self.config.word_units and self.cache.policy.keeps_words
-        self._kinds = kind_table(tokenizer, self.vocab_size) if keeps_words else None
+        self.words = WordTracker(tokenizer, self.vocab_size) if keeps_words else None  # word units, or None
         self._last_logits: torch.Tensor | None = None
 
     # ------------------------------------------------------------- reading
@@ -136,8 +135,8 @@ class Session:
         chunk = self.config.chunk_size
         for start in range(0, total, chunk):
             self.step(token_ids[start:start + chunk], source, None if units is None else units[start:start + chunk])
-        if units is not None:
-            self.word_state = WordState()  # a line unit ends any word
+        if units is not None and self.words is not None:
+            self.words.state = WordState()  # a line unit ends any word
         return total
 
     def step(self, token_ids: torch.Tensor, source: str = "user", units: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,16 +146,17 @@ class Session:
         line runs are marked, and, with repair on, the tokens near the new holes are repaired. Without `units`,
         text of a source that is not split into lines is split into words (HaloConfig.word_units).
         """
-        cache, word_before = self.cache, self.word_state
-        if units is None and self._kinds is not None and source not in self.config.unit_sources:
-            units = self._word_units(token_ids)
+        cache, word_before = self.cache, self.words and self.words.state
+        if units is None and self.words is not None and source not in self.config.unit_sources:
+            units = self.words.units(token_ids, cache.new_unit_ids)
         self.diffs += self.repairs.collect(cache, wait=False)
         spec = stream_spec(cache, token_ids, source, units, self.repairs.patch_slots(cache))
         keep = 1 if spec.patch_slots is None else torch.tensor([spec.new_rows - 1], device=self.device)
         try:
             logits, result = self._run(spec, keep)
         except BaseException:  # the step never happened: the stream is still in the word it was in
-            self.word_state = word_before
+            if self.words is not None:
+                self.words.state = word_before
             raise
         self._last_logits = logits[0, -1]
         self.repairs.patches_done()
@@ -165,17 +165,6 @@ class Session:
         if result.evictions and self.repairs.repairer is not None:
             self.diffs += self.repairs.after_cull(cache, result.evictions)
         return self._last_logits
-
-    def _word_units(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """int64 [T] a word unit id per token, continuing the word the stream is in (halo.units.word_starts)."""
-        starts, state = word_starts(self._kinds[token_ids.cpu()].tolist(), self.word_state)
-        fresh = self.cache.new_unit_ids(sum(starts)).tolist()
-        units, unit = [], self.word_state.unit
-        for start in starts:
-            unit = fresh.pop(0) if start else unit
-            units.append(unit)
-        self.word_state = WordState(unit, state.kind, state.length)
-        return torch.tensor(units, dtype=torch.int64)
 
     def _run(self, spec: ForwardSpec, logits_to_keep=1) -> tuple[torch.Tensor, StepResult]:
         """Run the model over `spec` through the cache; returns (logits, StepResult)."""
@@ -282,7 +271,8 @@ class Session:
         state = {"cache": self.cache.state_dict(),
                  "session": {"pinned_tokens": self.pinned_tokens, "model_seconds": self.model_seconds,
                              "marker_ids": list(self.markers.token_ids), "diffs": [list(map(int, d)) for d in self.diffs],
-                             "extra": dict(self.extra), "word_state": list(vars(self.word_state).values())}}
+                             "extra": dict(self.extra),
+                             "word_state": list(vars(self.words.state).values()) if self.words else None}}
         if self._last_logits is not None:
             state["last_logits"] = self._last_logits.detach().to("cpu").contiguous()
         return state
@@ -301,7 +291,8 @@ class Session:
         self.model_seconds = float(own["model_seconds"])
         self.diffs = [tuple(int(x) for x in d) for d in own["diffs"]]
         self.extra = dict(own.get("extra") or {})
-        self.word_state = WordState(*own.get("word_state", ()))  # files of format 1: no word units yet
+        if self.words is not None:  # files of format 1 have no word state
+            self.words.state = WordState(*(own.get("word_state") or ()))
         self._last_logits = None if logits is None else logits.to(self.device)
 
     def save(self, path, *, extra: dict | None = None):

@@ -76,3 +76,29 @@ def word_starts(kinds: list[int], state: WordState) -> tuple[list[bool], WordSta
         length = length + 1 if joins else 1
         kind_prev = kind
     return starts, WordState(state.unit, kind_prev, length)
+
+
+class WordTracker:
+    """Gives the tokens of a stream their word unit ids, continuing the word the stream is in across calls.
+
+    Args:
+        tokenizer: the host tokenizer; vocab_size: the model's vocabulary size (the kind table's length).
+
+    Attributes:
+        state: WordState, where the stream stands (saved with a session).
+    """
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self.kinds = kind_table(tokenizer, vocab_size)
+        self.state = WordState()
+
+    def units(self, token_ids: torch.Tensor, new_unit_ids) -> torch.Tensor:
+        """int64 [T] a word unit id per token; `new_unit_ids(count)` reserves fresh ids (HaloCache.new_unit_ids)."""
+        starts, after = word_starts(self.kinds[token_ids.cpu()].tolist(), self.state)
+        fresh = iter(new_unit_ids(sum(starts)).tolist())
+        units, unit = [], self.state.unit
+        for start in starts:
+            unit = next(fresh) if start else unit
+            units.append(unit)
+        self.state = WordState(unit, after.kind, after.length)
+        return torch.tensor(units, dtype=torch.int64)

@@ -110,7 +110,7 @@ def test_generated_tokens_continue_the_fed_word(tiny_tok, source):
     session = Session(tiny_llama(vocab=len(tiny_tok)), tiny_tok, HaloConfig(budget=200))
     session.feed("pass key 5244", source=source)
     last_unit = session.memory().units[-1].item()
-    assert session.word_state.unit == last_unit
+    assert session.words.state.unit == last_unit
     ids = torch.tensor(tiny_tok("5", add_special_tokens=False)["input_ids"])
     session.feed_ids(ids, source=source)  # a digit glued to the number joins its word
     assert session.memory().units[-1].item() == last_unit
