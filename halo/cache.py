@@ -25,12 +25,12 @@ from .backend import select_backend
 from .cache_layer import HaloLayer
 from .config import HaloConfig
 from .cull import select_unit_victims, unit_runs
-from .forward import CullResult, Eviction, ForwardSpec, StepResult, causal_visibility
+from .forward import CullResult, Eviction, ForwardSpec, StepResult, causal_visibility, stream_spec
 from .journal import Journal
 from .policy import CullPolicy, HaloPolicy
 from .slots import SLOT_FIELDS, SlotStore
 
-_COUNTERS = ("n_valid", "seen", "steps", "next_serial", "next_unit", "unit_slots")
+COUNTERS = ("n_valid", "seen", "steps", "next_serial", "next_unit", "unit_slots")
 
 
 @dataclass
@@ -87,7 +87,8 @@ class HaloCache(Cache):
         super().__init__(layers=[HaloLayer(self, i) for i in range(self.num_layers)])
         self.backend = select_backend(self.config.kernels, self.device)
         self.policy = policy or HaloPolicy()
-        self._default_code = self.config.source_code(default_source)
+        self.config.source_code(default_source)  # an unknown name fails here, not in the first forward
+        self._default_source = default_source
         self.journal = Journal(self.config.source_names, skip_source=self.config.source_code("marker"))
         self._store = SlotStore(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device,
                                 self.config.budget + self.config.chunk_size)
@@ -208,8 +209,7 @@ class HaloCache(Cache):
             ids = hooked[0].to(self.device, torch.int64)
         else:
             ids = torch.full((rows,), -1, dtype=torch.int64, device=self.device)
-        positions = torch.arange(self._seen, self._seen + rows, device=self.device)
-        return ForwardSpec(ids, positions, self._default_code, rows, self._n_valid)
+        return stream_spec(self, ids, self._default_source)
 
     def layer_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         """Write this forward's K/V for one layer into the buffers; return the visible [1, Hkv, n+T, D] views."""
@@ -377,7 +377,7 @@ class HaloCache(Cache):
         if self.in_forward:
             raise RuntimeError("cannot take the state of a HaloCache in the middle of a forward")
         return {**self._store.state_dict(self._n_valid),
-                "counters": {name: int(getattr(self, "_" + name)) for name in _COUNTERS},
+                "counters": {name: int(getattr(self, "_" + name)) for name in COUNTERS},
                 "halo_seconds": self._halo_seconds,
                 "policy": getattr(self.policy, "name", type(self.policy).__name__),
                 "journal": self.journal.state_dict()}
@@ -391,7 +391,7 @@ class HaloCache(Cache):
         self._store.check_state(state, n)
         self.journal.load_state_dict(state["journal"])
         self._store.load_state_dict(state, n)
-        for name in _COUNTERS:
+        for name in COUNTERS:
             setattr(self, "_" + name, int(state["counters"][name]))
         self._halo_seconds = float(state["halo_seconds"])
 

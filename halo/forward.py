@@ -85,10 +85,6 @@ class CullResult:
         self.evictions.extend(other.evictions)
         self.culled_runs.extend(other.culled_runs)
 
-    @property
-    def evicted_count(self) -> int:
-        return sum(int(e.positions.numel()) for e in self.evictions)
-
 
 @dataclass
 class StepResult(CullResult):

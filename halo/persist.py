@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_replace
+from .cache import COUNTERS
 from .config import HaloConfig, SourcePolicy
 
 FORMAT = "halo-weave-session"
@@ -174,8 +175,7 @@ def state_from_v1(meta: dict, tensors: dict[str, torch.Tensor]) -> dict:
     counters = meta["counters"]
     slots = {name[len("slot."):]: t for name, t in tensors.items() if name.startswith("slot.")}
     cache = {"kv": tensors["kv"], "slots": slots,
-             "counters": {name: int(counters[name]) for name in
-                          ("n_valid", "seen", "steps", "next_serial", "next_unit", "unit_slots")},
+             "counters": {name: int(counters[name]) for name in COUNTERS},
              "halo_seconds": float(meta["timings"]["halo_seconds"]), "policy": meta["policy"],
              "journal": {"entries": meta["journal"]}}
     session = {"pinned_tokens": int(counters["pinned_tokens"]), "model_seconds": float(meta["timings"]["model_seconds"]),

@@ -22,7 +22,7 @@ from .markers import ElisionMarkers
 from .memory import MemorySnapshot
 from .policy import CullPolicy
 from .repair import load_repairer
-from .repair.scheduler import RepairScheduler, repair_targets
+from .repair.scheduler import RepairScheduler
 from .sampling import check_sampling, eos_ids, sample
 from .units import WordState, WordTracker, tokenize_lines
 
@@ -195,9 +195,7 @@ class Session:
         """int64 [k] slots to repair after `evictions` (default: the last step's; see repair_targets)."""
         if evictions is None:
             evictions = self.last_step.evictions if self.last_step is not None else []
-        cfg = self.config
-        return repair_targets(self.cache, evictions, threshold=cfg.repair_threshold, radius=cfg.repair_radius,
-                              limit=cfg.repairs_per_step)
+        return self.repairs.targets(self.cache, evictions)
 
     def flush_repairs(self) -> int:
         """Finish every repair now: collect the jobs in flight and recompute pending K/V in one service forward.

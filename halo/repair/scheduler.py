@@ -147,6 +147,12 @@ class RepairScheduler:
         return applied
 
     # ------------------------------------------------------------------- passes
+    def targets(self, cache, evictions: list[Eviction]) -> torch.Tensor:
+        """int64 [k] slots to repair after `evictions`, with the config's targeting (see `repair_targets`)."""
+        cfg = self.config
+        return repair_targets(cache, evictions, threshold=cfg.repair_threshold, radius=cfg.repair_radius,
+                              limit=cfg.repairs_per_step)
+
     def after_cull(self, cache, evictions: list[Eviction]) -> list[Diff]:
         """Re-predict the targets near `evictions` in one batched pass; returns the diffs applied now.
 
@@ -156,8 +162,7 @@ class RepairScheduler:
         t0 = time.perf_counter()
         cfg = self.config
         applied: list[Diff] = []
-        targets = repair_targets(cache, evictions, threshold=cfg.repair_threshold, radius=cfg.repair_radius,
-                                 limit=cfg.repairs_per_step)
+        targets = self.targets(cache, evictions)
         if targets.numel():
             windows = build_windows(cache.token_ids, cache.positions, cache.brightness, cache.n_valid, targets,
                                     cfg.repair_window)
