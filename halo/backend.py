@@ -14,6 +14,7 @@ Both implement the same six operations with the same signatures (`halo.brightnes
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
@@ -23,9 +24,11 @@ import torch
 from . import brightness as _brightness
 from . import compact as _compact
 from . import cull as _cull
+from . import decode_mass as _decode_mass
 
 KERNEL_CHOICES = ("auto", "reference", "triton")
-"""HaloConfig.kernels values: `auto` (Triton on CUDA, reference elsewhere), `reference`, `triton` (forced)."""
+"""HaloConfig.kernels values: `auto` (Triton on CUDA, the compiled decode operator on CPU), `reference`,
+`triton` (forced)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,11 @@ class Backend:
 REFERENCE = Backend("reference", _brightness.attention_column_mass, _brightness.attention_column_mass_and_update,
                     _brightness.update_brightness, _cull.cull_scores, _cull.select_victims, _compact.compact_)
 
+CPU_OPERATOR = dataclasses.replace(REFERENCE, name="cpu-operator",
+                                   attention_column_mass=_decode_mass.attention_column_mass,
+                                   attention_column_mass_and_update=_decode_mass.attention_column_mass_and_update)
+"""The reference, with a decode row's column mass computed by the C++ operator of `halo._C` (halo.decode_mass)."""
+
 
 def _triton_module() -> ModuleType | None:
     """halo_kernels when its kernels can run here (Triton importable and CUDA, or the interpreter), else None."""
@@ -62,7 +70,8 @@ def _triton_module() -> ModuleType | None:
 def select_backend(kernels: str, device: torch.device) -> Backend:
     """The backend a cache on `device` uses for HaloConfig.kernels = `kernels`.
 
-    `auto` takes the Triton kernels for CUDA devices when they can run and the reference otherwise;
+    `auto` takes the Triton kernels for CUDA devices when they can run, on CPU the reference with the compiled
+    decode operator when `halo._C` is built, and the reference otherwise;
     `reference` always the reference; `triton` the kernels or a RuntimeError saying why they cannot run.
     """
     if kernels not in KERNEL_CHOICES:
@@ -77,4 +86,6 @@ def select_backend(kernels: str, device: torch.device) -> Backend:
         return Backend.from_module("triton", module)
     if torch.device(device).type == "cuda" and module is not None:
         return Backend.from_module("triton", module)
+    if torch.device(device).type == "cpu" and _decode_mass.operator_available():
+        return CPU_OPERATOR
     return REFERENCE

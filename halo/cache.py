@@ -219,7 +219,7 @@ class HaloCache(Cache):
         if f is None or key_states.shape[-2] != f.spec.rows:
             raise RuntimeError(f"HaloCache: layer {layer_idx} updated outside a forward that began at layer 0")
         n_past, t_rows, patches = f.spec.n_past, f.spec.new_rows, f.spec.patch_slots
-        end, keys, values = n_past + t_rows, self._store.kv[layer_idx, 0], self._store.kv[layer_idx, 1]
+        end, (keys, values) = n_past + t_rows, self._store.layer_kv[layer_idx]
         keys[:, n_past:end], values[:, n_past:end] = key_states[0, :, :t_rows], value_states[0, :, :t_rows]
         if patches is not None:
             keys.index_copy_(1, patches, key_states[0, :, t_rows:])
@@ -230,7 +230,7 @@ class HaloCache(Cache):
     def holds_keys_of(self, layer_idx: int, key: torch.Tensor) -> bool:
         """True when `key` is this cache's key view for the forward in flight at `layer_idx`."""
         f = self._flight
-        return (f is not None and key.data_ptr() == self._store.kv[layer_idx, 0].data_ptr()
+        return (f is not None and key.data_ptr() == self._store.layer_kv[layer_idx][0].data_ptr()
                 and key.shape[-2] == f.spec.n_past + f.spec.new_rows)
 
     def attention_mask(self) -> torch.Tensor | None:

@@ -1,11 +1,11 @@
 """SlotStore: the preallocated buffers of a HaloCache, and their state.
 
-One K/V buffer `kv` of shape [L, 2, Hkv, C, D] and named per-slot fields of shape [C], all on one device:
-`positions` (int64 absolute position), `token_ids` (int64, -1 unknown), `sources` (int64 source code),
-`units` (int64 unit id, -1 for plain tokens), `serials` (int64 birth order), `brightness` (float32), the step
-fields `mass` and `last_mass` (float32, this forward's attention mass), and any field a policy adds. Retained
-slots are `0 .. n - 1` of every buffer; compaction moves every field with its slot. The buffers are replaced
-only to grow (one forward larger than the headroom).
+One K/V buffer `kv` of shape [L, 2, Hkv, C, D] (`layer_kv[l]`: layer l's key and value views [Hkv, C, D]) and
+named per-slot fields of shape [C], all on one device: `positions` (int64 absolute position), `token_ids`
+(int64, -1 unknown), `sources` (int64 source code), `units` (int64 unit id, -1 for plain tokens), `serials`
+(int64 birth order), `brightness` (float32), the step fields `mass` and `last_mass` (float32, this forward's
+attention mass), and any field a policy adds. Retained slots are `0 .. n - 1` of every buffer; compaction moves
+every field with its slot. The buffers are replaced only to grow (one forward larger than the headroom).
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ class SlotStore:
                                             device=self.device) for name in (*SLOT_FIELDS, *STEP_FIELDS)}
             for name, (dtype, fill) in self.extra.items():
                 self.fields[name] = torch.full((capacity,), fill, dtype=dtype, device=self.device)
+        # (keys, values) views [Hkv, C, D] of each layer, made once: a decode step indexes them on every layer
+        self.layer_kv = [(self.kv[layer, 0], self.kv[layer, 1]) for layer in range(layers)]
 
     @property
     def capacity(self) -> int:

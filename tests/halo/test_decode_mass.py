@@ -1,0 +1,116 @@
+"""The compiled decode column mass (halo.decode_mass) against the PyTorch reference, on CPU.
+
+Odd shapes (one slot, 1023 slots, non-power-of-two heads and head dims), GQA and MHA, keys as a strided view of a
+larger buffer, with and without the last-row target; opcheck on the operator; the fallbacks; errors that name
+the problem.
+"""
+
+import pytest
+import torch
+
+from halo import HaloCache, HaloConfig, decode_mass
+from halo.brightness import attention_column_mass as reference_mass
+from tiny import tiny_llama
+
+needs_operator = pytest.mark.skipif(not decode_mass.operator_available(), reason="halo._C is not built")
+
+SHAPES = [  # hq, hkv, n (visible slots), d
+    (1, 1, 1, 1),
+    (9, 3, 513, 64),
+    (4, 4, 1023, 16),
+    (6, 2, 7, 24),
+    (8, 1, 300, 8),
+]
+
+
+def _case(hq, hkv, n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(hq, 1, d, generator=g)
+    buffer = torch.randn(2, hkv, n + 5, d, generator=g)  # K and V of one layer, 5 free slots after the visible ones
+    mass = torch.rand(n + 5, generator=g) * 100  # accumulates onto what is there
+    last = torch.rand(n + 5, generator=g)
+    return query, buffer[0], mass, last
+
+
+@needs_operator
+@pytest.mark.parametrize("hq,hkv,n,d", SHAPES)
+@pytest.mark.parametrize("with_last", [True, False])
+def test_decode_row_matches_reference(hq, hkv, n, d, with_last):
+    query, key, mass, last = _case(hq, hkv, n, d, seed=hq * 1000 + n)
+    want_mass, want_last = mass.clone(), last.clone()
+    reference_mass(query, key, 0.3, n - 1, want_mass, want_last if with_last else None)
+    decode_mass.attention_column_mass(query, key, 0.3, n - 1, mass, last if with_last else None)
+    torch.testing.assert_close(mass, want_mass, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, want_last if with_last else last.clone(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(mass[n:], want_mass[n:])  # slots past the visible ones are untouched
+
+
+@needs_operator
+def test_update_follows_the_mass():
+    query, key, mass, _ = _case(9, 3, 200, 32, seed=1)
+    bright = torch.rand(205) * 255
+    decay = torch.full((205,), 1.5)
+    want_mass, want_bright = mass.clone(), bright.clone()
+    from halo.brightness import attention_column_mass_and_update
+    attention_column_mass_and_update(query, key, 0.2, 199, want_mass, want_bright, decay, 1.0, 3)
+    decode_mass.attention_column_mass_and_update(query, key, 0.2, 199, mass, bright, decay, 1.0, 3)
+    torch.testing.assert_close(bright, want_bright, rtol=1e-5, atol=1e-4)
+
+
+@needs_operator
+def test_opcheck():
+    for hq, hkv, n, d in SHAPES:
+        query, key, mass, last = _case(hq, hkv, n, d, seed=n)
+        torch.library.opcheck(torch.ops.halo.decode_column_mass.default, (query[:, 0], key[:, :n], 0.5, mass, last))
+        torch.library.opcheck(torch.ops.halo.decode_column_mass.default, (query[:, 0], key[:, :n], 0.5, mass, None))
+
+
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 3), (torch.float16, 1), (torch.bfloat16, 1)])
+def test_other_cases_run_the_reference(dtype, rows):
+    g = torch.Generator().manual_seed(2)
+    query, key = torch.randn(4, rows, 8, generator=g).to(dtype), torch.randn(2, 40, 8, generator=g).to(dtype)
+    mass, want = torch.zeros(40), torch.zeros(40)
+    reference_mass(query, key, 0.5, 40 - rows, want)
+    decode_mass.attention_column_mass(query, key, 0.5, 40 - rows, mass)
+    assert torch.equal(mass, want)
+
+
+def test_runs_the_reference_without_the_operator(monkeypatch):
+    monkeypatch.setattr(decode_mass, "operator_available", lambda: False)
+    query, key, mass, last = _case(6, 2, 50, 16, seed=4)
+    want_mass, want_last = mass.clone(), last.clone()
+    reference_mass(query, key, 0.5, 49, want_mass, want_last)
+    decode_mass.attention_column_mass(query, key, 0.5, 49, mass, last)
+    assert torch.equal(mass, want_mass) and torch.equal(last, want_last)
+
+
+@needs_operator
+@pytest.mark.parametrize("args,match", [
+    ((torch.zeros(4, 1, 8), torch.zeros(2, 5, 8), 0.5, torch.zeros(5), None), "query must be \\[Hq, D\\]"),
+    ((torch.zeros(4, 8), torch.zeros(3, 5, 8), 0.5, torch.zeros(5), None), "multiple of key heads"),
+    ((torch.zeros(4, 8), torch.zeros(2, 5, 7), 0.5, torch.zeros(5), None), "head dims differ"),
+    ((torch.zeros(4, 8), torch.zeros(2, 5, 8), 0.5, torch.zeros(4), None), "fewer than the 5 visible keys"),
+    ((torch.zeros(4, 8), torch.zeros(2, 5, 8), 0.5, torch.zeros(5, dtype=torch.float64), None), "mass must be float32"),
+    ((torch.zeros(4, 8).half(), torch.zeros(2, 5, 8).half(), 0.5, torch.zeros(5), None), "must be float32"),
+    ((torch.zeros(4, 8), torch.zeros(2, 5, 8), 0.5, torch.zeros(5), torch.zeros(10)[::2]), "last_row_mass must be a contiguous"),
+])
+def test_operator_errors_name_the_problem(args, match):
+    mass_before = args[3].clone()
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.halo.decode_column_mass(*args)
+    assert torch.equal(args[3], mass_before)
+
+
+@needs_operator
+def test_cpu_caches_choose_the_operator_and_match_the_reference():
+    model = tiny_llama(seed=5, layers=2, heads=6, kv_heads=2, hidden=48)
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(6))
+    caches = {}
+    for kernels in ("auto", "reference"):
+        cache = HaloCache(model, HaloConfig(budget=16, recent_tokens=4, sink_tokens=2, chunk_size=8, kernels=kernels))
+        caches[kernels] = cache
+        model.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
+    assert caches["auto"].backend.name == "cpu-operator" and caches["reference"].backend.name == "reference"
+    a, r = caches["auto"], caches["reference"]
+    assert torch.equal(a.positions[: a.n_valid].sort().values, r.positions[: r.n_valid].sort().values)
+    torch.testing.assert_close(a.brightness[: a.n_valid], r.brightness[: r.n_valid], rtol=1e-5, atol=1e-3)
