@@ -7,10 +7,11 @@ import logging
 import sys
 
 from . import chat as _chat
+from . import demo as _demo
 from . import eval as _eval
 from . import run as _run
 
-SUBCOMMANDS = [_run, _chat, _eval]
+SUBCOMMANDS = [_demo, _run, _chat, _eval]
 
 
 def build_parser() -> argparse.ArgumentParser:
