@@ -3,28 +3,31 @@
 Text goes in with `feed(text, source)`, replies come out of `generate`, and after every forward the cache is
 back at its budget: brightness updated, the dimmest tokens culled (log/tool lines whole, their runs replaced by
 one elision marker), the survivors compacted in place, the dead written to the journal. The session conducts;
-the parts do the work: the cache (`halo.cache`), the markers (`halo.markers`), repair scheduling
-(`halo.repair.scheduler`), sampling (`halo.sampling`) and persistence (`halo.persist`).
+the parts do the work: the cache, its forwards (`halo.model_runner`), the markers, repair scheduling, feeds
+(`halo.feeding`), the decode loop (`halo.decoding`), counters (`halo.session_stats`) and saving (`halo.session_state`).
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 
 from . import persist
 from .cache import HaloCache
 from .config import HaloConfig
-from .forward import ForwardSpec, StepResult, stream_spec
-from .inputs import check_pinned_fits, check_token_ids
+from .decoding import check_generate, decode
+from .feeding import Feed
+from .forward import StepResult, stream_spec
 from .markers import ElisionMarkers
 from .memory import MemorySnapshot
+from .model_runner import ModelRunner
 from .policy import CullPolicy
+from .render import write_html
 from .repair import load_repairer
 from .repair.scheduler import RepairScheduler
-from .sampling import check_sampling, eos_ids, sample
-from .units import WordState, WordTracker, tokenize_lines
+from .sampling import eos_ids
+from .session_state import SessionState, load_session
+from .session_stats import session_stats
+from .units import WordState, WordTracker
 
 
 class Session:
@@ -38,7 +41,8 @@ class Session:
         repairer: a `halo.repair.Repairer` to use instead of the one `config.repair` names.
 
     Attributes:
-        cache, markers (ElisionMarkers), repairs (RepairScheduler), diffs (applied repairs), journal.
+        cache, runner (ModelRunner), markers (ElisionMarkers), repairs (RepairScheduler), diffs (applied
+        repairs), journal.
     """
 
     def __init__(self, model, tokenizer, config: HaloConfig | None = None, *, policy: CullPolicy | None = None,
@@ -47,6 +51,7 @@ class Session:
         self.tokenizer = tokenizer
         self.config = config or HaloConfig()
         self.cache = HaloCache(model, self.config, policy=policy)
+        self.runner = ModelRunner(model, self.cache)
         self.device = self.cache.device
         self.vocab_size = int(model.config.vocab_size)
         self.markers = ElisionMarkers(tokenizer, self.config.marker_text, self.config.source_code("marker"))
@@ -55,7 +60,6 @@ class Session:
                                      repair_threshold=self.config.repair_threshold)
         self.repairs = RepairScheduler(repairer, self.config, self.vocab_size)
         self.diffs: list[tuple[int, int, int]] = []
-        self.model_seconds = 0.0
         self.pinned_tokens = 0
         self.extra: dict = {}
         self.last_step: StepResult | None = None  # the last stream step, its markers' settle included
@@ -74,6 +78,15 @@ class Session:
         """float [V] logits of the last fed or generated token (what `generate` samples from next), or None."""
         return self._last_logits
 
+    @property
+    def model_seconds(self) -> float:
+        """Seconds spent in the model's forwards so far (the cache's own step work left out)."""
+        return self.runner.seconds
+
+    @model_seconds.setter
+    def model_seconds(self, seconds: float) -> None:
+        self.runner.seconds = seconds
+
     def memory(self) -> MemorySnapshot:
         """The retained tokens in position order."""
         return MemorySnapshot.of(self.cache)
@@ -83,20 +96,9 @@ class Session:
         return self.tokenizer.decode([t for t in self.cache.snapshot()["token_ids"].tolist() if t >= 0])
 
     def stats(self) -> dict:
-        """Counters and timings of the session so far (O(1) per call, amortised)."""
-        cache = self.cache
-        return {
-            "tokens_fed": cache.seen,
-            "retained": cache.n_valid,
-            "budget": self.config.budget,
-            "evicted": cache.journal.count("evicted"),
-            "markers": int((cache.sources[: cache.n_valid] == self.markers.source_code).sum()),
-            "repairs": len(self.diffs),
-            "steps": cache.steps,
-            "halo_seconds": cache.halo_seconds,
-            "model_seconds": self.model_seconds,
-            "repair_seconds": self.repairs.seconds,
-        }
+        """Counters and timings of the session so far (halo.session_stats; O(1) per call, amortised)."""
+        return session_stats(self.cache, marker_source=self.markers.source_code, repairs=len(self.diffs),
+                             model_seconds=self.model_seconds, repair_seconds=self.repairs.seconds)
 
     # ------------------------------------------------------------- feeding
     def feed(self, text: str, source: str = "user") -> int:
@@ -105,39 +107,19 @@ class Session:
         Log and tool text (HaloConfig.unit_sources) is split into line units. Raises ValueError (state
         untouched) on empty text, an unknown source, or pinned text that would not fit the budget.
         """
-        if not isinstance(text, str):
-            raise TypeError(f"feed() takes text as str, got {type(text).__name__}")
-        if not text:
-            raise ValueError("feed() got empty text")
-        self.config.source_code(source)
-        first = self.cache.seen == 0
-        if source in self.config.unit_sources:
-            ids, lines = tokenize_lines(self.tokenizer, text, add_special_tokens=first)
-        else:
-            ids, lines = self.tokenizer(text, add_special_tokens=first)["input_ids"], None
-        if not ids:
-            raise ValueError(f"feed() text {text[:40]!r} tokenises to nothing")
-        check_pinned_fits(self.config, self.pinned_tokens, source, len(ids))
-        units = None if lines is None else self.cache.new_unit_ids(max(lines) + 1)[torch.tensor(lines)]
-        return self._feed(torch.tensor(ids, dtype=torch.int64), source, units)
+        return self._feed(Feed.of_text(self.tokenizer, self.config, text, source, first=self.cache.seen == 0))
 
     def feed_ids(self, token_ids: torch.Tensor, source: str = "user") -> int:
         """Stream already-tokenised ids (int64 [T] on the CPU or the model's device) as `source`."""
-        check_token_ids(token_ids, self.vocab_size, self.device)
-        self.config.source_code(source)
-        check_pinned_fits(self.config, self.pinned_tokens, source, token_ids.numel())
-        return self._feed(token_ids.to(torch.int64), source, None)
+        return self._feed(Feed.of_ids(token_ids, source, self.config, self.vocab_size, self.device))
 
-    def _feed(self, token_ids: torch.Tensor, source: str, units: torch.Tensor | None) -> int:
-        total = int(token_ids.numel())
-        if self.config.sources[source].pinned:
-            self.pinned_tokens += total
-        chunk = self.config.chunk_size
-        for start in range(0, total, chunk):
-            self.step(token_ids[start:start + chunk], source, None if units is None else units[start:start + chunk])
-        if units is not None and self.words is not None:
+    def _feed(self, feed: Feed) -> int:
+        self.pinned_tokens = feed.pinned_tokens_after(self.config, self.pinned_tokens)
+        for token_ids, units in feed.forwards(self.config.chunk_size, self.cache.new_unit_ids):
+            self.step(token_ids, feed.source, units)
+        if feed.lines is not None and self.words is not None:
             self.words.state = WordState()  # a line unit ends any word
-        return total
+        return len(feed)
 
     def step(self, token_ids: torch.Tensor, source: str = "user", units: torch.Tensor | None = None) -> torch.Tensor:
         """One stream forward of up to chunk_size new tokens (int64 [T]); returns the logits [V] of the last one.
@@ -151,34 +133,18 @@ class Session:
             units = self.words.units(token_ids, cache.new_unit_ids)
         self.diffs += self.repairs.collect(cache, wait=False)
         spec = stream_spec(cache, token_ids, source, units, self.repairs.patch_slots(cache))
-        keep = 1 if spec.patch_slots is None else torch.tensor([spec.new_rows - 1], device=self.device)
         try:
-            logits, result = self._run(spec, keep)
+            self._last_logits, result = self.runner.stream(spec)
         except BaseException:  # the step never happened: the stream is still in the word it was in
             if self.words is not None:
                 self.words.state = word_before
             raise
-        self._last_logits = logits[0, -1]
         self.repairs.patches_done()
-        result.extend(self.markers.settle(cache, result.culled_runs, self._run))
+        result.extend(self.markers.settle(cache, result.culled_runs, self.runner))
         self.last_step = result
         if result.evictions and self.repairs.repairer is not None:
             self.diffs += self.repairs.after_cull(cache, result.evictions)
         return self._last_logits
-
-    def _run(self, spec: ForwardSpec, logits_to_keep=1) -> tuple[torch.Tensor, StepResult]:
-        """Run the model over `spec` through the cache; returns (logits, StepResult)."""
-        halo_before = self.cache.halo_seconds
-        t0 = time.perf_counter()
-
-        def forward():
-            with torch.inference_mode():
-                return self.model(input_ids=spec.input_ids[None], position_ids=spec.position_ids[None],
-                                  past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep).logits
-
-        out = self.cache.run(spec, forward)
-        self.model_seconds += time.perf_counter() - t0 - (self.cache.halo_seconds - halo_before)
-        return out
 
     # ------------------------------------------------------------- repair
     @property
@@ -204,12 +170,7 @@ class Session:
         between steps when repair is on.
         """
         self.diffs += self.repairs.collect(self.cache, wait=True)
-        patches = self.repairs.patch_slots(self.cache)
-        if patches is None:
-            return 0
-        self._run(stream_spec(self.cache, patches[:0], self.config.source_names[0], patch_slots=patches))
-        self.repairs.patches_done()
-        return patches.numel()
+        return self.runner.flush_patches(self.repairs)
 
     def apply_diffs(self, diffs: list[tuple[int, int, int]], *, defer: bool = False) -> int:
         """Apply repair diffs `(position, old_token_id, new_token_id)` to the mirror and the KV cache.
@@ -240,24 +201,11 @@ class Session:
             source: source name of the generated tokens.
             on_token: optional callback receiving each new token id as it is produced (for streaming).
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-        check_sampling(temperature, top_k, top_p)
+        check_generate(max_new_tokens, temperature, top_k, top_p)
         self.config.source_code(source)
-        if self._last_logits is None:
-            raise ValueError("generate() needs context: feed() some text first")
-        generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         eos = eos_ids(self.tokenizer, self.model) if stop_on_eos else set()
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            token = sample(self._last_logits, temperature, top_k, top_p, generator)
-            token_id = int(token)
-            if token_id in eos:
-                break
-            out.append(token_id)
-            if on_token is not None:
-                on_token(token_id)
-            self.step(token.view(1), source)
+        out = decode(self._last_logits, lambda token: self.step(token, source), max_new_tokens, temperature=temperature,
+                     top_k=top_k, top_p=top_p, seed=seed, device=self.device, eos=eos, on_token=on_token)
         return self.tokenizer.decode(out)
 
     # ------------------------------------------------------ persistence and views
@@ -266,32 +214,17 @@ class Session:
         if self.markers.pending_runs:
             raise RuntimeError("cannot save while culled lines wait for their elision marker; feed or generate first")
         self.flush_repairs()  # the saved K/V must match the mirror
-        state = {"cache": self.cache.state_dict(),
-                 "session": {"pinned_tokens": self.pinned_tokens, "model_seconds": self.model_seconds,
-                             "marker_ids": list(self.markers.token_ids), "diffs": [list(map(int, d)) for d in self.diffs],
-                             "extra": dict(self.extra),
-                             "word_state": list(vars(self.words.state).values()) if self.words else None}}
-        if self._last_logits is not None:
-            state["last_logits"] = self._last_logits.detach().to("cpu").contiguous()
-        return state
+        return SessionState.of(self).state_dict(self.cache.state_dict())
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()` output into this fresh session; ValueError naming the first mismatch."""
-        own = state["session"]
-        if list(self.markers.token_ids) != list(own["marker_ids"]):
-            raise ValueError("saved session belongs to a different tokenizer: the elision marker tokenises to "
-                             f"{own['marker_ids']} in the file but {self.markers.token_ids} now")
-        logits = state.get("last_logits")
-        if logits is not None and tuple(logits.shape) != (self.vocab_size,):
-            raise ValueError(f"saved last logits have shape {tuple(logits.shape)}, expected ({self.vocab_size},)")
+        own = SessionState.from_state_dict(state, self.markers.token_ids, self.vocab_size, self.device)
         self.cache.load_state_dict(state["cache"])
-        self.pinned_tokens = int(own["pinned_tokens"])
-        self.model_seconds = float(own["model_seconds"])
-        self.diffs = [tuple(int(x) for x in d) for d in own["diffs"]]
-        self.extra = dict(own.get("extra") or {})
-        if self.words is not None:  # files of format 1 have no word state
-            self.words.state = WordState(*(own.get("word_state") or ()))
-        self._last_logits = None if logits is None else logits.to(self.device)
+        self.pinned_tokens, self.model_seconds, self.diffs, self.extra = (own.pinned_tokens, own.model_seconds,
+                                                                          own.diffs, own.extra)
+        if self.words is not None:
+            self.words.state = own.word_state
+        self._last_logits = own.last_logits
 
     def save(self, path, *, extra: dict | None = None):
         """Write the compacted memory to one file, atomically (see halo.persist); repairs are flushed first.
@@ -310,16 +243,8 @@ class Session:
         Raises FileNotFoundError (no file) or ValueError (a damaged file, another model or tokenizer, another
         policy). `check_name=False` accepts a model whose name_or_path changed.
         """
-        config, state = persist.load(path, model, check_name=check_name)
-        session = cls(model, tokenizer, config, policy=policy)
-        try:
-            session.load_state_dict(state)
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"{path}: session state is incomplete or malformed ({type(err).__name__}: {err})") from None
-        return session
+        return load_session(cls, path, model, tokenizer, policy=policy, check_name=check_name)
 
     def render_html(self, path, **kwargs):
         """Write a self-contained HTML page of the memory coloured by brightness, and the journal (halo.render)."""
-        from .render import write_html
-
         return write_html(self, path, **kwargs)
