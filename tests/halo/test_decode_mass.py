@@ -1,6 +1,7 @@
 """The compiled decode column mass (halo.decode_mass) against the PyTorch reference, on CPU.
 
-Odd shapes (one slot, 1023 slots, non-power-of-two heads and head dims), GQA and MHA, keys as a strided view of a
+Odd shapes (one slot, 1023 slots, non-power-of-two heads and head dims; head dims that are multiples of 8 take the
+AVX2 path where the CPU has it, the others the matmul path), GQA and MHA, keys as a strided view of a
 larger buffer, with and without the last-row target; opcheck on the operator; the fallbacks; errors that name
 the problem.
 """
@@ -20,6 +21,7 @@ SHAPES = [  # hq, hkv, n (visible slots), d
     (4, 4, 1023, 16),
     (6, 2, 7, 24),
     (8, 1, 300, 8),
+    (5, 5, 33, 12),  # a head dim that is not a multiple of 8: the matmul path
 ]
 
 
