@@ -34,8 +34,8 @@ def operator_available() -> bool:
 
 def _takes(query: torch.Tensor, key: torch.Tensor) -> bool:
     """True when the operator computes this call: one float32 query row on CPU."""
-    return (query.shape[1] == 1 and query.device.type == "cpu" and query.dtype == torch.float32
-            and key.dtype == torch.float32 and operator_available())
+    return (query.dim() == 3 and query.shape[1] == 1 and query.device.type == "cpu" and key.device.type == "cpu"
+            and query.dtype == torch.float32 and key.dtype == torch.float32 and operator_available())
 
 
 def attention_column_mass(query: torch.Tensor, key: torch.Tensor, scaling: float, n_past: int, mass: torch.Tensor,
