@@ -16,9 +16,11 @@ import torch
 from ..baselines import ALL_POLICY_NAMES, make_policy
 from ..config import HaloConfig
 from ..session import Session
+from .coherence import session_coherence
 from .plant import boundary_offsets, plant_fact, question_ids, recalled
 
-RECORD_KEYS = ("policy", "budget", "ppl", "ppl_ratio", "recall", "halo_seconds", "model_seconds", "tokens")
+RECORD_KEYS = ("policy", "budget", "ppl", "ppl_ratio", "recall", "coherence", "halo_seconds", "model_seconds",
+               "tokens")
 """The exact key set of one evaluation record (one per policy and budget)."""
 
 ANSWER_TOKENS = 8
@@ -26,13 +28,15 @@ ANSWER_TOKENS = 8
 
 @dataclass
 class StreamResult:
-    """One token-by-token pass: `nll[i]` is -log p(ids[i + 1] | retained cache after feeding ids[: i + 1])."""
+    """One token-by-token pass: `nll[i]` is -log p(ids[i + 1] | retained cache after feeding ids[: i + 1]);
+    `coherence` is the host model's perplexity of the memory left at the end (halo.eval.coherence)."""
 
     nll: list[float]
     halo_seconds: float
     model_seconds: float
     steps: int
     max_retained: int = 0
+    coherence: float = float("nan")
 
 
 def parse_budget(spec: str | int) -> int | Fraction:
@@ -103,7 +107,8 @@ def stream_nll(model, tokenizer, ids: list[int], config: HaloConfig, policy_name
         if on_step is not None:
             on_step(session)
     stats = session.stats()
-    return StreamResult(nll, stats["halo_seconds"], stats["model_seconds"], stats["steps"], max_retained)
+    return StreamResult(nll, stats["halo_seconds"], stats["model_seconds"], stats["steps"], max_retained,
+                        session_coherence(session))
 
 
 def perplexity(nll: list[float], skip: int) -> float:
@@ -138,6 +143,7 @@ class _Acc:
     model: float = 0.0
     steps: int = 0
     recall: dict = field(default_factory=dict)
+    coherence: list = field(default_factory=list)
     budgets: set = field(default_factory=set)
 
 
@@ -148,6 +154,8 @@ def evaluate(model, tokenizer, texts: list[str], *, budgets=("1/4", "1/8"), poli
 
     ppl is over the tokens after the first `budget` of each text (pooled over texts), ppl_ratio is ppl / full's
     ppl on the same tokens, recall maps each depth (as a string) to the fraction of texts whose key came back,
+    coherence is the mean over texts of the host model's perplexity of the memory each perplexity pass ends with
+    (read from scratch, holes and markers included: lower reads more fluently; for `full`, the whole text),
     halo_seconds / model_seconds / tokens are the totals of the perplexity passes (per-step cost = s / tokens).
     """
     from tqdm import tqdm
@@ -212,6 +220,7 @@ def evaluate(model, tokenizer, texts: list[str], *, budgets=("1/4", "1/8"), poli
                 tail = run.nll[max(0, skip - 1):]
                 acc.nll += sum(tail)
                 acc.count += len(tail)
+                acc.coherence.append(run.coherence)
                 acc.halo += run.halo_seconds
                 acc.model += run.model_seconds
                 acc.steps += run.steps
@@ -237,6 +246,7 @@ def evaluate(model, tokenizer, texts: list[str], *, budgets=("1/4", "1/8"), poli
                 "ppl": ppl,
                 "ppl_ratio": ppl / full_ppl if full_ppl else float("nan"),
                 "recall": {k: sum(v) / len(v) for k, v in acc.recall.items()},
+                "coherence": sum(acc.coherence) / len(acc.coherence) if acc.coherence else float("nan"),
                 "halo_seconds": acc.halo,
                 "model_seconds": acc.model,
                 "tokens": acc.steps,
@@ -253,14 +263,15 @@ def make_key_for(rng: random.Random) -> str:
 def format_table(records: list[dict]) -> str:
     """A Markdown table of the records."""
     depths = list(records[0]["recall"]) if records else []
-    head = ["policy", "budget", "ppl", "ppl / full"] + [f"recall@{d}" for d in depths] + ["recall mean", "halo ms/step", "model ms/step"]
+    head = ["policy", "budget", "ppl", "ppl / full"] + [f"recall@{d}" for d in depths] + ["recall mean", "memory ppl",
+                                                                                     "halo ms/step", "model ms/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in records:
         rec = [r["recall"][d] for d in depths]
         steps = max(1, r["tokens"])
         row = [r["policy"], str(r["budget"]), f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.3f}"] + [f"{v:.2f}" for v in rec]
-        row += [f"{sum(rec) / len(rec):.2f}" if rec else "-", f"{1000 * r['halo_seconds'] / steps:.1f}",
-                f"{1000 * r['model_seconds'] / steps:.1f}"]
+        row += [f"{sum(rec) / len(rec):.2f}" if rec else "-", f"{r['coherence']:.2f}",
+                f"{1000 * r['halo_seconds'] / steps:.1f}", f"{1000 * r['model_seconds'] / steps:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -5,9 +5,11 @@ import math
 import random
 
 import pytest
+import torch
 
 from halo.cli import build_parser
 from halo.eval import RECORD_KEYS, evaluate, fact_text, format_table, make_key, parse_budget, plant_fact, plot, recalled
+from halo.eval.coherence import memory_perplexity
 from halo.text import embedded_text
 
 
@@ -47,7 +49,12 @@ def test_records_have_a_stable_schema(tiny_pair, tmp_path):
         assert tuple(r) == RECORD_KEYS
         assert r["budget"] == 20 and r["tokens"] == 36 and set(r["recall"]) == {"0.5"}
         assert math.isfinite(r["ppl"]) and r["halo_seconds"] >= 0 and r["model_seconds"] > 0
+        assert math.isfinite(r["coherence"]) and r["coherence"] > 1.0
     assert records[0]["ppl_ratio"] == 1.0
+    # full's memory is the whole text (36 tokens), read from scratch: coherence is its perplexity
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"][:36])
+    assert records[0]["coherence"] == pytest.approx(memory_perplexity(model, ids), rel=1e-5)
+    assert records[1]["coherence"] != records[0]["coherence"]  # streaming's memory has a hole
     json.loads(json.dumps(records))
     assert "| streaming | 20 |" in format_table(records)
     plot(records, tmp_path / "p.png")
