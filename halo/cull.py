@@ -44,6 +44,33 @@ def cull_scores(brightness: torch.Tensor, positions: torch.Tensor, n_valid: int,
     return scores
 
 
+def unit_means(scores: torch.Tensor, units: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """float32 [n]: `scores` with every slot of a pooled unit holding the mean score of that unit's slots.
+
+    Mean pooling scores a log or tool line by what its tokens earned on average, so a long line is not kept alive
+    by its single best token (with `amax`, the more tokens a line has, the more likely one of them is bright).
+    `select_unit_victims` then reads that mean as the unit's best score. Slots with `pooled` False or unit -1 keep
+    their own score. Sort-based and the same size throughout: no host synchronisation.
+
+    Args:
+        scores: float32 [n]; units: int64 [n] unit id per slot (-1 for plain tokens); pooled: bool [n].
+    """
+    n = scores.numel()
+    if n == 0:
+        return scores.clone()
+    key = torch.where(pooled & (units >= 0), units, -1)
+    order = torch.argsort(key, stable=True)
+    sorted_key = key[order]
+    segment = torch.cumsum(torch.cat([sorted_key.new_zeros(1), (sorted_key[1:] != sorted_key[:-1]).long()]), 0)
+    sums = torch.zeros(n, dtype=torch.float64, device=scores.device).index_add_(0, segment, scores[order].double())
+    counts = torch.zeros(n, dtype=torch.float64, device=scores.device).index_add_(
+        0, segment, torch.ones(n, dtype=torch.float64, device=scores.device))
+    means = (sums / counts)[segment].to(scores.dtype)
+    out = scores.clone()
+    out[order] = torch.where(sorted_key >= 0, means, scores[order])
+    return out
+
+
 def select_victims(scores: torch.Tensor, positions: torch.Tensor, protected: torch.Tensor, n_valid: int, k: int) -> torch.Tensor:
     """int64 [k]: the k unprotected slots with the lowest score, ties by lowest position, sorted by (score, position).
 
@@ -65,8 +92,10 @@ def select_unit_victims(scores: torch.Tensor, positions: torch.Tensor, brightnes
                         ) -> torch.Tensor:
     """int64 [k] victims when some retained slots belong to units: a unit lives and dies whole.
 
-    A unit scores as its best-scoring token, counts as bright as its brightest token and is protected when any
-    of its tokens is. Units (a plain token is a unit of its own) die in the order of their first slot in
+    A unit scores as its best-scoring token (a policy that pools a unit otherwise gives all its tokens the
+    unit's score first: HaloPolicy gives every token of a log or tool line the line's mean, `unit_means`), counts
+    as bright as its brightest token and is protected when any of its tokens is. Units (a plain token is a unit of
+    its own) die in the order of their first slot in
     `select_victims` order (score, then position) until `need` slots are chosen; with `threshold`, every
     unprotected unit whose brightness is at most it dies too. Only when the units protected whole leave fewer
     than `need` slots (a budget too small for the protected set and the words or lines around its edges) are

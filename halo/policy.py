@@ -8,9 +8,11 @@ in `cache.mass` / `cache.last_mass`), and `scores` when it must cull: lower scor
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from .cull import unit_means
 
 
 @dataclass
@@ -38,15 +40,57 @@ class CullPolicy(ABC):
 
 @dataclass
 class HaloPolicy(CullPolicy):
-    """Halo Weave: brightness (attention-fed, source-aware, decaying) biased toward dark regions.
+    """Halo Weave: brightness (attention-fed, source-aware, decaying) biased toward dark regions, shifted by the
+    priority of each token's source, with log and tool lines scored by the mean over their tokens.
 
-    Score: `b[j] + dark_bias * mean(b of the +-dark_radius position-order neighbours)` (see `halo.cull`), with
-    `dark_bias` and `dark_radius` from the cache's HaloConfig. Units (log/tool lines) are scored by the cache
-    as a whole, with the max brightness of their tokens.
+    Score of slot j, lower dies first:
+
+        score[j] = b[j] + dark_bias * mean(b of the +-dark_radius position-order neighbours) + priority[source j]
+
+    (`halo.cull.cull_scores` for the first two terms, `dark_bias` and `dark_radius` from the cache's HaloConfig,
+    `priority` from its `SourcePolicy`). Then every token of a line unit (a source in `unit_sources`) takes the
+    mean score of its line (`line_pooling="mean"`, `halo.cull.unit_means`); word units keep the best-scoring-token
+    rule of `halo.cull.select_unit_victims`.
+
+    Why: brightness says what the model attends to, but during a flood of tool or log output nothing attends to
+    the conversation, so a fact the user stated fades with the chatter around it and, once everything is dark,
+    the oldest text dies first. The priority is the prior that the conversation matters more than what a tool
+    printed, and what the user said (facts, instructions) more than the assistant's replies, in the same units
+    as brightness: a log line outlives user text only by scoring `priority difference` higher. Mean pooling
+    stops long lines from living on their single brightest token (with the best token, the longer the line, the
+    likelier one of its tokens is bright). Brightness and its update rule are unchanged; only the order of dying
+    is. Both steps run on top of `cache.backend.cull_scores`, so the Triton and reference backends stay twins.
+
+    Attributes:
+        line_pooling: "mean" (default) or "max" (a line scores as its best-scoring token, like a word).
     """
 
     name = "halo"
+    line_pooling: str = "mean"
+    _priority: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _line_codes: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.line_pooling not in ("mean", "max"):
+            raise ValueError(f"line_pooling must be 'mean' or 'max', got {self.line_pooling!r}")
+
+    def attach(self, cache) -> None:
+        """Read the per-source priorities and the line sources of the cache's config (a policy serves one cache)."""
+        cfg = cache.config
+        self._priority = torch.tensor([p.priority for p in cfg.sources.values()], dtype=torch.float32,
+                                      device=cache.device)
+        self._line_codes = torch.tensor([cfg.source_code(name) for name in cfg.unit_sources], dtype=torch.int64,
+                                        device=cache.device)
 
     def scores(self, cache) -> torch.Tensor:
-        cfg = cache.config
-        return cache.backend.cull_scores(cache.brightness, cache.positions, cache.n_valid, cfg.dark_bias, cfg.dark_radius)
+        cfg, n = cache.config, cache.n_valid
+        if self._priority is None:
+            self.attach(cache)
+        sources = cache.sources[:n]
+        scores = cache.backend.cull_scores(cache.brightness, cache.positions, n, cfg.dark_bias, cfg.dark_radius)
+        scores = scores + self._priority[sources]
+        if self.line_pooling == "mean":
+            lines = torch.isin(sources, self._line_codes)
+            if scores.is_cuda or bool(lines.any()):  # on the CPU the check costs less than pooling nothing
+                scores = unit_means(scores, cache.units[:n], lines)
+        return scores

@@ -80,7 +80,9 @@ def add_parser(sub) -> None:
 
 
 def _overrides(args) -> dict:
-    from ..config import SourcePolicy, default_sources
+    import dataclasses
+
+    from ..config import default_sources
 
     out = {}
     if args.dark_bias is not None:
@@ -89,7 +91,7 @@ def _overrides(args) -> dict:
         out["alpha"] = args.alpha
     if args.decay is not None:
         sources = default_sources()
-        sources["user"] = SourcePolicy(initial=sources["user"].initial, decay=args.decay)
+        sources["user"] = dataclasses.replace(sources["user"], decay=args.decay)  # keeps initial and priority
         out["sources"] = sources
     return out
 

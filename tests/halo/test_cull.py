@@ -28,3 +28,21 @@ def test_ties_break_by_position_and_protected_never_chosen():
     victims = select_victims(scores, positions, protected, 6, 3)
     assert victims.tolist() == [5, 1, 0]  # positions 0, 3, 5; position 1 is protected
     assert select_victims(scores, positions, torch.ones(6, dtype=torch.bool), 6, 0).numel() == 0
+
+
+def test_unit_means_equals_a_loop():
+    from halo.cull import unit_means
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        scores = torch.rand(n, generator=g) * 300
+        units = torch.randint(-1, 6, (n,), generator=g)
+        pooled = torch.rand(n, generator=g) < 0.6
+        got = unit_means(scores, units, pooled)
+        for j in range(n):
+            if units[j] < 0 or not pooled[j]:
+                assert got[j] == scores[j]
+            else:
+                members = [i for i in range(n) if units[i] == units[j] and pooled[i]]
+                assert torch.isclose(got[j], scores[members].mean(), rtol=1e-6)
