@@ -30,7 +30,7 @@ build: venv
 	$(PY) setup.py -q build_ext --inplace
 
 demo: venv
-	$(PY) -m halo run --budget 256 --recent 48 --max-tokens 1500 --generate 40
+	$(PY) -m halo demo
 
 test: venv
 	$(PY) -m pytest tests benchmarks --benchmark-disable $(PYTEST_FLAGS)

@@ -84,7 +84,8 @@ class HaloConfig:
         cull_threshold: None culls only under budget pressure; a number makes unprotected tokens whose
             brightness falls to it die of neglect even under budget.
         marker_text: text of an elision marker; it replaces whole lines, so it ends with a newline.
-        kernels: "auto" uses the fused Triton kernels on CUDA and the vectorised PyTorch path on CPU;
+        kernels: "auto" uses the fused Triton kernels on CUDA, and on CPU the PyTorch path with the compiled decode
+            column mass of halo._C (halo.decode_mass; the plain PyTorch path where it is not built);
             "reference" forces the plain PyTorch path everywhere; "triton" forces the kernels (on CPU only under
             TRITON_INTERPRET=1, for tests). Chosen once, when the cache is built (halo.backend).
         repair: None (off), "self" (the host model re-predicts targets from their left context) or a masked-LM

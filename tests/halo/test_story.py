@@ -60,3 +60,20 @@ def test_demo_command_prints_both_answers_and_halos_memory(tmp_path, tiny_tok, c
 def test_demo_refuses_halo_as_its_own_baseline(capsys):
     assert main(["demo", "--baseline", "halo"]) == 2
     assert "--baseline must be another evicting policy" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_on_the_embedded_model_halo_remembers_the_code_and_streaming_does_not():
+    from halo.eval.runner import eval_config
+    from halo.models import ModelNotFoundError, load_model
+
+    try:
+        model, tok = load_model()
+    except ModelNotFoundError as exc:
+        pytest.skip(f"embedded model unavailable: {exc}")
+    story = make_story(tok)  # the `make demo` story: docs flood of 3000 characters, seed 0
+    config = eval_config(192, chunk=64)
+    halo, streaming = tell(model, tok, story, config, "halo"), tell(model, tok, story, config, "streaming")
+    assert halo.correct, halo.reply
+    assert not streaming.correct, streaming.reply
+    assert "[...]" in halo.session.memory_text() and story.fact.answer in halo.session.memory_text()
