@@ -19,6 +19,7 @@ from ..baselines import make_policy
 from ..config import HaloConfig
 from ..session import Session
 from ..units import tokenize_lines
+from .coherence import session_coherence
 from .conversation import FACT_KINDS, FLOOD_SIZES, Conversation, Message, answer_matches, make_conversations
 from .runner import REPAIR_SUFFIX, budget_label, eval_config, parse_budget, resolve_budget
 
@@ -34,7 +35,7 @@ CONVERSATION_COUNT = 6
 CONVERSATION_CHUNK = 64
 """Default most tokens per forward while feeding a message (HaloConfig's default chunk_size)."""
 
-CONVERSATION_RECORD_KEYS = ("policy", "budget", "answered", "total", "score", "by_kind", "replies")
+CONVERSATION_RECORD_KEYS = ("policy", "budget", "answered", "total", "score", "by_kind", "coherence", "replies")
 """The key set of one conversation-suite record (one per policy and budget)."""
 
 ANSWER_TOKENS = 8
@@ -140,7 +141,8 @@ def answer(model, tokenizer, feeds: list[Feed], config: HaloConfig, policy_name:
            answer_tokens: int = ANSWER_TOKENS) -> tuple[str, dict]:
     """Feed `feeds` under `policy_name` (`full`/`oracle`: an unlimited cache) and greedy-read the answer.
 
-    Returns (reply, session stats)."""
+    Returns (reply, session stats with `coherence`: the host model's perplexity of the memory after the reply,
+    halo.eval.coherence)."""
     base = policy_name.removesuffix(REPAIR_SUFFIX)
     if base != policy_name:
         config = config.replace(repair="self")
@@ -153,7 +155,7 @@ def answer(model, tokenizer, feeds: list[Feed], config: HaloConfig, policy_name:
     for feed in feeds:
         session.feed(feed.text, source=feed.source)
     reply = session.generate(answer_tokens)
-    return reply, session.stats()
+    return reply, dict(session.stats(), coherence=session_coherence(session))
 
 
 def _check_policies(policies) -> None:
@@ -173,7 +175,8 @@ def run_conversations(model, tokenizer, *, count: int = CONVERSATION_COUNT, budg
     Budgets are tokens (`160`) or fractions of each conversation's token length (`1/4`). One record per
     (policy, budget), keys `CONVERSATION_RECORD_KEYS`: `answered` of `total` exact answers, `score` their ratio,
     `by_kind` fact kind -> [answered, total], `replies` per conversation (index, kind, flood, answer, reply,
-    correct, tokens fed). `full` runs once per conversation and is reported at every budget. `answer_tokens`
+    correct, tokens fed, coherence); `coherence` their mean: the host model's perplexity of each memory after its
+    reply (halo.eval.coherence). `full` runs once per conversation and is reported at every budget. `answer_tokens`
     greedy tokens are read back after the answer prefix.
     """
     from tqdm import tqdm
@@ -215,7 +218,7 @@ def _answer_row(model, tokenizer, conversation: Conversation, feeds: list[Feed],
     reply, stats = answer(model, tokenizer, feeds, config, name, seed=seed, answer_tokens=answer_tokens)
     return {"conversation": conversation.index, "kind": conversation.target.kind, "flood": conversation.flood,
             "answer": conversation.answer, "reply": reply, "correct": answer_matches(reply, conversation.answer),
-            "tokens": stats["tokens_fed"]}
+            "tokens": stats["tokens_fed"], "coherence": stats["coherence"]}
 
 
 def _record(policy: str, label: str, rows: list[dict]) -> dict:
@@ -227,16 +230,18 @@ def _record(policy: str, label: str, rows: list[dict]) -> dict:
     return {"policy": policy, "budget": budgets.pop() if len(budgets) == 1 else label, "answered": answered,
             "total": len(rows), "score": answered / len(rows) if rows else float("nan"),
             "by_kind": {k: v for k, v in by_kind.items() if v[1]},
+            "coherence": sum(row["coherence"] for row in rows) / len(rows) if rows else float("nan"),
             "replies": [{k: v for k, v in row.items() if k != "budget"} for row in rows]}
 
 
 def format_conversation_table(records: list[dict]) -> str:
-    """A Markdown table: policy, budget, answered/total, score, then answered/total per fact kind."""
+    """A Markdown table: policy, budget, answered/total, score, answered/total per fact kind, memory ppl."""
     kinds = [k for k in FACT_KINDS if any(k in r["by_kind"] for r in records)]
-    head = ["policy", "budget", "answered", "score"] + kinds
+    head = ["policy", "budget", "answered", "score"] + kinds + ["memory ppl"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in records:
         per_kind = [("{}/{}".format(*r["by_kind"][k]) if k in r["by_kind"] else "-") for k in kinds]
         row = [r["policy"], str(r["budget"]), f"{r['answered']}/{r['total']}", f"{r['score']:.2f}"] + per_kind
+        row.append(f"{r['coherence']:.2f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

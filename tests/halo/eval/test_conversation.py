@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import pytest
 from tiny import tiny_llama
@@ -126,6 +127,7 @@ def test_suite_on_a_tiny_model_gives_one_record_per_policy_and_budget(tiny_tok):
         assert r["total"] == 1 and r["answered"] == sum(x["correct"] for x in r["replies"])
         assert r["score"] == r["answered"] / r["total"]
         reply = r["replies"][0]
+        assert r["coherence"] == reply["coherence"] and math.isfinite(reply["coherence"]) and reply["coherence"] > 1
         if r["policy"] == "oracle":
             assert reply["tokens"] <= r["budget"]
         elif r["policy"] != "full":
