@@ -12,11 +12,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .baselines import make_policy
 from .config import HaloConfig
 from .eval.conversation import (FLOOD_SHAPES, SYSTEM_PROMPT, Fact, Message, answer_matches, fact_turns, flood_turns,
                                 make_fact)
-from .eval.conversation_runner import ANSWER_TOKENS, Feed, count_tokens, render_feeds
+from .eval.conversation_runner import ANSWER_TOKENS, Feed, answer_session, count_tokens, render_feeds
 from .session import Session
 
 
@@ -66,8 +65,5 @@ def tell(model, tokenizer, story: Story, config: HaloConfig, policy: str = "halo
          answer_tokens: int = ANSWER_TOKENS) -> Telling:
     """Feed the story under `policy` (a cull policy name: halo, streaming, h2o, tova, random) at `config.budget`
     and read `answer_tokens` greedy tokens after the answer prefix."""
-    session = Session(model, tokenizer, config, policy=make_policy(policy))
-    for feed in story.feeds:
-        session.feed(feed.text, source=feed.source)
-    reply = session.generate(answer_tokens)
+    reply, session = answer_session(model, tokenizer, list(story.feeds), config, policy, answer_tokens=answer_tokens)
     return Telling(policy, reply, answer_matches(reply, story.fact.answer), session)

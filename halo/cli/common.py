@@ -106,3 +106,9 @@ def read_transcript(path: Path) -> list[tuple[str, str]]:
         return [(m["role"], m["content"]) for m in messages]
     except (TypeError, KeyError) as err:
         raise ValueError(f"{path}: a transcript is a list of {{'role', 'content'}} objects ({err})") from None
+
+
+def print_stats(stats: dict) -> None:
+    """One `key: value` line per stat, keys right-aligned, floats to three decimals."""
+    for key, value in stats.items():
+        print(f"{key:>18}: {value:.3f}" if isinstance(value, float) else f"{key:>18}: {value}")

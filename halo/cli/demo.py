@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import textwrap
 
-from .common import add_config_options, add_model_options, config_from_args
+from .common import add_config_options, add_model_options, config_from_args, print_stats
 
 _DEFAULT_BUDGET = 192
 
@@ -43,8 +43,8 @@ def main(args) -> int:
     base = config_from_args(args)
     budget = args.budget or _DEFAULT_BUDGET
     # the protected set every policy shares (sinks, a recent window of min(64, budget / 4)), as `halo eval` does
-    config = base.replace(budget=budget, sink_tokens=args.sinks if args.sinks is not None else base.sink_tokens,
-                          recent_tokens=args.recent if args.recent is not None else eval_config(budget).recent_tokens)
+    config = base.replace(budget=budget, recent_tokens=base.recent_tokens if args.recent is not None
+                          else eval_config(budget).recent_tokens)
     model, tokenizer = load_model(args.model, device=args.device)
     story = make_story(tokenizer, flood=args.flood, flood_chars=args.flood_chars, seed=args.seed)
     tokens = story_tokens(tokenizer, story, config)
@@ -65,6 +65,5 @@ def main(args) -> int:
     print(f"=== what halo remembers ({halo.cache.n_valid} tokens; [...] stands for culled tool lines) ===")
     print(halo.memory_text())
     print("=== stats (halo) ===")
-    for key, value in halo.stats().items():
-        print(f"{key:>18}: {value:.3f}" if isinstance(value, float) else f"{key:>18}: {value}")
+    print_stats(halo.stats())
     return 0

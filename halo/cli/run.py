@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .common import add_config_options, add_model_options, config_from_args, read_transcript
+from .common import add_config_options, add_model_options, config_from_args, print_stats, read_transcript
 
 
 def add_parser(sub) -> None:
@@ -105,6 +105,5 @@ def main(args) -> int:
               (" ..." if len(forgotten) > 200 else ""))
     print("=== stats ===")
     stats["tokens_per_second"] = stats["tokens_fed"] / elapsed if elapsed else 0.0
-    for key, value in stats.items():
-        print(f"{key:>18}: {value:.3f}" if isinstance(value, float) else f"{key:>18}: {value}")
+    print_stats(stats)
     return 0

@@ -137,12 +137,11 @@ def oracle_feeds(tokenizer, conversation: Conversation, config: HaloConfig, *,
     return feeds(low)
 
 
-def answer(model, tokenizer, feeds: list[Feed], config: HaloConfig, policy_name: str, *, seed: int = 0,
-           answer_tokens: int = ANSWER_TOKENS) -> tuple[str, dict]:
+def answer_session(model, tokenizer, feeds: list[Feed], config: HaloConfig, policy_name: str, *, seed: int = 0,
+                   answer_tokens: int = ANSWER_TOKENS) -> tuple[str, Session]:
     """Feed `feeds` under `policy_name` (`full`/`oracle`: an unlimited cache) and greedy-read the answer.
 
-    Returns (reply, session stats with `coherence`: the host model's perplexity of the memory after the reply,
-    halo.eval.coherence)."""
+    Returns (reply, the session it ran in)."""
     base = policy_name.removesuffix(REPAIR_SUFFIX)
     if base != policy_name:
         config = config.replace(repair="self")
@@ -154,7 +153,15 @@ def answer(model, tokenizer, feeds: list[Feed], config: HaloConfig, policy_name:
         session = Session(model, tokenizer, config, policy=make_policy(base, seed=seed))
     for feed in feeds:
         session.feed(feed.text, source=feed.source)
-    reply = session.generate(answer_tokens)
+    return session.generate(answer_tokens), session
+
+
+def answer(model, tokenizer, feeds: list[Feed], config: HaloConfig, policy_name: str, *, seed: int = 0,
+           answer_tokens: int = ANSWER_TOKENS) -> tuple[str, dict]:
+    """`answer_session`, returning (reply, session stats with `coherence`: the host model's perplexity of the
+    memory after the reply, halo.eval.coherence)."""
+    reply, session = answer_session(model, tokenizer, feeds, config, policy_name, seed=seed,
+                                    answer_tokens=answer_tokens)
     return reply, dict(session.stats(), coherence=session_coherence(session))
 
 
