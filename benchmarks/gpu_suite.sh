@@ -6,17 +6,20 @@
 # Run from anywhere on a CUDA machine whose python3 already has torch (CUDA build), triton, transformers, pytest
 # and pytest-benchmark (nothing is installed; nothing is downloaded: HF_HUB_OFFLINE=1). Results go to $OUT
 # (default benchmarks/out/), at most 8 files so that all of them come back from a device call:
-#   table.txt (the summary), tests.log, build.log, bench.log (every benchmark file's output), bench_*.json.
+#   table.txt (the summary), tests.log, build.log, bench.log (every benchmark file's output), bench_*.json (one
+#   per benchmark phase: bench_kernels.json also holds the per-layer kernels of bench_layers.py, which runs in the
+#   bench_kernels phase so that the suite still writes 8 files).
 # Copy table.txt into benchmarks/RESULTS.md.
 #
 #   bash benchmarks/gpu_suite.sh                        # everything, within 480 s
 #   SUITE_BUDGET_S=300 bash benchmarks/gpu_suite.sh     # a smaller budget: every share scales down
-#   SKIP_BUILD=1 SKIP_TESTS=1 BENCHES="bench_kernels" bash benchmarks/gpu_suite.sh
+#   SKIP_BUILD=1 SKIP_TESTS=1 BENCHES="bench_kernels" bash benchmarks/gpu_suite.sh   # bench_kernels + bench_layers
+#   SKIP_BUILD=1 SKIP_TESTS=1 BENCHES="bench_layers" bash benchmarks/gpu_suite.sh    # the per-layer kernels alone
 #   SUITE_ALLOW_CPU=1 PYTHON=.venv/bin/python SKIP_BUILD=1 SUITE_BUDGET_S=90 bash benchmarks/gpu_suite.sh
 #                                             # check the script itself on a CPU machine (numbers mean nothing)
 #
 # Knobs (environment): SUITE_BUDGET_S (480), SUITE_RESERVE_S (30, kept for the summary and kill grace),
-# SKIP_BUILD / SKIP_TESTS / SKIP_BENCH (=1), BENCHES (file stems to time), HALO_BENCH_ROUNDS (20: pedantic rounds
+# SKIP_BUILD / SKIP_TESTS / SKIP_BENCH (=1), BENCHES (phases or file stems to time), HALO_BENCH_ROUNDS (20: pedantic rounds
 # and best-of repeats, read by the bench files; unset there, each keeps its own default), HALO_BENCH_MAX_TIME (0.5 s
 # per plain `benchmark(fn)` case), HALO_BENCH_MIN_ROUNDS (3), MAX_JOBS (nproc), TORCH_CUDA_ARCH_LIST (the device's
 # capability, 9.0 on H100/H200), PYTHON (python3), OUT, SUITE_ALLOW_CPU (=1: run the phases without CUDA).
@@ -28,8 +31,10 @@
 # so the suite ends within the budget however any phase behaves; a phase whose limit is under MIN_PHASE_S is
 # skipped and reported as skipped. pytest phases turn SIGTERM into KeyboardInterrupt, so a benchmark file stopped
 # at its limit still writes the JSON of the cases it finished. Shares (s, at 480; scaled to other budgets):
-#     versions 30 | build 100 | tests 110 | bench_kernels 65 | bench_targets 50 | bench_repair 70 | bench_step 25
-#     = 450, + 30 reserve = 480.
+#     versions 30 | build 85 | tests 125 | bench_kernels 75 | bench_targets 45 | bench_repair 70 | bench_step 20
+#     = 450, + 30 reserve = 480. (The per-layer kernels came with 60 more kernel tests and 8 more benchmark cases:
+#     tests and bench_kernels took 25 s from build, whose estimate stays well inside 85 s, and 10 s from
+#     bench_targets and bench_step, which end well inside theirs; each still inherits what earlier phases leave.)
 #
 # Estimate (H200, fresh machine). Plain `benchmark(fn)` cases run max(ceil(0.5 s / t), 3) rounds after one
 # calibration call and one warm-up call (--benchmark-max-time=0.5 --benchmark-min-rounds=3 --benchmark-warmup=on
@@ -41,15 +46,19 @@
 #   file / phase   cases  case                                   rounds x est. ms per round (how)           est. s
 #   versions           -  torch + CUDA init, package metadata, nvidia-smi                                      ~10
 #   build              3  TUs, ninja -j16, sm_90 only              .cpp ~40 s in parallel with .cu ~60 s, link  50-70
-#   tests            111  -k cuda over CUDA_TESTS                  ~60 Triton JITs x ~1 s, tiny-model graph /   70-100
-#                         (104 kernel cases on device=cuda)        generate tests ~10 s, imports ~10 s
+#   tests            171  -k cuda over CUDA_TESTS                  ~95 Triton JITs x ~1 s, tiny-model graph /  100-130
+#                         (164 kernel cases on device=cuda, 60 of  generate tests ~10 s, imports ~10 s
+#                         them per-layer: ~35 of the JITs)
 #   bench_kernels      3  brightness halo N=2k/32k/128k            ~250 x 2 (67 Triton launches, host-bound)       3
 #                         + 42 CUDA-event reps, a check, inputs up to 2 x 3 GB
 #                      3  brightness reference                     ~200 x 2.5 (~225 torch ops)                   1.5
 #                      3  compaction halo/ref/index_select N=32k   0.5 s each (0.1 / 1 / 0.4 ms) + 63 reps         2
 #                      4  cull scores + victims k=1/64             0.5 s each (~0.2 ms)                          2.5
 #                      2  select_victims halo/ref                  0.5 s each (~0.1 ms)                            1
-#                         imports ~10 s, Triton JIT ~10 x 1 s (fewer after the tests phase)      file total  ~35
+#   (bench_layers      4  brightness layers halo/ref N=2k/32k      0.5 s each (< 0.1 ms) + 40 event reps each    2.5
+#    in the same       4  select_victims_layers halo/ref k=1/64    0.5 s each (~0.2 / ~1 ms: [22, 32k] sorts)      2
+#    phase)            2  compact_layers_ halo/ref k=64 N=32k      0.5 s each (~0.1 / ~1 ms) + 40 event reps       1
+#                         imports ~10 s (shared), Triton JIT ~15 x 1 s (fewer after the tests phase)  phase ~55
 #   bench_targets      4  brightness / decode step, eager|graph    23 x 1.5; per N: eager step (~330 ops, 4 ms),  2
 #                         x N=2k/32k                               capture, 2 x 23 event reps
 #                      1  full copy bandwidth N=32k                22 x 0.4; 1 GiB copy_ x 23                     <1
@@ -68,7 +77,7 @@
 #                                                                  (94 MB) is not on the device; with it:
 #                                                                  6 x 23 x 15-40 + loads and feeds ~25 s
 #   summary            -  JSON -> table (no torch import)                                                       ~1
-#   expected total  ~280 s; hard bound SUITE_BUDGET_S = 480 s
+#   expected total  ~330 s; hard bound SUITE_BUDGET_S = 480 s
 # ---------------------------------------------------------------------------------------------------------------
 set -uo pipefail
 
@@ -101,7 +110,7 @@ MIN_PHASE_S=$(( GRACE_S + 5 ))
 # half of what there is: a cold first import of torch on a fresh machine is slow); the others scale to what is left
 # of BUDGET - RESERVE.
 PHASES=(versions build tests bench_kernels bench_targets bench_repair bench_step)
-BASE_SHARES=(30 100 110 65 50 70 25)
+BASE_SHARES=(30 85 125 75 45 70 20)
 avail=$(( BUDGET - RESERVE ))
 first=$(( BASE_SHARES[0] < avail / 2 ? BASE_SHARES[0] : avail / 2 ))
 rest_base=0
@@ -427,12 +436,15 @@ fi
 # them `cuda`), the tests marked `cuda`, and the tests named *cuda* that skip without a device. The rest of the suite
 # runs on CPU in CI; tests/halo_kernels/test_compile_cuda.py (sm_90 compile check without a GPU) is left out on purpose.
 CUDA_TESTS=(
+    tests/halo_kernels/test_brightness_layers.py
     tests/halo_kernels/test_brightness_update.py
     tests/halo_kernels/test_cache_integration.py
     tests/halo_kernels/test_column_mass.py
     tests/halo_kernels/test_compact_kernel.py
+    tests/halo_kernels/test_compact_layers.py
     tests/halo_kernels/test_scores.py
     tests/halo_kernels/test_victims.py
+    tests/halo_kernels/test_victims_layers.py
     tests/halo_kernels/test_pipeline_cuda.py
     tests/repair/test_graphs.py
     tests/halo/test_repair_loop.py
@@ -465,28 +477,46 @@ else
     fi
 fi
 
-# ------------------------------------------------------------------ 4. benchmarks, one phase per file
+# ------------------------------------------------------------------ 4. benchmarks, one phase (and one JSON) each
+# The files each phase times (stems under benchmarks/): one, except bench_kernels, which also times the per-layer
+# kernels of bench_layers.py (a phase of their own would write a ninth file, which a device call does not return).
+bench_stems() {
+    case "$1" in
+        bench_kernels) echo "bench_kernels bench_layers" ;;
+        *) echo "$1" ;;
+    esac
+}
 for name in "${PHASES[@]:3}"; do  # bench_kernels bench_targets bench_repair bench_step, in the order of PHASES
-    bench="benchmarks/$name.py"
     if [ "${SKIP_BENCH:-0}" = 1 ]; then
         skip_phase "$name" "SKIP_BENCH=1"; continue
     fi
-    if [ -n "${BENCHES:-}" ] && [[ " $BENCHES " != *" $name "* ]]; then
+    stems=()  # BENCHES names a phase (all its files) or single files
+    for stem in $(bench_stems "$name"); do
+        if [ -z "${BENCHES:-}" ] || [[ " $BENCHES " == *" $name "* || " $BENCHES " == *" $stem "* ]]; then
+            stems+=("$stem")
+        fi
+    done
+    if (( ${#stems[@]} == 0 )); then
         skip_phase "$name" "not in BENCHES"; continue
     fi
     if [ "$RUN_CUDA" = 0 ]; then
         skip_phase "$name" "$NO_CUDA"; continue
     fi
-    if [ ! -f "$bench" ]; then
-        skip_phase "$name" "$bench missing"; continue
+    benches=(); gone=()
+    for stem in "${stems[@]}"; do
+        if [ -f "benchmarks/$stem.py" ]; then benches+=("benchmarks/$stem.py"); else gone+=("benchmarks/$stem.py"); fi
+    done
+    if (( ${#benches[@]} == 0 )); then
+        skip_phase "$name" "${gone[*]} missing"; continue
     fi
-    echo "-- $bench" >>"$OUT/bench.log"
-    run_phase "$name" "$OUT/bench.log" 0 "${PYTEST[@]}" "$bench" -q -rfEs -p no:cacheprovider --benchmark-only \
+    echo "-- ${benches[*]}" >>"$OUT/bench.log"
+    run_phase "$name" "$OUT/bench.log" 0 "${PYTEST[@]}" "${benches[@]}" -q -rfEs -p no:cacheprovider --benchmark-only \
         --benchmark-group-by=group --benchmark-columns=min,median,mean,stddev,rounds \
         --benchmark-max-time="$BENCH_MAX_TIME" --benchmark-min-rounds="$BENCH_MIN_ROUNDS" \
         --benchmark-warmup=on --benchmark-warmup-iterations=1 --benchmark-json="$OUT/$name.json" --durations=5
     detail="$(pytest_summary "$PHASE_LOG")"
     [ -f "$OUT/$name.json" ] || detail="$detail; no JSON"
+    (( ${#gone[@]} > 0 )) && detail="$detail; ${gone[*]} missing"
     finish_phase "$name" "$detail"
 done
 

@@ -1,7 +1,7 @@
 """halo_kernels: Triton kernels for Halo Weave's per-step cache operations.
 
 Every op has a plain-PyTorch reference twin with the same signature (`halo.brightness`, `halo.cull`,
-`halo.compact`); `halo.backend` picks these kernels for CUDA caches when `available()`.
+`halo.layer_cull`, `halo.compact`); `halo.backend` picks these kernels for CUDA caches when `available()`.
 
     attention_column_mass(query, key, scaling, n_past, mass, last_row_mass=None)       column_mass.py
     attention_column_mass_and_update(query, key, scaling, n_past, mass, brightness,
@@ -10,6 +10,12 @@ Every op has a plain-PyTorch reference twin with the same signature (`halo.brigh
     cull_scores(brightness, positions, n_valid, dark_bias, radius) -> float32 [n]      scores.py
     select_victims(scores, positions, protected, n_valid, k) -> int64 [k]              victims.py
     compact_(kv, slot_tensors, victims, n_valid) -> int                                compact.py
+
+Per-layer memory (every layer keeps its own slots; fields are [L, C] and counts int64 [L] on the device):
+
+    update_brightness_layers(brightness, mass, decay, n_past, t_rows, alpha)           brightness_layers.py
+    select_victims_layers(scores, positions, protected, k) -> int64 [L, k]             victims_layers.py
+    compact_layers_(kv, slot_tensors, victims, counts) -> int64 [L]                    compact_layers.py
 
 Importing this package never fails: without Triton the ops raise RuntimeError and `available()` is False.
 Under `TRITON_INTERPRET=1` (set before this import) the kernels run on CPU tensors in Triton's interpreter;
@@ -41,11 +47,14 @@ def available() -> bool:
 
 
 if _TRITON_ERROR is None:
+    from .brightness_layers import update_brightness_layers
     from .brightness_update import update_brightness
     from .column_mass import attention_column_mass, attention_column_mass_and_update
     from .compact import compact_
+    from .compact_layers import compact_layers_
     from .scores import cull_scores
     from .victims import select_victims
+    from .victims_layers import select_victims_layers
 else:
 
     def _missing(name):
@@ -61,6 +70,9 @@ else:
     cull_scores = _missing("cull_scores")
     select_victims = _missing("select_victims")
     compact_ = _missing("compact_")
+    update_brightness_layers = _missing("update_brightness_layers")
+    select_victims_layers = _missing("select_victims_layers")
+    compact_layers_ = _missing("compact_layers_")
 
 __all__ = [
     "available",
@@ -70,4 +82,7 @@ __all__ = [
     "cull_scores",
     "select_victims",
     "compact_",
+    "update_brightness_layers",
+    "select_victims_layers",
+    "compact_layers_",
 ]
