@@ -1,7 +1,7 @@
 """The step backend: the fused Triton kernels or their plain-PyTorch reference twins, chosen once per cache.
 
-Both implement the same six operations with the same signatures (`halo.brightness`, `halo.cull` and
-`halo.compact` define the semantics; `halo_kernels` holds the fused twins):
+Both implement the same operations with the same signatures (`halo.brightness`, `halo.cull`, `halo.layer_cull`
+and `halo.compact` define the semantics; `halo_kernels` holds the fused twins):
 
     attention_column_mass(query, key, scaling, n_past, mass, last_row_mass=None)
     attention_column_mass_and_update(query, key, scaling, n_past, mass, brightness, decay, alpha, num_layers,
@@ -10,6 +10,10 @@ Both implement the same six operations with the same signatures (`halo.brightnes
     cull_scores(brightness, positions, n_valid, dark_bias, radius) -> float32 [n_valid]
     select_victims(scores, positions, protected, n_valid, k) -> int64 [k]
     compact_(kv, slot_tensors, victims, n_valid) -> int
+and for per-layer memory (halo.layered_cache), every layer at once:
+    update_brightness_layers(brightness, mass, decay, n_past, t_rows, alpha)
+    select_victims_layers(scores, positions, protected, k) -> int64 [L, k]
+    compact_layers_(kv, slot_tensors, victims, counts) -> int64 [L]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from . import brightness as _brightness
 from . import compact as _compact
 from . import cull as _cull
 from . import decode_mass as _decode_mass
+from . import layer_cull as _layer_cull
 
 KERNEL_CHOICES = ("auto", "reference", "triton")
 """HaloConfig.kernels values: `auto` (Triton on CUDA, the compiled decode operator on CPU), `reference`,
@@ -42,15 +47,20 @@ class Backend:
     cull_scores: Callable
     select_victims: Callable
     compact_: Callable
+    update_brightness_layers: Callable
+    select_victims_layers: Callable
+    compact_layers_: Callable
 
     @classmethod
     def from_module(cls, name: str, module: ModuleType) -> "Backend":
         return cls(name, module.attention_column_mass, module.attention_column_mass_and_update,
-                   module.update_brightness, module.cull_scores, module.select_victims, module.compact_)
+                   module.update_brightness, module.cull_scores, module.select_victims, module.compact_,
+                   module.update_brightness_layers, module.select_victims_layers, module.compact_layers_)
 
 
 REFERENCE = Backend("reference", _brightness.attention_column_mass, _brightness.attention_column_mass_and_update,
-                    _brightness.update_brightness, _cull.cull_scores, _cull.select_victims, _compact.compact_)
+                    _brightness.update_brightness, _cull.cull_scores, _cull.select_victims, _compact.compact_,
+                    _brightness.update_brightness_layers, _layer_cull.select_victims_layers, _compact.compact_layers_)
 
 CPU_OPERATOR = dataclasses.replace(REFERENCE, name="cpu-operator",
                                    attention_column_mass=_decode_mass.attention_column_mass,

@@ -33,7 +33,7 @@ class StreamingPolicy(CullPolicy):
     needs_attention = False
 
     def scores(self, cache) -> torch.Tensor:
-        return cache.positions[: cache.n_valid].to(torch.float32)
+        return cache.positions[..., : cache.n_valid].to(torch.float32)
 
 
 @dataclass
@@ -59,13 +59,13 @@ class H2OPolicy(CullPolicy):
         n = cache.n_valid
         acc = cache.slot_field(self.field_name)
         owner = cache.slot_field(self.field_name + "_serial")
-        fresh = owner[:n] != cache.serials[:n]
-        acc[:n].masked_fill_(fresh, 0.0)
-        owner[:n] = cache.serials[:n]
-        acc[:n] += cache.mass[:n]
+        fresh = owner[..., :n] != cache.serials[..., :n]
+        acc[..., :n].masked_fill_(fresh, 0.0)
+        owner[..., :n] = cache.serials[..., :n]
+        acc[..., :n] += cache.mass[..., :n]
 
     def scores(self, cache) -> torch.Tensor:
-        return cache.slot_field(self.field_name)[: cache.n_valid].clone()
+        return cache.slot_field(self.field_name)[..., : cache.n_valid].clone()
 
 
 @dataclass
@@ -80,7 +80,7 @@ class TOVAPolicy(CullPolicy):
     keeps_words = False
 
     def scores(self, cache) -> torch.Tensor:
-        return cache.last_mass[: cache.n_valid].clone()
+        return cache.last_mass[..., : cache.n_valid].clone()
 
 
 @dataclass
@@ -97,7 +97,7 @@ class RandomPolicy(CullPolicy):
         self._generator = torch.Generator(device=cache.device).manual_seed(self.seed)
 
     def scores(self, cache) -> torch.Tensor:
-        return torch.rand(cache.n_valid, generator=self._generator, device=cache.device)
+        return torch.rand(cache.brightness[..., : cache.n_valid].shape, generator=self._generator, device=cache.device)
 
 
 POLICIES = {

@@ -143,3 +143,20 @@ def attention_column_mass_and_update(
     """
     attention_column_mass(query, key, scaling, n_past, mass, last_row_mass)
     update_brightness(brightness, mass, decay, n_past, query.shape[1], alpha, num_layers)
+
+
+def update_brightness_layers(brightness: torch.Tensor, mass: torch.Tensor, decay: torch.Tensor,
+                             n_past: torch.Tensor, t_rows: int, alpha: float) -> None:
+    """Per-layer memory: apply one forward's brightness update to every layer's own slots, in place.
+
+    Layer l's slot j: `b = clamp(b + alpha * mass[l, j] - decay[l, j] * rows_seeing_l(j), 0, 255)`, with
+    `rows_seeing_l` as in `rows_seeing(n_past[l], T)` (0 past that layer's slots), so each layer's brightness
+    follows exactly the token-level rule fed by that layer's attention alone (num_layers = 1).
+
+    Args:
+        brightness, mass, decay: float32 [L, n] (views of the first n columns, n >= max(n_past) + T).
+        n_past: int64 [L] retained slots of each layer before the forward; t_rows: T.
+    """
+    idx = torch.arange(brightness.shape[1], device=brightness.device)[None, :]
+    seen_by = (t_rows - (idx - n_past.to(brightness.device)[:, None]).clamp(min=0)).clamp(min=0).to(torch.float32)
+    brightness.copy_((brightness + mass * alpha - decay * seen_by).clamp_(0.0, MAX_BRIGHTNESS))

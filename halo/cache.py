@@ -27,8 +27,9 @@ from .config import HaloConfig
 from .cull import select_unit_victims, unit_runs
 from .forward import CullResult, Eviction, ForwardSpec, StepResult, causal_visibility, stream_spec
 from .journal import Journal
+from .retained import RetainedReader
 from .policy import CullPolicy, HaloPolicy
-from .slots import SLOT_FIELDS, SlotStore
+from .slots import SlotStore
 
 COUNTERS = ("n_valid", "seen", "steps", "next_serial", "next_unit", "unit_slots")
 
@@ -36,7 +37,6 @@ COUNTERS = ("n_valid", "seen", "steps", "next_serial", "next_unit", "unit_slots"
 @dataclass
 class _Flight:
     """The forward in flight: its spec and the layers whose attention mass it has captured."""
-
     spec: ForwardSpec
     layers_captured: int = 0
 
@@ -45,8 +45,9 @@ def _slot_property(name: str, doc: str):
     return property(lambda self: self._store.fields[name], doc=doc)
 
 
-class HaloCache(Cache):
-    """Fixed-budget KV cache with brightness, cull, compaction and a journal.
+class HaloCache(RetainedReader, Cache):
+    """Fixed-budget KV cache with brightness, cull, compaction and a journal (one token set for every layer;
+    `halo.layered_cache.LayeredHaloCache` keeps one per layer).
 
     Args:
         model: a transformers causal LM; passing it sizes the buffers and switches on the attention capture.
@@ -64,6 +65,9 @@ class HaloCache(Cache):
     brightness = _slot_property("brightness", "float32 [C] brightness of each slot, in [0, 255].")
     mass = _slot_property("mass", "float32 [C] the last stream forward's attention mass, summed over layers.")
     last_mass = _slot_property("last_mass", "float32 [C] the same for the forward's last query row only.")
+
+    per_layer = False
+    """False: every layer holds the same slots (per-slot fields [C]); True in LayeredHaloCache (fields [L, C])."""
 
     def __init__(self, model=None, config: HaloConfig | None = None, *, policy: CullPolicy | None = None,
                  num_layers=None, num_kv_heads=None, head_dim=None, dtype=None, device=None,
@@ -91,7 +95,8 @@ class HaloCache(Cache):
         self._default_source = default_source
         self.journal = Journal(self.config.source_names, skip_source=self.config.source_code("marker"))
         self._store = SlotStore(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device,
-                                self.config.budget + self.config.chunk_size)
+                                self.config.budget + self.config.chunk_size,
+                                groups=self.num_layers if self.per_layer else None)
         policies = list(self.config.sources.values())
         self._initial = torch.tensor([p.initial for p in policies], dtype=torch.float32, device=self.device)
         self._decay = torch.tensor([0.0 if p.pinned else p.decay for p in policies], dtype=torch.float32,
@@ -103,15 +108,10 @@ class HaloCache(Cache):
         self.policy.attach(self)
 
     # ----------------------------------------------------------------- storage
-    @property
-    def kv(self) -> torch.Tensor:
-        """[L, 2, Hkv, C, D] K/V buffers of every layer (slots 0 .. n_valid - 1 retained)."""
-        return self._store.kv
-
-    @property
-    def capacity(self) -> int:
-        """C, the slots every buffer holds (budget + chunk_size, more after an oversized forward)."""
-        return self._store.capacity
+    kv = property(lambda self: self._store.kv,
+                  doc="[L, 2, Hkv, C, D] K/V buffers of every layer (slots 0 .. n_valid - 1 retained).")
+    capacity = property(lambda self: self._store.capacity,
+                        doc="C, the slots every buffer holds (budget + chunk_size, more after an oversized forward).")
 
     def add_slot_field(self, name: str, dtype: torch.dtype, fill=0) -> None:
         """Add a per-slot tensor [C] that compaction moves with the slots (for policies that keep state)."""
@@ -123,11 +123,7 @@ class HaloCache(Cache):
 
     def reset(self) -> None:
         """Forget everything (journal included); buffers are kept."""
-        self._n_valid = 0
-        self._seen = 0
-        self._steps = 0
-        self._next_serial = 0
-        self._next_unit = 0
+        self._n_valid = self._seen = self._steps = self._next_serial = self._next_unit = 0
         self._unit_slots = 0  # retained slots that belong to units: while > 0 the unit-aware cull runs
         self._halo_seconds = 0.0
         self._reset_count += 1
@@ -191,6 +187,12 @@ class HaloCache(Cache):
         n, t_rows = self._n_valid, spec.new_rows
         if n + t_rows > self.capacity:
             self._store.grow(n + t_rows, n)
+        self._write_new_slots(spec)
+        self._flight = _Flight(spec)
+
+    def _write_new_slots(self, spec: ForwardSpec) -> None:
+        """Fill the per-slot fields of the forward's new slots and clear the step fields."""
+        n, t_rows = self._n_valid, spec.new_rows
         new = slice(n, n + t_rows)
         slots = self._store.fields
         slots["positions"][new] = spec.position_ids[:t_rows]
@@ -201,7 +203,6 @@ class HaloCache(Cache):
         slots["brightness"][new] = self._initial[spec.source]
         slots["mass"][: n + t_rows].zero_()
         slots["last_mass"][: n + t_rows].zero_()
-        self._flight = _Flight(spec)
 
     def _default_spec(self, rows: int, hooked: torch.Tensor | None) -> ForwardSpec:
         """Continue the stream at `seen` with `rows` tokens of the default source (plain `generate`)."""
@@ -218,7 +219,7 @@ class HaloCache(Cache):
         f = self._flight
         if f is None or key_states.shape[-2] != f.spec.rows:
             raise RuntimeError(f"HaloCache: layer {layer_idx} updated outside a forward that began at layer 0")
-        n_past, t_rows, patches = f.spec.n_past, f.spec.new_rows, f.spec.patch_slots
+        n_past, t_rows, patches = self.layer_length(layer_idx), f.spec.new_rows, f.spec.patch_slots
         end, (keys, values) = n_past + t_rows, self._store.layer_kv[layer_idx]
         keys[:, n_past:end], values[:, n_past:end] = key_states[0, :, :t_rows], value_states[0, :, :t_rows]
         if patches is not None:
@@ -231,10 +232,15 @@ class HaloCache(Cache):
         """True when `key` is this cache's key view for the forward in flight at `layer_idx`."""
         f = self._flight
         return (f is not None and key.data_ptr() == self._store.layer_kv[layer_idx][0].data_ptr()
-                and key.shape[-2] == f.spec.n_past + f.spec.new_rows)
+                and key.shape[-2] == self.layer_length(layer_idx) + f.spec.new_rows)
 
-    def attention_mask(self) -> torch.Tensor | None:
-        """The mask this forward's attention uses, in slot space: None (plain causal) or bool [1, 1, R, n+T]."""
+    def layer_length(self, layer_idx: int) -> int:
+        """Retained slots of layer `layer_idx` (every layer holds n_valid here)."""
+        return self._n_valid
+
+    def attention_mask(self, layer_idx: int = 0) -> torch.Tensor | None:
+        """The mask this forward's attention uses at a layer, in slot space: None (plain causal) or bool
+        [1, 1, R, n+T]."""
         spec = self._flight.spec
         if spec.visible is not None:
             return spec.visible[None, None]
@@ -249,21 +255,24 @@ class HaloCache(Cache):
         last = layer_idx == self.num_layers - 1
         if f.spec.streams and self.policy.needs_attention:
             t0 = time.perf_counter()
-            spec, slots = f.spec, self._store.fields
-            query = query[:, : spec.new_rows]  # patch rows earn nothing
             f.layers_captured += 1
-            if last:
-                n = spec.n_past + spec.new_rows
-                self.backend.attention_column_mass_and_update(
-                    query, key, scaling, spec.n_past, slots["mass"], slots["brightness"],
-                    self._decay[slots["sources"][:n]], self.config.alpha, f.layers_captured, slots["last_mass"])
-            else:
-                self.backend.attention_column_mass(query, key, scaling, spec.n_past, slots["mass"], slots["last_mass"])
+            self._accumulate(layer_idx, query[:, : f.spec.new_rows], key, scaling, last)  # patch rows earn nothing
             self._halo_seconds += time.perf_counter() - t0
         if last:
             capture.clear_active()
             if not self._driven:
                 self._commit()
+
+    def _accumulate(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float, last: bool) -> None:
+        """Add one layer's attention mass; the last layer also applies the brightness update."""
+        spec, slots = self._flight.spec, self._store.fields
+        if last:
+            n = spec.n_past + spec.new_rows
+            self.backend.attention_column_mass_and_update(
+                query, key, scaling, spec.n_past, slots["mass"], slots["brightness"], self._decay[slots["sources"][:n]],
+                self.config.alpha, self._flight.layers_captured, slots["last_mass"])
+        else:
+            self.backend.attention_column_mass(query, key, scaling, spec.n_past, slots["mass"], slots["last_mass"])
 
     def abort_forward(self) -> None:
         """Drop the forward in flight (or prepared) without committing it."""
@@ -275,7 +284,7 @@ class HaloCache(Cache):
         f, self._flight = self._flight, None
         t0 = time.perf_counter()
         spec = f.spec
-        self._n_valid = spec.n_past + spec.new_rows
+        self._count_new_slots(spec)
         self._next_serial += spec.new_rows
         if spec.units is not None:
             self._unit_slots += spec.new_rows
@@ -289,6 +298,9 @@ class HaloCache(Cache):
         self._halo_seconds += time.perf_counter() - t0
         self.last_result = result
         return result
+
+    def _count_new_slots(self, spec: ForwardSpec) -> None:
+        self._n_valid = spec.n_past + spec.new_rows
 
     # ------------------------------------------------------------------ cull
     def protected_mask(self, protect_serials_from: int | None = None) -> torch.Tensor:
@@ -354,18 +366,6 @@ class HaloCache(Cache):
         self.journal.record(self.positions[slots], self.token_ids[slots], self.sources[slots], self.brightness[slots],
                             self._steps, kind="replaced")
         self.token_ids[slots] = new_ids.to(self.device)
-
-    # -------------------------------------------------------------- reading
-    def slot_of_position(self) -> dict[int, int]:
-        """position -> slot of every retained token (one host read of the positions)."""
-        return {p: i for i, p in enumerate(self.positions[: self._n_valid].tolist())}
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """Retained slots sorted by position (ties by birth), as CPU tensors keyed like the slot fields."""
-        n = self._n_valid
-        serial_order = torch.sort(self.serials[:n]).indices
-        order = serial_order[torch.sort(self.positions[:n][serial_order], stable=True).indices]
-        return {name: self._store.fields[name][:n][order].cpu() for name in SLOT_FIELDS}
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._seen

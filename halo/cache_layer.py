@@ -23,7 +23,7 @@ class HaloLayer(CacheLayerMixin):
 
     @property
     def keys(self):
-        return self.cache.kv[self.layer_idx, 0, None, :, : self.cache.n_valid]
+        return self.cache.kv[self.layer_idx, 0, None, :, : self.cache.layer_length(self.layer_idx)]
 
     @keys.setter
     def keys(self, value):
@@ -32,7 +32,7 @@ class HaloLayer(CacheLayerMixin):
 
     @property
     def values(self):
-        return self.cache.kv[self.layer_idx, 1, None, :, : self.cache.n_valid]
+        return self.cache.kv[self.layer_idx, 1, None, :, : self.cache.layer_length(self.layer_idx)]
 
     @values.setter
     def values(self, value):

@@ -54,7 +54,7 @@ def halo_attention_forward(module, query, key, value, attention_mask, scaling=No
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    mask = cache.attention_mask()
+    mask = cache.attention_mask(layer_idx)
     out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     cache.capture_layer(layer_idx, query[0], key[0], scaling)
     return out, None

@@ -50,3 +50,55 @@ def compact_(kv: torch.Tensor, slot_tensors: list[torch.Tensor], victims: torch.
     for tensor in slot_tensors:
         tensor[dst] = tensor[src]
     return n_valid - k
+
+
+def compaction_moves_layers(victims: torch.Tensor, counts: torch.Tensor, capacity: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(src, dst) int64 [L, k]: per layer, the moves of `compaction_moves` for that layer's own victims.
+
+    Args:
+        victims: int64 [L, k] distinct slots per row, each below that layer's count, padded with -1.
+        counts: int64 [L] valid slots per layer before the eviction.
+    Pair i of row l moves the i-th surviving tail slot of layer l into its i-th hole; rows with fewer holes than
+    k end in self-copies of slot `capacity - 1`, which no real move of that row writes, so the list is
+    rectangular and needs no host synchronisation.
+    """
+    layers, k = victims.shape
+    device = victims.device
+    if k == 0:
+        empty = victims.new_empty(layers, 0)
+        return empty, empty
+    valid = victims >= 0
+    keep = counts.to(device) - valid.sum(1)
+    is_victim = torch.zeros(layers, capacity + 1, dtype=torch.bool, device=device)
+    is_victim.scatter_(1, torch.where(valid, victims, capacity), True)
+    far = 2 * capacity
+    hole = valid & (victims < keep[:, None])
+    dst = torch.sort(torch.where(hole, victims, far), dim=1).values
+    tail = keep[:, None] + torch.arange(k, device=device)[None, :]
+    in_tail = tail < counts.to(device)[:, None]
+    survives = in_tail & ~torch.gather(is_victim, 1, tail.clamp(max=capacity))
+    src = torch.sort(torch.where(survives, tail, far), dim=1).values
+    real = dst < far
+    idle = torch.full_like(dst, capacity - 1)
+    return torch.where(real, src, idle), torch.where(real, dst, idle)
+
+
+def compact_layers_(kv: torch.Tensor, slot_tensors: list[torch.Tensor], victims: torch.Tensor,
+                    counts: torch.Tensor) -> torch.Tensor:
+    """Evict each layer's own `victims` and compact every layer in place; returns the new counts int64 [L].
+
+    Args:
+        kv: [L, 2, Hkv, C, D] K/V buffers; slot_tensors: per-slot tensors [L, C] moved alike.
+        victims: int64 [L, k] per-layer victims padded with -1 (see `compaction_moves_layers`).
+        counts: int64 [L] valid slots per layer before the eviction.
+    """
+    new_counts = counts - (victims >= 0).sum(1).to(counts.device)
+    if victims.shape[1] == 0:
+        return new_counts
+    src, dst = compaction_moves_layers(victims, counts, kv.shape[3])
+    rows = torch.arange(kv.shape[0], device=kv.device)[:, None]
+    kv[rows, :, :, dst] = kv[rows, :, :, src]
+    for tensor in slot_tensors:
+        tensor.scatter_(1, dst, torch.gather(tensor, 1, src))
+    return new_counts

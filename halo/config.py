@@ -64,6 +64,10 @@ def default_sources() -> dict[str, SourcePolicy]:
     }
 
 
+GRANULARITIES = ("token", "layer")
+"""HaloConfig.granularity values: one retained token set for all layers, or one per layer."""
+
+
 @dataclass
 class HaloConfig:
     """Everything that shapes what the cache keeps.
@@ -84,6 +88,9 @@ class HaloConfig:
         cull_threshold: None culls only under budget pressure; a number makes unprotected tokens whose
             brightness falls to it die of neglect even under budget.
         marker_text: text of an elision marker; it replaces whole lines, so it ends with a newline.
+        granularity: "token" keeps one set of retained tokens for every layer (brightness fed by the attention
+            averaged over layers); "layer" gives every layer its own brightness and its own `budget` slots, fed
+            by that layer's attention alone (halo.layered_cache): a token is remembered while any layer holds it.
         kernels: "auto" uses the fused Triton kernels on CUDA, and on CPU the PyTorch path with the compiled decode
             column mass of halo._C (halo.decode_mass; the plain PyTorch path where it is not built);
             "reference" forces the plain PyTorch path everywhere; "triton" forces the kernels (on CPU only under
@@ -112,6 +119,7 @@ class HaloConfig:
     dark_radius: int = 4
     cull_threshold: float | None = None
     marker_text: str = "[...]\n"
+    granularity: str = "token"
     kernels: str = "auto"
     repair: str | None = None
     repair_threshold: float = 64.0
@@ -165,6 +173,11 @@ class HaloConfig:
                 raise ValueError(f"unit_sources names {name!r}, which is not in sources ({sorted(self.sources)})")
         if not self.marker_text:
             raise ValueError("marker_text must not be empty")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.granularity == "layer" and self.repair is not None:
+            raise ValueError("repair is not available with granularity='layer' yet (a repaired token's K/V would "
+                             "have to be recomputed in every layer that holds it); use granularity='token'")
         if self.kernels not in ("auto", "reference", "triton"):
             raise ValueError(f"kernels must be 'auto', 'reference' or 'triton', got {self.kernels!r}")
 

@@ -53,8 +53,14 @@ def unit_means(scores: torch.Tensor, units: torch.Tensor, pooled: torch.Tensor) 
     their own score. Sort-based and the same size throughout: no host synchronisation.
 
     Args:
-        scores: float32 [n]; units: int64 [n] unit id per slot (-1 for plain tokens); pooled: bool [n].
+        scores: float32 [n]; units: int64 [n] unit id per slot (-1 for plain tokens); pooled: bool [n]. Or all
+        three [L, n] (per-layer memory): every row is pooled on its own.
     """
+    if scores.dim() == 2:  # per-layer memory [L, n]: each layer pools its own copy of a unit
+        rows = torch.arange(scores.shape[0], device=scores.device)[:, None]
+        width = units.max().clamp(min=0) + 1 if units.numel() else 1
+        keyed = torch.where(units >= 0, units + rows * width, -1)
+        return unit_means(scores.reshape(-1), keyed.reshape(-1), pooled.reshape(-1)).view_as(scores)
     n = scores.numel()
     if n == 0:
         return scores.clone()

@@ -29,6 +29,9 @@ class ForwardSpec:
         units: int64 [T] unit id per new token (-1 for none), or None.
         visible: bool [R, n_past + T] which slots each row attends to, or None for the causal default.
         patch_slots: int64 [k] retained slots whose K/V the last k rows recompute in place, or None.
+        horizon: int64 [R] or None: row r sees the retained tokens whose position is below horizon[r]. A
+            per-layer memory (halo.layered_cache), whose layers hold different slots, builds each layer's
+            retained columns from it and takes only the new-row columns `visible[:, n_past:]` from `visible`.
         streams: True for a forward of the conversation's stream (advances the position counter, earns
             brightness, culls to budget after); False for a service forward (elision markers, a KV-patch flush).
     """
@@ -41,6 +44,7 @@ class ForwardSpec:
     units: torch.Tensor | None = None
     visible: torch.Tensor | None = None
     patch_slots: torch.Tensor | None = None
+    horizon: torch.Tensor | None = None
     streams: bool = True
 
     def __post_init__(self):
@@ -53,6 +57,8 @@ class ForwardSpec:
             raise ValueError(f"ForwardSpec: {rows} rows cannot be {self.new_rows} new tokens + {patches} patches")
         if self.units is not None and self.units.shape != (self.new_rows,):
             raise ValueError(f"ForwardSpec: units {tuple(self.units.shape)} must be [{self.new_rows}]")
+        if self.horizon is not None and (self.visible is None or tuple(self.horizon.shape) != (rows,)):
+            raise ValueError(f"ForwardSpec: horizon must be [{rows}] and come with visible")
         if self.visible is not None and tuple(self.visible.shape) != (rows, self.n_past + self.new_rows):
             raise ValueError(f"ForwardSpec: visible {tuple(self.visible.shape)} must be "
                              f"[{rows}, {self.n_past + self.new_rows}]")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .forward import CullResult, ForwardSpec, visible_before
+from .forward import CullResult, ForwardSpec
 
 SETTLE_ROUNDS = 64
 """Most place-and-cull rounds one settle may take before it gives up (RuntimeError)."""
@@ -136,8 +136,8 @@ class ElisionMarkers:
         positions = torch.cat([start + offsets.clamp(max=end - start) for start, end in runs])
         starts = torch.tensor([start for start, _ in runs], device=device).repeat_interleave(m)
         visible = torch.zeros(rows, n + rows, dtype=torch.bool, device=device)
-        visible[:, :n] = visible_before(cache.positions[:n], starts)
+        visible[:, :n] = cache.retained_visibility(starts)
         block = torch.tril(torch.ones(m, m, dtype=torch.bool, device=device))
         visible[:, n:] = torch.block_diag(*[block] * len(runs))
         units = cache.new_unit_ids(len(runs)).repeat_interleave(m).to(device)
-        return ForwardSpec(ids, positions, self.source_code, rows, n, units, visible, streams=False)
+        return ForwardSpec(ids, positions, self.source_code, rows, n, units, visible, horizon=starts, streams=False)

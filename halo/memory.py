@@ -13,7 +13,9 @@ class MemorySnapshot:
 
     Attributes:
         positions: int64 [n] absolute positions; token_ids: int64 [n]; brightness: float32 [n];
-        sources: source name per token; units: int64 [n] unit id (-1 for plain tokens).
+        sources: source name per token; units: int64 [n] unit id (-1 for plain tokens);
+        layers: int64 [n] how many layers hold the token (every layer, unless granularity is "layer"; brightness
+        is then the mean over those layers).
     """
 
     positions: torch.Tensor
@@ -21,6 +23,7 @@ class MemorySnapshot:
     brightness: torch.Tensor
     sources: list[str]
     units: torch.Tensor
+    layers: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.positions.numel())
@@ -31,4 +34,4 @@ class MemorySnapshot:
         snap = cache.snapshot()
         names = cache.config.source_names
         return cls(snap["positions"], snap["token_ids"], snap["brightness"],
-                   [names[c] for c in snap["sources"].tolist()], snap["units"])
+                   [names[c] for c in snap["sources"].tolist()], snap["units"], snap["layers"])

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cull import unit_means
+from .layer_cull import cull_scores_layers
 
 
 @dataclass
@@ -35,7 +36,8 @@ class CullPolicy(ABC):
 
     @abstractmethod
     def scores(self, cache) -> torch.Tensor:
-        """float32 [cache.n_valid]: cull score per slot (lower dies first)."""
+        """float32 [cache.n_valid] cull score per slot (lower dies first); [L, n_valid], one row per layer, for a
+        per-layer memory (`cache.per_layer`, whose per-slot fields are [L, C])."""
 
 
 @dataclass
@@ -86,11 +88,15 @@ class HaloPolicy(CullPolicy):
         cfg, n = cache.config, cache.n_valid
         if self._priority is None:
             self.attach(cache)
-        sources = cache.sources[:n]
-        scores = cache.backend.cull_scores(cache.brightness, cache.positions, n, cfg.dark_bias, cfg.dark_radius)
+        sources = cache.sources[..., :n]
+        if cache.brightness.dim() == 2:  # per-layer memory: [L, C] fields
+            scores = cull_scores_layers(cache.brightness[:, :n], cache.positions[:, :n], cache.layer_counts,
+                                        cfg.dark_bias, cfg.dark_radius)
+        else:
+            scores = cache.backend.cull_scores(cache.brightness, cache.positions, n, cfg.dark_bias, cfg.dark_radius)
         scores = scores + self._priority[sources]
         if self.line_pooling == "mean":
             lines = torch.isin(sources, self._line_codes)
             if scores.is_cuda or bool(lines.any()):  # on the CPU the check costs less than pooling nothing
-                scores = unit_means(scores, cache.units[:n], lines)
+                scores = unit_means(scores, cache.units[..., :n], lines)
         return scores

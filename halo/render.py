@@ -2,7 +2,9 @@
 
 The HTML page has no external resources: inline CSS, no scripts. Each remembered token is a <span> whose
 background is the viridis colour of its brightness (0-255) and whose title gives position, source, brightness
-and, for repaired tokens, `old -> new`. Elision markers and repaired tokens are outlined. All text is escaped.
+and, for repaired tokens, `old -> new`. Elision markers and repaired tokens are outlined. With per-layer memory
+(granularity "layer") the title also says how many layers hold the token, and a token held by fewer than all
+of them is drawn fainter (opacity from 0.35 for one layer to 1 for all). All text is escaped.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ def render_html(session, *, title: str = "Halo Weave memory", cmap: str = "virid
     token_ids = mem.token_ids.tolist()
     bright = mem.brightness.tolist()
     units = mem.units.tolist()
+    layers, all_layers = mem.layers.tolist(), session.cache.num_layers
     i, n = 0, len(positions)
     while i < n:
         source = mem.sources[i]
@@ -109,12 +112,16 @@ def render_html(session, *, title: str = "Halo Weave memory", cmap: str = "virid
             continue
         pos, tid, level = positions[i], token_ids[i], _level(bright[i])
         tip = f"position {pos}; source {source}; brightness {bright[i]:.1f}; token {tid}"
+        held = ""
+        if layers[i] < all_layers:
+            tip += f"; held by {layers[i]} of {all_layers} layers"
+            held = f"opacity:{0.35 + 0.65 * (layers[i] - 1) / max(1, all_layers - 1):.2f};"
         cls = "t"
         if pos in diffs:
             old, new = diffs[pos]
             tip += f"; repaired {_token_text(tokenizer, old)!r} ({old}) -> {_token_text(tokenizer, new)!r} ({new})"
             cls += " repaired"
-        parts.append(f"<span class=\"{cls}\" style=\"background:{palette[level]};color:{_ink(palette[level])}\" "
+        parts.append(f"<span class=\"{cls}\" style=\"{held}background:{palette[level]};color:{_ink(palette[level])}\" "
                      f"title=\"{esc(tip)}\">{_visible(_token_text(tokenizer, tid))}</span>")
         i += 1
     parts.append("</div>")

@@ -20,7 +20,7 @@ def session_stats(cache, *, marker_source: int, repairs: int, model_seconds: flo
         "retained": cache.n_valid,
         "budget": cache.config.budget,
         "evicted": cache.journal.count("evicted"),
-        "markers": int((cache.sources[: cache.n_valid] == marker_source).sum()),
+        "markers": cache.count_source(marker_source),
         "repairs": repairs,
         "steps": cache.steps,
         "halo_seconds": cache.halo_seconds,

@@ -50,7 +50,8 @@ def add_parser(sub) -> None:
                         f"{','.join(CONVERSATION_BUDGETS)} (conversation)")
     parser.add_argument("--policies", type=_csv(str), default=None,
                         help="comma-separated policies: full, streaming, h2o, tova, random, halo, and oracle "
-                        "(conversation suite only); add +repair to a name (e.g. halo+repair) to run it with "
+                        "(conversation suite only); add -layer to an evicting policy (halo-layer, tova-layer) to keep "
+                        "one token set per layer, +repair (e.g. halo+repair) to run it with "
                         f"single-pass self repair; default {','.join(ALL_POLICY_NAMES)} (essays), "
                         f"{','.join(CONVERSATION_POLICIES)} (conversation)")
     parser.add_argument("--text", type=Path, nargs="+", default=None,

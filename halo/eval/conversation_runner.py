@@ -21,7 +21,7 @@ from ..session import Session
 from ..units import tokenize_lines
 from .coherence import session_coherence
 from .conversation import FACT_KINDS, FLOOD_SIZES, Conversation, Message, answer_matches, make_conversations
-from .runner import REPAIR_SUFFIX, budget_label, eval_config, parse_budget, resolve_budget
+from .runner import REPAIR_SUFFIX, budget_label, eval_config, parse_budget, policy_setup, resolve_budget
 
 CONVERSATION_POLICIES = ("full", "streaming", "h2o", "tova", "halo", "oracle")
 """Default rows of the conversation suite."""
@@ -142,9 +142,7 @@ def answer_session(model, tokenizer, feeds: list[Feed], config: HaloConfig, poli
     """Feed `feeds` under `policy_name` (`full`/`oracle`: an unlimited cache) and greedy-read the answer.
 
     Returns (reply, the session it ran in)."""
-    base = policy_name.removesuffix(REPAIR_SUFFIX)
-    if base != policy_name:
-        config = config.replace(repair="self")
+    base, config = policy_setup(policy_name, config)
     if base in UNLIMITED:
         length = count_tokens(tokenizer, feeds, config.unit_sources) + answer_tokens
         config = config.replace(budget=max(config.budget, length + config.chunk_size + 1))
@@ -168,7 +166,7 @@ def answer(model, tokenizer, feeds: list[Feed], config: HaloConfig, policy_name:
 def _check_policies(policies) -> None:
     """ValueError naming the first policy that is neither a row of its own (full, oracle) nor a cull policy."""
     for name in policies:
-        base = name.removesuffix(REPAIR_SUFFIX)
+        base, _ = policy_setup(name, HaloConfig())
         if base not in UNLIMITED:
             make_policy(base)  # ValueError on an unknown name
 

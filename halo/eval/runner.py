@@ -69,18 +69,33 @@ def eval_config(budget: int, *, sinks: int = 4, recent: int | None = None, chunk
 
 REPAIR_SUFFIX = "+repair"
 """`halo+repair` (any policy name plus this suffix) runs that policy with single-pass self repair switched on."""
+LAYER_SUFFIX = "-layer"
+"""`tova-layer` (any evicting policy plus this suffix) runs that policy with one retained set per layer
+(HaloConfig(granularity="layer")); the plain name runs it with one set for all layers."""
+
+
+def policy_setup(name: str, config: HaloConfig) -> tuple[str, HaloConfig]:
+    """(the cull policy's name, the config it runs with) for an evaluator row name such as `halo`, `tova-layer`
+    or `halo+repair`."""
+    base = name.removesuffix(REPAIR_SUFFIX)
+    if base != name:
+        config = config.replace(repair="self")
+    if base.endswith(LAYER_SUFFIX):
+        base = base.removesuffix(LAYER_SUFFIX)
+        config = config.replace(granularity="layer")
+    elif base != "full" and config.granularity == "layer":
+        config = config.replace(granularity="token")  # a plain name is the token-level row
+    return base, config
 
 
 def _check_policy(name: str) -> None:
-    base = name.removesuffix(REPAIR_SUFFIX)
+    base, _ = policy_setup(name, HaloConfig())
     if base != "full":
         make_policy(base)
 
 
 def _session(model, tokenizer, config: HaloConfig, policy_name: str, seed: int) -> Session:
-    base = policy_name.removesuffix(REPAIR_SUFFIX)
-    if base != policy_name:
-        config = config.replace(repair="self")
+    base, config = policy_setup(policy_name, config)
     policy = None if base == "full" else make_policy(base, seed=seed)
     return Session(model, tokenizer, config, policy=policy)
 

@@ -1,0 +1,246 @@
+"""LayeredHaloCache: per-layer memory. Every layer keeps the tokens it attends to.
+
+`HaloConfig(granularity="layer")`. The K/V buffers are those of HaloCache ([L, 2, Hkv, C, D]) but every per-slot
+field is [L, C]: row l lists layer l's own slots (positions, token ids, sources, units, serials, brightness, the
+step's attention mass), in its own slot order. Each layer's brightness is fed by that layer's attention alone
+(the token-level rule with num_layers = 1), and after every stream forward each layer culls its own dimmest
+units down to the budget and is compacted in place by its own victims. Units die whole within a layer.
+
+Token-level meaning stays exact: a token is *remembered* while any layer holds it and goes to the journal when
+the last layer drops it, so remembered tokens + journal = fed. `snapshot()` lists the remembered tokens with
+how many layers hold each (`layers`) and their brightness averaged over those layers. Layers may hold fewer
+than `budget` slots for a while (a whole unit freed more than was needed): `layer_length(l)` is layer l's
+count, `n_valid` the largest. A layer's slots past its own count are free (position FREE_POSITION, serial and
+unit -1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import HaloCache
+from .forward import CullResult, Eviction, ForwardSpec, causal_visibility, visible_before
+from .layer_cull import FREE_POSITION, select_unit_victims_layers
+
+
+def pack_rows(mask: torch.Tensor) -> torch.Tensor:
+    """int64 [L, m]: the column indices of each row's True entries, in order, padded with -1."""
+    counts = mask.sum(1)
+    width = int(counts.max()) if mask.numel() else 0
+    out = torch.full((mask.shape[0], width), -1, dtype=torch.int64, device=mask.device)
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    if rows.numel():
+        place = torch.cumsum(mask.long(), 1)[rows, cols] - 1
+        out[rows, place] = cols
+    return out
+
+
+class LayeredHaloCache(HaloCache):
+    """HaloCache with one retained token set per layer (HaloConfig.granularity == "layer"); same arguments.
+
+    Cull policies see [L, n] per-slot fields (`cache.brightness[:, :n]`, ...) and return [L, n] scores;
+    `protected_mask()` is [L, n] with each layer's free slots protected. Repair patches are not supported.
+    """
+
+    per_layer = True
+
+    def reset(self) -> None:
+        """Forget everything (journal included); buffers are kept."""
+        super().reset()
+        self._counts = [0] * self.num_layers
+        self._counts_t = torch.zeros(self.num_layers, dtype=torch.int64, device=self.device)
+        self._units_seen = False
+        self.positions.fill_(FREE_POSITION)
+        self.serials.fill_(-1)
+        self.units.fill_(-1)
+
+    # ------------------------------------------------------------ counters
+    def layer_length(self, layer_idx: int) -> int:
+        """Retained slots of layer `layer_idx`."""
+        return self._counts[layer_idx]
+
+    @property
+    def layer_counts(self) -> torch.Tensor:
+        """int64 [L] retained slots per layer (a copy)."""
+        return self._counts_t.clone()
+
+    # ------------------------------------------------------------ the forward
+    def _write_new_slots(self, spec: ForwardSpec) -> None:
+        if spec.patch_slots is not None:
+            raise ValueError("repair patches are not supported with granularity='layer'")
+        t_rows, layers = spec.new_rows, self.num_layers
+        idx = self._counts_t[:, None] + torch.arange(t_rows, device=self.device)[None, :]  # [L, T]
+        units = spec.units if spec.units is not None else torch.full((t_rows,), -1, device=self.device)
+        serials = torch.arange(self._next_serial, self._next_serial + t_rows, device=self.device)
+        values = {"positions": spec.position_ids[:t_rows], "token_ids": spec.input_ids[:t_rows],
+                  "sources": torch.full((t_rows,), spec.source, device=self.device), "units": units,
+                  "serials": serials, "brightness": self._initial[spec.source].expand(t_rows)}
+        fields = self._store.fields
+        for name, value in values.items():
+            fields[name].scatter_(1, idx, value.to(fields[name].dtype)[None, :].expand(layers, t_rows))
+        fields["mass"][:, : self._n_valid + t_rows].zero_()
+        fields["last_mass"][:, : self._n_valid + t_rows].zero_()
+        if spec.units is not None:
+            self._units_seen = True
+
+    def attention_mask(self, layer_idx: int = 0) -> torch.Tensor | None:
+        spec, n = self._flight.spec, self._counts[layer_idx]
+        if spec.visible is not None:
+            if spec.horizon is None:
+                raise ValueError("a per-layer cache needs ForwardSpec.horizon with a custom visibility")
+            retained = visible_before(self.positions[layer_idx, :n], spec.horizon)
+            return torch.cat([retained, spec.visible[:, spec.n_past:]], dim=1)[None, None]
+        if n == 0 or spec.new_rows == 1:
+            return None
+        return causal_visibility(n, spec.new_rows, self.device)[None, None]
+
+    def _accumulate(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float, last: bool) -> None:
+        fields = self._store.fields
+        self.backend.attention_column_mass(query, key, scaling, self._counts[layer_idx], fields["mass"][layer_idx],
+                                           fields["last_mass"][layer_idx])
+        if last:
+            width = self._n_valid + query.shape[1]
+            self.backend.update_brightness_layers(fields["brightness"][:, :width], fields["mass"][:, :width],
+                                     self._decay[fields["sources"][:, :width]], self._counts_t, query.shape[1],
+                                     self.config.alpha)
+
+    def _count_new_slots(self, spec: ForwardSpec) -> None:
+        self._counts = [c + spec.new_rows for c in self._counts]
+        self._counts_t += spec.new_rows
+        self._n_valid = max(self._counts)
+
+    # ------------------------------------------------------------------ cull
+    def protected_mask(self, protect_serials_from: int | None = None) -> torch.Tensor:
+        """bool [L, n_valid]: free slots, sinks, the recent window, pinned sources, slots born at or after the
+        given serial."""
+        n, cfg = self._n_valid, self.config
+        pos = self.positions[:, :n]
+        free = torch.arange(n, device=self.device)[None, :] >= self._counts_t[:, None]
+        protected = free | (pos < cfg.sink_tokens) | (pos >= self._seen - cfg.recent_tokens)
+        protected |= self._pinned[self.sources[:, :n]]
+        if protect_serials_from is not None:
+            protected |= self.serials[:, :n] >= protect_serials_from
+        return protected
+
+    def cull(self, protect_serials_from: int | None = None) -> CullResult:
+        """Every layer evicts down to the budget (and, with cull_threshold, the unprotected units that dimmed to
+        it). Tokens no layer holds any more go to the journal; line units no layer holds are returned as runs."""
+        budget, n = self.config.budget, self._n_valid
+        if max(self._counts) <= budget and self.config.cull_threshold is None:
+            return CullResult()
+        need = (self._counts_t - budget).clamp(min=0)
+        scores = self.policy.scores(self)
+        protected = self.protected_mask(protect_serials_from)
+        if self._units_seen or self.config.cull_threshold is not None or len(set(self._counts)) > 1:
+            victims = select_unit_victims_layers(scores, self.positions[:, :n], self.brightness[:, :n], protected,
+                                                 self.units[:, :n], need, self.config.cull_threshold)
+        else:
+            victims = self.backend.select_victims_layers(scores, self.positions[:, :n], protected,
+                                                         max(self._counts) - budget)
+        if victims.numel() == 0:
+            return CullResult()
+        gone, runs = self._evict(victims)
+        return CullResult([gone], runs)
+
+    def evict(self, victims: torch.Tensor) -> Eviction:
+        """Evict each layer's `victims` (int64 [L, k], padded with -1) and compact; returns the tokens that no
+        layer holds any more (journaled)."""
+        return self._evict(victims)[0]
+
+    def _evict(self, victims: torch.Tensor) -> tuple[Eviction, list[tuple[int, int, int]]]:
+        n, fields = self._n_valid, self._store.fields
+        taken = victims >= 0
+        rows = torch.arange(self.num_layers, device=self.device)[:, None].expand_as(victims)[taken]
+        cols = victims[taken]
+        left = {name: fields[name][rows, cols] for name in ("serials", "positions", "token_ids", "sources", "units",
+                                                            "brightness")}
+        self._counts_t = self.backend.compact_layers_(self._store.kv, list(fields.values()), victims, self._counts_t)
+        free = torch.arange(n, device=self.device)[None, :] >= self._counts_t[:, None]
+        fields["positions"][:, :n].masked_fill_(free, FREE_POSITION)
+        fields["serials"][:, :n].masked_fill_(free, -1)
+        fields["units"][:, :n].masked_fill_(free, -1)
+        self._counts = self._counts_t.tolist()
+        self._n_valid = max(self._counts)
+        # a token dies when the last layer holding it lets go (several layers may drop it in the same cull)
+        dead = ~torch.isin(left["serials"], fields["serials"][:, :n])
+        serials, first = torch.unique(left["serials"][dead], return_inverse=True)
+        pick = torch.zeros(serials.numel(), dtype=torch.int64, device=self.device).scatter_(
+            0, first, torch.nonzero(dead).flatten())
+        died = {name: value[pick] for name, value in left.items()}
+        self.journal.record(died["positions"], died["token_ids"], died["sources"], died["brightness"], self._steps)
+        runs: dict[int, list[int]] = {}
+        for unit, position, source in zip(died["units"].tolist(), died["positions"].tolist(),
+                                          died["sources"].tolist()):
+            if unit >= 0 and source in self._line_sources:
+                span = runs.setdefault(unit, [position, position])
+                span[0], span[1] = min(span[0], position), max(span[1], position)
+        gone = Eviction(died["positions"], died["token_ids"], died["brightness"])
+        return gone, [(unit, first_, last) for unit, (first_, last) in runs.items()]
+
+    def evict_units(self, unit_ids: list[int]) -> Eviction:
+        """Evict every slot of the given units from every layer (merging elision markers)."""
+        wanted = torch.tensor(sorted(unit_ids), dtype=torch.int64, device=self.device)
+        n = self._n_valid
+        held = torch.arange(n, device=self.device)[None, :] < self._counts_t[:, None]
+        return self._evict(pack_rows(held & torch.isin(self.units[:, :n], wanted)))[0]
+
+    def replace_tokens(self, slots: torch.Tensor, new_ids: torch.Tensor) -> None:
+        raise RuntimeError("repair is not supported with granularity='layer'")
+
+    def slot_of_position(self) -> dict[int, int]:
+        raise RuntimeError("a per-layer memory has one slot per layer for each token; use snapshot()")
+
+    # -------------------------------------------------------------- reading
+    def retained_visibility(self, horizon: torch.Tensor) -> torch.Tensor:
+        """bool [R, n_valid], all False: each layer builds its own retained columns from ForwardSpec.horizon."""
+        return torch.zeros(horizon.numel(), self._n_valid, dtype=torch.bool, device=self.device)
+
+    def count_source(self, code: int) -> int:
+        """Remembered tokens (held by some layer) of source `code`."""
+        held = self._held()
+        return int(torch.unique(self.serials[:, : self._n_valid][held & (self.sources[:, : self._n_valid] == code)]
+                                ).numel())
+
+    def _held(self) -> torch.Tensor:
+        return torch.arange(self._n_valid, device=self.device)[None, :] < self._counts_t[:, None]
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """The remembered tokens (held by at least one layer) sorted by position (ties by birth), as CPU tensors:
+        the slot fields, `brightness` averaged over the layers holding the token, and `layers` (int64, how many)."""
+        n = self._n_valid
+        held = self._held()
+        flat = {name: self._store.fields[name][:, :n][held] for name in
+                ("positions", "token_ids", "sources", "units", "serials", "brightness")}
+        serials, inverse = torch.unique(flat["serials"], return_inverse=True)  # sorted by birth
+        count = torch.zeros(serials.numel(), dtype=torch.int64, device=self.device).index_add_(
+            0, inverse, torch.ones_like(inverse))
+        total = torch.zeros(serials.numel(), dtype=torch.float32, device=self.device).index_add_(
+            0, inverse, flat["brightness"])
+        first = torch.zeros(serials.numel(), dtype=torch.int64, device=self.device).scatter_(
+            0, inverse, torch.arange(inverse.numel(), device=self.device))
+        out = {name: flat[name][first] for name in ("positions", "token_ids", "sources", "units", "serials")}
+        out["brightness"], out["layers"] = total / count, count
+        order = torch.sort(out["positions"], stable=True).indices
+        return {name: value[order].cpu() for name, value in out.items()}
+
+    # ---------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
+        """HaloCache.state_dict() with [L, n] slot fields and `layer_counts`."""
+        return {**super().state_dict(), "layer_counts": list(self._counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        counts = state.get("layer_counts")
+        if not isinstance(counts, list) or len(counts) != self.num_layers:
+            raise ValueError(f"saved per-layer memory needs layer_counts for {self.num_layers} layers")
+        if max(counts) != int(state["counters"]["n_valid"]) or min(counts) < 0:
+            raise ValueError(f"saved layer_counts {counts} do not match n_valid {state['counters']['n_valid']}")
+        super().load_state_dict(state)
+        self._counts = [int(c) for c in counts]
+        self._counts_t = torch.tensor(self._counts, dtype=torch.int64, device=self.device)
+        self._units_seen = bool((self.units[:, : self._n_valid] >= 0).any())
+
+
+def make_cache(model=None, config=None, **kwargs) -> HaloCache:
+    """The cache `config.granularity` asks for: a HaloCache ("token") or a LayeredHaloCache ("layer")."""
+    cls = LayeredHaloCache if config is not None and config.granularity == "layer" else HaloCache
+    return cls(model, config, **kwargs)

@@ -1,0 +1,189 @@
+"""Per-layer memory (HaloConfig(granularity="layer")): every layer keeps its own tokens, the accounting stays exact."""
+
+import pytest
+import torch
+
+from tiny import tiny_llama
+from halo import HaloConfig, Session
+from halo.baselines import make_policy
+from halo.eval.runner import policy_setup
+from halo.layered_cache import LayeredHaloCache, make_cache
+
+TEXT = ("the quick brown fox jumps over the lazy dog and keeps running far away into the night while "
+        "seven small owls count 48213 stars above the quiet river bank")
+LOG = "".join(f"2026-11-22 12:{i:02d} worker {i % 3} processed batch {i} ok\n" for i in range(24))
+
+
+def layered(model, tok, policy=None, **changes):
+    config = HaloConfig(**{"budget": 40, "sink_tokens": 2, "recent_tokens": 6, "chunk_size": 4,
+                           "granularity": "layer", **changes})
+    return Session(model, tok, config, policy=policy)
+
+
+class KVOracle:
+    """Remembers each (layer, position)'s K/V as written; every later read must find exactly that."""
+
+    def __init__(self, cache):
+        self.cache, self.seen = cache, {}
+
+    def check(self):
+        cache = self.cache
+        for layer in range(cache.num_layers):
+            for slot in range(cache.layer_length(layer)):
+                key = (layer, int(cache.positions[layer, slot]))
+                kv = cache.kv[layer, :, :, slot].clone()
+                if key in self.seen:
+                    assert torch.equal(self.seen[key], kv), f"layer {layer} slot {slot} holds another token's K/V"
+                else:
+                    self.seen[key] = kv
+
+
+def check_accounting(session, fed: int):
+    cache, config = session.cache, session.config
+    counts = cache.layer_counts.tolist()
+    assert max(counts) == cache.n_valid <= config.budget
+    for layer in range(cache.num_layers):
+        positions = cache.positions[layer, : counts[layer]].tolist()
+        assert len(set(positions)) == len(positions)
+    mem = session.memory()
+    real = [p for p, s in zip(mem.positions.tolist(), mem.sources) if s != "marker"]
+    journal = [e.position for e in session.journal.evicted]
+    assert sorted(real + journal) == list(range(fed))  # remembered + journal = fed, exactly once each
+    assert ((mem.layers >= 1) & (mem.layers <= cache.num_layers)).all()
+    return mem
+
+
+def test_make_cache_follows_the_granularity(tiny_model):
+    assert type(make_cache(tiny_model, HaloConfig(granularity="layer"))) is LayeredHaloCache
+    assert not make_cache(tiny_model, HaloConfig()).per_layer
+    with pytest.raises(ValueError, match="granularity"):
+        HaloConfig(granularity="head")
+    with pytest.raises(ValueError, match="repair is not available"):
+        HaloConfig(granularity="layer", repair="self")
+
+
+def test_without_eviction_the_layered_cache_generates_like_the_token_cache(tiny_pair):
+    model, tok = tiny_pair
+    token = Session(model, tok, HaloConfig(budget=400, chunk_size=8))
+    layer = Session(model, tok, HaloConfig(budget=400, chunk_size=8, granularity="layer"))
+    for session in (token, layer):
+        session.feed(TEXT)
+    torch.testing.assert_close(token.last_logits, layer.last_logits)
+    assert token.generate(12) == layer.generate(12)
+    assert torch.equal(token.memory().positions, layer.memory().positions)
+    assert (layer.memory().layers == model.config.num_hidden_layers).all()
+
+
+@pytest.mark.parametrize("policy", ["halo", "tova", "h2o", "streaming", "random"])
+def test_every_layer_culls_to_budget_with_exact_accounting_and_exact_kv(tiny_pair, policy):
+    model, tok = tiny_pair
+    model = tiny_llama(vocab=len(tok), layers=3)
+    session = layered(model, tok, policy=make_policy(policy))
+    oracle = KVOracle(session.cache)
+    for word in TEXT.split():
+        session.feed(" " + word)
+        oracle.check()
+        check_accounting(session, session.cache.seen)
+    session.generate(10)
+    oracle.check()
+    mem = check_accounting(session, session.cache.seen)
+    assert session.cache.seen > 2 * session.config.budget
+    if policy in ("halo", "tova"):  # rules fed by recent attention: layers keep different tokens
+        sets = [set(session.cache.positions[layer, : session.cache.layer_length(layer)].tolist())
+                for layer in range(3)]
+        assert len({frozenset(s) for s in sets}) > 1
+        assert len(mem) > session.config.budget  # together they remember more than one budget
+
+
+def test_layer_zero_keys_match_a_fresh_run_at_their_positions(tiny_pair):
+    """Layer 0's keys depend only on the token and its position: compaction must keep both with the slot."""
+    from transformers import DynamicCache
+    model, tok = tiny_pair
+    session = layered(model, tok)
+    session.feed(TEXT)
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    full = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.tensor([ids]), past_key_values=full)
+    cache = session.cache
+    for slot in range(cache.layer_length(0)):
+        position = int(cache.positions[0, slot])
+        assert int(cache.token_ids[0, slot]) == ids[position]
+        torch.testing.assert_close(cache.kv[0, 0, :, slot], full.layers[0].keys[0, :, position], rtol=1e-5, atol=1e-5)
+
+
+def test_words_die_whole_within_each_layer(tiny_pair):
+    model, tok = tiny_pair
+    session = layered(model, tok)
+    session.feed(TEXT)
+    cache = session.cache
+    for layer in range(cache.num_layers):
+        n = cache.layer_length(layer)
+        units = cache.units[layer, :n].tolist()
+        positions = cache.positions[layer, :n].tolist()
+        for unit in set(units) - {-1}:
+            held = sorted(p for p, u in zip(positions, units) if u == unit)
+            assert held == list(range(held[0], held[-1] + 1))
+            whole = session.memory()
+            # every token of a word any layer holds is fed; a layer holding part of a word holds all of it
+            word_positions = [p for p, u in zip(whole.positions.tolist(), whole.units.tolist()) if u == unit]
+            assert set(held) == set(word_positions) or len(held) == len(word_positions)
+
+
+def test_log_lines_are_marked_once_no_layer_holds_them(tiny_pair):
+    model, tok = tiny_pair
+    session = layered(model, tok, budget=60, recent_tokens=10, chunk_size=16)
+    session.feed("Check the worker log.")
+    session.feed(LOG, source="log")
+    mem = check_accounting(session, session.cache.seen)
+    assert "marker" in mem.sources and "[...]" in session.memory_text()
+    assert session.stats()["markers"] == sum(s == "marker" for s in mem.sources)
+    culled_lines = {e.position for e in session.journal.evicted if e.source == "log"}
+    text_positions = {p for p, s in zip(mem.positions.tolist(), mem.sources) if s != "marker"}
+    assert culled_lines and not culled_lines & text_positions
+
+
+def test_save_and_load_continue_exactly(tiny_pair, tmp_path):
+    model, tok = tiny_pair
+    session = layered(model, tok)
+    session.feed(TEXT)
+    path = session.save(tmp_path / "memory.halo")
+    loaded = Session.load(path, model, tok)
+    assert loaded.cache.layer_counts.tolist() == session.cache.layer_counts.tolist()
+    assert loaded.generate(8) == session.generate(8)
+    assert [e.position for e in loaded.journal.evicted] == [e.position for e in session.journal.evicted]
+
+
+def test_a_state_with_wrong_layer_counts_is_refused_and_changes_nothing(tiny_pair):
+    model, tok = tiny_pair
+    session = layered(model, tok)
+    session.feed(TEXT)
+    state = session.cache.state_dict()
+    other = layered(model, tok)
+    other.feed("hello there")
+    before = other.cache.layer_counts.clone(), other.cache.kv.clone()
+    with pytest.raises(ValueError, match="layer_counts"):
+        other.cache.load_state_dict(dict(state, layer_counts=state["layer_counts"][:-1]))
+    with pytest.raises(ValueError, match="layer_counts"):
+        other.cache.load_state_dict(dict(state, layer_counts=[c + 1 for c in state["layer_counts"]]))
+    assert torch.equal(other.cache.layer_counts, before[0]) and torch.equal(other.cache.kv, before[1])
+
+
+def test_eval_rows_name_the_granularity():
+    base = HaloConfig()
+    assert policy_setup("tova-layer", base)[0] == "tova"
+    assert policy_setup("tova-layer", base)[1].granularity == "layer"
+    assert policy_setup("halo", base.replace(granularity="layer"))[1].granularity == "token"
+    assert policy_setup("halo+repair", base)[1].repair == "self"
+    with pytest.raises(ValueError, match="repair is not available"):
+        policy_setup("halo-layer+repair", base)
+
+
+def test_html_view_says_how_many_layers_hold_each_token(tiny_pair, tmp_path):
+    model, tok = tiny_pair
+    session = layered(model, tok)
+    session.feed(TEXT)
+    page = session.render_html(tmp_path / "memory.html").read_text()
+    partial = int((session.memory().layers < model.config.num_hidden_layers).sum())
+    assert partial > 0 and page.count(f"of {model.config.num_hidden_layers} layers") == partial
+    assert "opacity:" in page
