@@ -223,10 +223,15 @@ class HaloCache(RetainedReader, Cache):
         end, (keys, values) = n_past + t_rows, self._store.layer_kv[layer_idx]
         keys[:, n_past:end], values[:, n_past:end] = key_states[0, :, :t_rows], value_states[0, :, :t_rows]
         if patches is not None:
-            keys.index_copy_(1, patches, key_states[0, :, t_rows:])
-            values.index_copy_(1, patches, value_states[0, :, t_rows:])
+            self._write_patches(layer_idx, key_states[0, :, t_rows:], value_states[0, :, t_rows:])
         capture.set_active(self, layer_idx)
         return keys[None, :, :end], values[None, :, :end]
+
+    def _write_patches(self, layer_idx: int, keys_new: torch.Tensor, values_new: torch.Tensor) -> None:
+        """Write the patch rows' K/V [Hkv, k, D] of one layer into the patched slots."""
+        keys, values = self._store.layer_kv[layer_idx]
+        keys.index_copy_(1, self._flight.spec.patch_slots, keys_new)
+        values.index_copy_(1, self._flight.spec.patch_slots, values_new)
 
     def holds_keys_of(self, layer_idx: int, key: torch.Tensor) -> bool:
         """True when `key` is this cache's key view for the forward in flight at `layer_idx`."""
@@ -359,13 +364,6 @@ class HaloCache(RetainedReader, Cache):
         ids = torch.arange(self._next_unit, self._next_unit + count, dtype=torch.int64)
         self._next_unit += count
         return ids
-
-    def replace_tokens(self, slots: torch.Tensor, new_ids: torch.Tensor) -> None:
-        """Write repaired token ids into the mirror at retained `slots` (int64 [k]); the old ones go to the journal
-        as "replaced". Their K/V are stale until a forward recomputes them (patch rows)."""
-        self.journal.record(self.positions[slots], self.token_ids[slots], self.sources[slots], self.brightness[slots],
-                            self._steps, kind="replaced")
-        self.token_ids[slots] = new_ids.to(self.device)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._seen

@@ -175,9 +175,6 @@ class HaloConfig:
             raise ValueError("marker_text must not be empty")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.granularity == "layer" and self.repair is not None:
-            raise ValueError("repair is not available with granularity='layer' yet (a repaired token's K/V would "
-                             "have to be recomputed in every layer that holds it); use granularity='token'")
         if self.kernels not in ("auto", "reference", "triton"):
             raise ValueError(f"kernels must be 'auto', 'reference' or 'triton', got {self.kernels!r}")
 

@@ -28,7 +28,7 @@ class ForwardSpec:
         n_past: retained slots when the spec was made; the forward must start from exactly this many.
         units: int64 [T] unit id per new token (-1 for none), or None.
         visible: bool [R, n_past + T] which slots each row attends to, or None for the causal default.
-        patch_slots: int64 [k] retained slots whose K/V the last k rows recompute in place, or None.
+        patch_slots: int64 [k] slots (of `cache.token_view()`) whose K/V the last k rows recompute in place, or None.
         horizon: int64 [R] or None: row r sees the retained tokens whose position is below horizon[r]. A
             per-layer memory (halo.layered_cache), whose layers hold different slots, builds each layer's
             retained columns from it and takes only the new-row columns `visible[:, n_past:]` from `visible`.
@@ -128,23 +128,24 @@ def stream_spec(cache, token_ids: torch.Tensor, source: str, units: torch.Tensor
             service forward: no brightness, no cull).
         source: source name of these tokens.
         units: int64 [T] unit ids (from `new_unit_ids`; -1 for plain tokens), or None.
-        patch_slots: int64 [k] distinct retained slots whose K/V this forward recomputes (repair patches):
-            each patch row carries the slot's token at the slot's position, sees the retained slots before
-            that position and its own slot, and writes its K/V into the slot before the layer's attention.
+        patch_slots: int64 [k] distinct slots of `cache.token_view()` whose K/V this forward recomputes (repair
+            patches): each patch row carries the token at the token's position, sees the retained slots before
+            that position and its own slot, and writes its K/V into the slot before the layer's attention (in
+            a per-layer memory, into the slot of every layer that holds the token).
             Patch rows add no slots, earn no brightness and are left out of the attention mass.
     """
     code = cache.config.source_code(source)
     ids = token_ids.to(cache.device, torch.int64)
     t_rows, n = ids.numel(), cache.n_valid
     positions = torch.arange(cache.seen, cache.seen + t_rows, device=cache.device)
-    visible = None
+    visible = horizon = None
     if patch_slots is not None:
-        patch_positions = cache.positions[patch_slots]
+        view = cache.token_view()
+        patch_positions = view.positions[patch_slots]
         visible = torch.zeros(t_rows + patch_slots.numel(), n + t_rows, dtype=torch.bool, device=cache.device)
         visible[:t_rows] = causal_visibility(n, t_rows, cache.device)
-        visible[t_rows:, :n] = visible_before(cache.positions[:n], patch_positions)
-        visible[torch.arange(t_rows, visible.shape[0], device=cache.device), patch_slots] = True
-        ids = torch.cat([ids, cache.token_ids[patch_slots]])
-        positions = torch.cat([positions, patch_positions])
+        visible[t_rows:, :n] = cache.retained_visibility(patch_positions, own_slots=patch_slots)
+        ids = torch.cat([ids, view.token_ids[patch_slots]])
+        positions = horizon = torch.cat([positions, patch_positions])
     units = None if units is None else units.to(cache.device)
-    return ForwardSpec(ids, positions, code, t_rows, n, units, visible, patch_slots, streams=t_rows > 0)
+    return ForwardSpec(ids, positions, code, t_rows, n, units, visible, patch_slots, horizon, streams=t_rows > 0)

@@ -26,18 +26,19 @@ def position_order_layers(positions: torch.Tensor) -> torch.Tensor:
 
 
 def cull_scores_layers(brightness: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor, dark_bias: float,
-                       radius: int) -> torch.Tensor:
+                       radius: int, order: torch.Tensor | None = None) -> torch.Tensor:
     """float32 [L, n]: `b + dark_bias * mean(b of the up-to-radius valid neighbours on each side)` per layer.
 
     Args:
         brightness: float32 [L, n]; positions: int64 [L, n] (FREE_POSITION in free slots);
         counts: int64 [L] valid slots per layer (the first counts[l] of each row).
+        order: optional int64 [L, n] `position_order_layers(positions)`, when the caller has it already.
     Free slots get a score too; callers protect them.
     """
     b = brightness
     if dark_bias == 0.0 or radius == 0 or b.shape[1] <= 1:
         return b.clone()
-    order = position_order_layers(positions)
+    order = position_order_layers(positions) if order is None else order
     ordered = torch.gather(b, 1, order).double()
     prefix = torch.nn.functional.pad(torch.cumsum(ordered, 1), (1, 0))
     idx = torch.arange(b.shape[1], device=b.device)[None, :]
@@ -159,3 +160,59 @@ def select_unit_victims_layers(scores: torch.Tensor, positions: torch.Tensor, br
         column = _segment_exclusive_cumsum(torch.ones_like(picked), layer[picked], layers)
         out[layer[picked], column] = slot[picked]
     return out
+
+
+def select_word_victims_layers(scores: torch.Tensor, order: torch.Tensor, brightness: torch.Tensor,
+                               protected: torch.Tensor, units: torch.Tensor, need: torch.Tensor,
+                               threshold: float | None) -> torch.Tensor | None:
+    """`select_unit_victims_layers` for a cache's own rows, in two row sorts instead of a global unique.
+
+    Valid when every unit's retained slots are adjacent in each layer's position order (words, lines and markers
+    cover runs of positions and nothing else is retained between their tokens, which holds in a HaloCache): a
+    unit is then a run of equal unit ids in position order, and ranking slots by their unit's score with a
+    stable sort keeps each unit's slots together, in dying order. Returns the same rows, or None when some
+    layer must cut protected units (the caller then takes `select_unit_victims_layers`).
+
+    Args:
+        scores, brightness: float32 [L, n]; order: int64 [L, n] each layer's slots in position order
+        (`position_order_layers`); protected: bool [L, n]; units: int64 [L, n]; need: int64 [L].
+    """
+    layers, n = scores.shape
+    device = scores.device
+    if n == 0:
+        return torch.empty(layers, 0, dtype=torch.int64, device=device)
+    u = torch.gather(units, 1, order)
+    starts = torch.ones_like(u, dtype=torch.bool)
+    starts[:, 1:] = (u[:, 1:] != u[:, :-1]) | (u[:, 1:] < 0)
+    segment = (torch.cumsum(starts.long(), 1) - 1 + torch.arange(layers, device=device)[:, None] * n).reshape(-1)
+    size = layers * n
+
+    def pooled(values: torch.Tensor, how: str, fill) -> torch.Tensor:
+        base = torch.full((size,), fill, dtype=values.dtype, device=device)
+        return base.scatter_reduce(0, segment, torch.gather(values, 1, order).reshape(-1), how)[segment].view(
+            layers, n)
+
+    guarded = pooled(protected, "amax", False)
+    key = pooled(scores, "amax", float("-inf")).masked_fill(guarded, float("inf"))
+    ranked = torch.sort(key, dim=1, stable=True).indices  # into position order: units stay contiguous
+    open_ = ~torch.gather(guarded, 1, ranked)
+    before = torch.cumsum(open_.long(), 1) - open_.long()
+    seg_ranked = torch.gather(segment.view(layers, n), 1, ranked).reshape(-1)
+    first = torch.full((size,), size, dtype=torch.int64, device=device).scatter_reduce(
+        0, seg_ranked, before.reshape(-1), "amin")[seg_ranked].view(layers, n)
+    taken = open_ & (first < need.to(device)[:, None])
+    if threshold is not None:
+        taken |= open_ & (torch.gather(pooled(brightness, "amax", float("-inf")), 1, ranked) <= threshold)
+    freed = taken.sum(1)
+    if bool((freed < need.to(device)).any()):
+        return None
+    slots = torch.gather(order, 1, ranked)  # slot index of each ranked entry
+    # victims unit by unit in dying order, each unit's slots in slot order: sort by (unit rank, slot)
+    unit_rank = torch.cumsum(torch.cat([torch.ones_like(seg_ranked.view(layers, n)[:, :1]),
+                                        (seg_ranked.view(layers, n)[:, 1:] != seg_ranked.view(layers, n)[:, :-1]
+                                         ).long()], 1), 1)
+    width = int(freed.max())
+    sort_key = torch.where(taken, unit_rank * (n + 1) + slots, (n + 2) * (n + 1))
+    picked = torch.sort(sort_key, dim=1).indices[:, :width]
+    out = torch.gather(slots, 1, picked)
+    return out.masked_fill(~torch.gather(taken, 1, picked), -1)

@@ -20,7 +20,9 @@ import torch
 
 from .cache import HaloCache
 from .forward import CullResult, Eviction, ForwardSpec, causal_visibility, visible_before
-from .layer_cull import FREE_POSITION, select_unit_victims_layers
+from .token_view import TokenView
+from .layer_cull import (FREE_POSITION, position_order_layers, select_unit_victims_layers,
+                         select_word_victims_layers)
 
 
 def pack_rows(mask: torch.Tensor) -> torch.Tensor:
@@ -39,7 +41,9 @@ class LayeredHaloCache(HaloCache):
     """HaloCache with one retained token set per layer (HaloConfig.granularity == "layer"); same arguments.
 
     Cull policies see [L, n] per-slot fields (`cache.brightness[:, :n]`, ...) and return [L, n] scores;
-    `protected_mask()` is [L, n] with each layer's free slots protected. Repair patches are not supported.
+    `protected_mask()` is [L, n] with each layer's free slots protected. Repair works on `token_view()`, one
+    entry per remembered token: a repaired token's id changes in every layer that holds it, and its patch row
+    recomputes its K/V in each of those layers against that layer's own retained tokens before it.
     """
 
     per_layer = True
@@ -50,6 +54,8 @@ class LayeredHaloCache(HaloCache):
         self._counts = [0] * self.num_layers
         self._counts_t = torch.zeros(self.num_layers, dtype=torch.int64, device=self.device)
         self._units_seen = False
+        self._order: torch.Tensor | None = None
+        self._patches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (slots, patch rows)
         self.positions.fill_(FREE_POSITION)
         self.serials.fill_(-1)
         self.units.fill_(-1)
@@ -64,10 +70,15 @@ class LayeredHaloCache(HaloCache):
         """int64 [L] retained slots per layer (a copy)."""
         return self._counts_t.clone()
 
+    def position_order(self) -> torch.Tensor:
+        """int64 [L, n_valid]: each layer's slots in position order, free slots last (kept until slots change)."""
+        if self._order is None or self._order.shape[1] != self._n_valid:
+            self._order = position_order_layers(self.positions[:, : self._n_valid])
+        return self._order
+
     # ------------------------------------------------------------ the forward
     def _write_new_slots(self, spec: ForwardSpec) -> None:
-        if spec.patch_slots is not None:
-            raise ValueError("repair patches are not supported with granularity='layer'")
+        self._patches = None if spec.patch_slots is None else self._patch_targets(spec.patch_slots)
         t_rows, layers = spec.new_rows, self.num_layers
         idx = self._counts_t[:, None] + torch.arange(t_rows, device=self.device)[None, :]  # [L, T]
         units = spec.units if spec.units is not None else torch.full((t_rows,), -1, device=self.device)
@@ -83,12 +94,30 @@ class LayeredHaloCache(HaloCache):
         if spec.units is not None:
             self._units_seen = True
 
+    def _patch_targets(self, patch_slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer: (its slots holding the patched tokens, the patch rows that write them), from view slots."""
+        wanted = self.token_view().serials[patch_slots]
+        targets = []
+        for layer in range(self.num_layers):
+            match = self.serials[layer, : self._counts[layer], None] == wanted[None, :]  # [n_l, k]
+            targets.append(torch.nonzero(match, as_tuple=True))
+        return targets
+
+    def _write_patches(self, layer_idx: int, keys_new: torch.Tensor, values_new: torch.Tensor) -> None:
+        slots, rows = self._patches[layer_idx]
+        keys, values = self._store.layer_kv[layer_idx]
+        keys.index_copy_(1, slots, keys_new[:, rows])
+        values.index_copy_(1, slots, values_new[:, rows])
+
     def attention_mask(self, layer_idx: int = 0) -> torch.Tensor | None:
         spec, n = self._flight.spec, self._counts[layer_idx]
         if spec.visible is not None:
             if spec.horizon is None:
                 raise ValueError("a per-layer cache needs ForwardSpec.horizon with a custom visibility")
             retained = visible_before(self.positions[layer_idx, :n], spec.horizon)
+            if self._patches is not None:  # a patch row also sees its own slot in this layer
+                slots, rows = self._patches[layer_idx]
+                retained[spec.new_rows + rows, slots] = True
             return torch.cat([retained, spec.visible[:, spec.n_past:]], dim=1)[None, None]
         if n == 0 or spec.new_rows == 1:
             return None
@@ -105,6 +134,7 @@ class LayeredHaloCache(HaloCache):
                                      self.config.alpha)
 
     def _count_new_slots(self, spec: ForwardSpec) -> None:
+        self._order = None
         self._counts = [c + spec.new_rows for c in self._counts]
         self._counts_t += spec.new_rows
         self._n_valid = max(self._counts)
@@ -132,8 +162,10 @@ class LayeredHaloCache(HaloCache):
         scores = self.policy.scores(self)
         protected = self.protected_mask(protect_serials_from)
         if self._units_seen or self.config.cull_threshold is not None or len(set(self._counts)) > 1:
-            victims = select_unit_victims_layers(scores, self.positions[:, :n], self.brightness[:, :n], protected,
-                                                 self.units[:, :n], need, self.config.cull_threshold)
+            args = (self.brightness[:, :n], protected, self.units[:, :n], need, self.config.cull_threshold)
+            victims = select_word_victims_layers(scores, self.position_order(), *args)
+            if victims is None:  # some layer must cut protected units: the general path
+                victims = select_unit_victims_layers(scores, self.positions[:, :n], *args)
         else:
             victims = self.backend.select_victims_layers(scores, self.positions[:, :n], protected,
                                                          max(self._counts) - budget)
@@ -149,6 +181,7 @@ class LayeredHaloCache(HaloCache):
 
     def _evict(self, victims: torch.Tensor) -> tuple[Eviction, list[tuple[int, int, int]]]:
         n, fields = self._n_valid, self._store.fields
+        self._order = None
         taken = victims >= 0
         rows = torch.arange(self.num_layers, device=self.device)[:, None].expand_as(victims)[taken]
         cols = victims[taken]
@@ -163,6 +196,9 @@ class LayeredHaloCache(HaloCache):
         self._n_valid = max(self._counts)
         # a token dies when the last layer holding it lets go (several layers may drop it in the same cull)
         dead = ~torch.isin(left["serials"], fields["serials"][:, :n])
+        if not bool(dead.any()):  # every victim still lives in some other layer
+            nothing = left["positions"][:0]
+            return Eviction(nothing, left["token_ids"][:0], left["brightness"][:0]), []
         serials, first = torch.unique(left["serials"][dead], return_inverse=True)
         pick = torch.zeros(serials.numel(), dtype=torch.int64, device=self.device).scatter_(
             0, first, torch.nonzero(dead).flatten())
@@ -185,33 +221,45 @@ class LayeredHaloCache(HaloCache):
         return self._evict(pack_rows(held & torch.isin(self.units[:, :n], wanted)))[0]
 
     def replace_tokens(self, slots: torch.Tensor, new_ids: torch.Tensor) -> None:
-        raise RuntimeError("repair is not supported with granularity='layer'")
+        """Write repaired token ids at `slots` of `token_view()` (int64 [k]) into every layer holding those tokens;
+        the old ones go to the journal as "replaced" (once per token). Their K/V are stale until patch rows
+        recompute them."""
+        view = self.token_view()
+        self.journal.record(view.positions[slots], view.token_ids[slots], view.sources[slots],
+                            view.brightness[slots], self._steps, kind="replaced")
+        n = self._n_valid
+        match = self.serials[:, :n, None] == view.serials[slots][None, None, :]  # [L, n, k]
+        hit = match.any(-1)
+        self.token_ids[:, :n][hit] = new_ids.to(self.device)[match.long().argmax(-1)[hit]]
 
     def slot_of_position(self) -> dict[int, int]:
-        raise RuntimeError("a per-layer memory has one slot per layer for each token; use snapshot()")
+        """position -> slot of `token_view()` of every remembered token."""
+        return self.token_view().slot_of_position()
 
     # -------------------------------------------------------------- reading
-    def retained_visibility(self, horizon: torch.Tensor) -> torch.Tensor:
-        """bool [R, n_valid], all False: each layer builds its own retained columns from ForwardSpec.horizon."""
+    def retained_visibility(self, horizon: torch.Tensor, own_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """bool [R, n_valid], all False: each layer builds its own retained columns from ForwardSpec.horizon (and
+        its own slot of each patched token)."""
         return torch.zeros(horizon.numel(), self._n_valid, dtype=torch.bool, device=self.device)
 
     def count_source(self, code: int) -> int:
         """Remembered tokens (held by some layer) of source `code`."""
-        held = self._held()
-        return int(torch.unique(self.serials[:, : self._n_valid][held & (self.sources[:, : self._n_valid] == code)]
-                                ).numel())
+        n = self._n_valid
+        mine = self._held() & (self.sources[:, :n] == code)
+        return int(torch.unique(self.serials[:, :n][mine]).numel())
 
     def _held(self) -> torch.Tensor:
+        """bool [L, n_valid]: the slots each layer holds."""
         return torch.arange(self._n_valid, device=self.device)[None, :] < self._counts_t[:, None]
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """The remembered tokens (held by at least one layer) sorted by position (ties by birth), as CPU tensors:
-        the slot fields, `brightness` averaged over the layers holding the token, and `layers` (int64, how many)."""
+    def _remembered(self) -> dict[str, torch.Tensor]:
+        """Each remembered token once, ordered by birth (device tensors): its slot fields, `brightness` averaged
+        over the layers holding it and `layers` (int64, how many hold it)."""
         n = self._n_valid
         held = self._held()
         flat = {name: self._store.fields[name][:, :n][held] for name in
                 ("positions", "token_ids", "sources", "units", "serials", "brightness")}
-        serials, inverse = torch.unique(flat["serials"], return_inverse=True)  # sorted by birth
+        serials, inverse = torch.unique(flat["serials"], return_inverse=True)
         count = torch.zeros(serials.numel(), dtype=torch.int64, device=self.device).index_add_(
             0, inverse, torch.ones_like(inverse))
         total = torch.zeros(serials.numel(), dtype=torch.float32, device=self.device).index_add_(
@@ -220,8 +268,24 @@ class LayeredHaloCache(HaloCache):
             0, inverse, torch.arange(inverse.numel(), device=self.device))
         out = {name: flat[name][first] for name in ("positions", "token_ids", "sources", "units", "serials")}
         out["brightness"], out["layers"] = total / count, count
-        order = torch.sort(out["positions"], stable=True).indices
-        return {name: value[order].cpu() for name, value in out.items()}
+        return out
+
+    def token_view(self) -> TokenView:
+        """Each remembered token once (ordered by birth), brightness averaged over the layers that hold it;
+        protected: sinks, the recent window and pinned sources."""
+        cfg, tokens = self.config, self._remembered()
+        positions, sources = tokens["positions"], tokens["sources"]
+        protected = ((positions < cfg.sink_tokens) | (positions >= self._seen - cfg.recent_tokens)
+                     | self._pinned[sources])
+        return TokenView(positions, tokens["token_ids"], tokens["brightness"], sources, tokens["serials"], protected,
+                         int(positions.numel()))
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """The remembered tokens (held by at least one layer) sorted by position (ties by birth), as CPU tensors:
+        the slot fields, `brightness` averaged over the layers holding the token, and `layers` (int64, how many)."""
+        tokens = self._remembered()
+        order = torch.sort(tokens["positions"], stable=True).indices
+        return {name: value[order].cpu() for name, value in tokens.items()}
 
     # ---------------------------------------------------------- persistence
     def state_dict(self) -> dict:

@@ -91,7 +91,7 @@ class HaloPolicy(CullPolicy):
         sources = cache.sources[..., :n]
         if cache.brightness.dim() == 2:  # per-layer memory: [L, C] fields
             scores = cull_scores_layers(cache.brightness[:, :n], cache.positions[:, :n], cache.layer_counts,
-                                        cfg.dark_bias, cfg.dark_radius)
+                                        cfg.dark_bias, cfg.dark_radius, cache.position_order())
         else:
             scores = cache.backend.cull_scores(cache.brightness, cache.positions, n, cfg.dark_bias, cfg.dark_radius)
         scores = scores + self._priority[sources]

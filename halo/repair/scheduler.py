@@ -36,16 +36,17 @@ def repair_targets(cache, evictions: list[Eviction], *, threshold: float, radius
 
     A target is a retained text token (not a marker, not protected) whose brightness is below `threshold` and
     above the cull line (the brightest token evicted), within `radius` positions of an evicted token; at most
-    `limit`, nearest first, ties by position.
+    `limit`, nearest first, ties by position. Slots are those of `cache.token_view()`.
     """
-    n = cache.n_valid
+    view = cache.token_view()
+    n = view.n_valid
     holes = torch.cat([e.positions for e in evictions]) if evictions else torch.empty(0, dtype=torch.int64)
     if holes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=cache.device)
     cull_line = torch.cat([e.brightness for e in evictions]).max()
-    positions, brightness = cache.positions[:n], cache.brightness[:n]
-    eligible = (brightness < threshold) & (brightness > cull_line) & ~cache.protected_mask()
-    eligible &= cache.sources[:n] != cache.config.source_code("marker")
+    positions, brightness = view.positions[:n], view.brightness[:n]
+    eligible = (brightness < threshold) & (brightness > cull_line) & ~view.protected[:n]
+    eligible &= view.sources[:n] != cache.config.source_code("marker")
     distance = (positions[:, None] - holes[None, :]).abs().min(dim=1).values
     eligible &= distance <= radius
     key = torch.where(eligible, distance, torch.iinfo(torch.int64).max)
@@ -91,11 +92,12 @@ class RepairScheduler:
 
     # ------------------------------------------------------------------ patches
     def patch_slots(self, cache) -> torch.Tensor | None:
-        """int64 [k] slots of the pending patches still retained (the others are dropped), or None."""
+        """int64 [k] slots (of `cache.token_view()`) of the pending patches still retained (the others are
+        dropped), or None."""
         self.forget_if_reset(cache)
         if not self.pending:
             return None
-        slot_of = cache.slot_of_position()
+        slot_of = cache.token_view().slot_of_position()
         self.pending = [p for p in self.pending if p in slot_of]
         if not self.pending:
             return None
@@ -115,9 +117,10 @@ class RepairScheduler:
         if not diffs:
             return []
         self.forget_if_reset(cache)
-        n = cache.n_valid
-        slot_of = cache.slot_of_position()
-        current, sources = cache.token_ids[:n].tolist(), cache.sources[:n].tolist()
+        view = cache.token_view()
+        n = view.n_valid
+        slot_of = view.slot_of_position()
+        current, sources = view.token_ids[:n].tolist(), view.sources[:n].tolist()
         marker = cache.config.source_code("marker")
         slots, applied = [], []
         for index, diff in enumerate(diffs):
@@ -164,7 +167,8 @@ class RepairScheduler:
         applied: list[Diff] = []
         targets = self.targets(cache, evictions)
         if targets.numel():
-            windows = build_windows(cache.token_ids, cache.positions, cache.brightness, cache.n_valid, targets,
+            view = cache.token_view()
+            windows = build_windows(view.token_ids, view.positions, view.brightness, view.n_valid, targets,
                                     cfg.repair_window)
             batch = RepairBatch.from_windows(windows, validate=False)  # targets are retained slots
             if self.overlaps(cache.device):

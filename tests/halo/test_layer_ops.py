@@ -113,3 +113,39 @@ def test_update_brightness_layers_is_the_token_rule_per_layer():
         n = int(n_past[layer]) + t_rows
         update_brightness(one, mass[layer], decay[layer], int(n_past[layer]), t_rows, 2.0, 1)
         torch.testing.assert_close(out[layer, :n], one[:n])
+
+
+@pytest.mark.parametrize("threshold", [None, 45.0])
+@pytest.mark.parametrize("seed", range(10))
+def test_word_victims_equal_unit_victims_when_units_are_runs_of_positions(seed, threshold):
+    """In a cache a unit covers a run of positions: the two-sort path must pick exactly what the general one does."""
+    from halo.layer_cull import position_order_layers, select_word_victims_layers
+
+    g = torch.Generator().manual_seed(seed)
+    layers, width = 4, 40
+    counts = torch.randint(10, width + 1, (layers,), generator=g)
+    positions = torch.full((layers, width), FREE_POSITION, dtype=torch.int64)
+    units = torch.full((layers, width), -1, dtype=torch.int64)
+    starts = torch.rand(200, generator=g) < 0.4
+    starts[0] = True
+    single = starts & torch.cat([starts[1:], torch.tensor([True])])  # one-token words may be plain tokens (-1)
+    word_of_position = torch.where(single & (torch.rand(200, generator=g) < 0.5), -1, torch.cumsum(starts.long(), 0))
+    for layer in range(layers):
+        c = int(counts[layer])
+        held = torch.sort(torch.randperm(200, generator=g)[:c]).values
+        slots = torch.randperm(c, generator=g)
+        positions[layer, slots] = held
+        units[layer, slots] = word_of_position[held]
+    free = torch.arange(width)[None, :] >= counts[:, None]
+    protected = (torch.rand(layers, width, generator=g) < 0.1) | free
+    brightness = torch.randint(0, 8, (layers, width), generator=g).float() * 30
+    scores = brightness + torch.randint(0, 3, (layers, width), generator=g).float()
+    need = torch.randint(0, 4, (layers,), generator=g)
+    general = select_unit_victims_layers(scores, positions, brightness, protected, units, need, threshold)
+    fast = select_word_victims_layers(scores, position_order_layers(positions), brightness, protected, units, need,
+                                      threshold)
+    if fast is None:  # only when some layer must cut protected units
+        opened = [(~protected[l]).sum() for l in range(layers)]
+        assert any(int((general[l] >= 0).sum()) > 0 for l in range(layers)) and opened
+        return
+    assert fast.tolist() == general.tolist()

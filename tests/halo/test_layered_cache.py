@@ -58,8 +58,6 @@ def test_make_cache_follows_the_granularity(tiny_model):
     assert not make_cache(tiny_model, HaloConfig()).per_layer
     with pytest.raises(ValueError, match="granularity"):
         HaloConfig(granularity="head")
-    with pytest.raises(ValueError, match="repair is not available"):
-        HaloConfig(granularity="layer", repair="self")
 
 
 def test_without_eviction_the_layered_cache_generates_like_the_token_cache(tiny_pair):
@@ -175,8 +173,7 @@ def test_eval_rows_name_the_granularity():
     assert policy_setup("tova-layer", base)[1].granularity == "layer"
     assert policy_setup("halo", base.replace(granularity="layer"))[1].granularity == "token"
     assert policy_setup("halo+repair", base)[1].repair == "self"
-    with pytest.raises(ValueError, match="repair is not available"):
-        policy_setup("halo-layer+repair", base)
+    assert policy_setup("halo-layer+repair", base)[1].granularity == "layer"
 
 
 def test_html_view_says_how_many_layers_hold_each_token(tiny_pair, tmp_path):
@@ -187,3 +184,51 @@ def test_html_view_says_how_many_layers_hold_each_token(tiny_pair, tmp_path):
     partial = int((session.memory().layers < model.config.num_hidden_layers).sum())
     assert partial > 0 and page.count(f"of {model.config.num_hidden_layers} layers") == partial
     assert "opacity:" in page
+
+
+def test_repair_diffs_reach_every_layer_that_holds_the_token(tiny_pair):
+    """A diff changes the token in every layer holding it and recomputes its K/V there: layer 0's new key is the
+    fresh key of the new token at that position; a layer that does not hold the token is left untouched."""
+    from transformers import DynamicCache
+    model, tok = tiny_pair
+    session = layered(model, tok, budget=30, recent_tokens=4)
+    session.feed(TEXT)
+    cache = session.cache
+    mem = session.memory()
+    partial = [i for i in range(len(mem)) if 0 < int(mem.layers[i]) < cache.num_layers and mem.sources[i] != "marker"
+               and int(mem.positions[i]) >= session.config.sink_tokens]
+    target = partial[0]
+    position, old = int(mem.positions[target]), int(mem.token_ids[target])
+    new = (old + 7) % len(tok)
+    kv_before = cache.kv.clone()
+    holders = [layer for layer in range(cache.num_layers)
+               if position in cache.positions[layer, : cache.layer_length(layer)].tolist()]
+    assert session.apply_diffs([(position, old, new)]) == 1
+    fresh = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(torch.tensor([[new]]), position_ids=torch.tensor([[position]]), past_key_values=fresh)
+    for layer in range(cache.num_layers):
+        held = cache.positions[layer, : cache.layer_length(layer)].tolist()
+        if layer in holders:
+            slot = held.index(position)
+            assert int(cache.token_ids[layer, slot]) == new
+            if layer == 0:
+                torch.testing.assert_close(cache.kv[0, 0, :, slot], fresh.layers[0].keys[0, :, 0], rtol=1e-5,
+                                           atol=1e-5)
+        else:
+            assert position not in held
+            assert torch.equal(cache.kv[layer], kv_before[layer])
+    replaced = [e for e in session.journal.entries if e.kind == "replaced"]
+    assert [(e.position, e.token_id) for e in replaced] == [(position, old)]
+    assert session.memory().token_ids[target] == new
+
+
+def test_self_repair_runs_on_per_layer_memory(tiny_pair):
+    model, tok = tiny_pair
+    session = layered(model, tok, repair="self", repair_threshold=200.0, repair_radius=16)
+    for word in TEXT.split():
+        session.feed(" " + word)
+    check_accounting(session, session.cache.seen)
+    assert session.stats()["repairs"] == len(session.diffs) > 0
+    journal = {(e.position, e.token_id) for e in session.journal.entries if e.kind == "replaced"}
+    assert {(p, old) for p, old, _ in session.diffs} == journal
