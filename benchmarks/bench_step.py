@@ -55,7 +55,7 @@ def bench_default_cache_decode_step(benchmark, smollm, record_ratio):
 def bench_halo_cache_decode_step(benchmark, smollm, record_ratio):
     model = smollm
     with torch.inference_mode():
-        cache = HaloCache(model, HaloConfig(budget=BUDGET, recent_tokens=64, chunk_size=64))
+        cache = HaloCache(model, HaloConfig(budget=BUDGET, recent_tokens=64, chunk_size=64, granularity="token"))
         prompt = _prompt(model)
         for start in range(0, BUDGET, 64):
             model(prompt[:, start:start + 64], past_key_values=cache, use_cache=True, logits_to_keep=1)

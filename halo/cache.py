@@ -25,7 +25,7 @@ from .backend import select_backend
 from .cache_layer import HaloLayer
 from .config import HaloConfig
 from .cull import select_unit_victims, unit_runs
-from .forward import CullResult, Eviction, ForwardSpec, StepResult, causal_visibility, stream_spec
+from .forward import CullResult, Eviction, ForwardSpec, StepResult, causal_visibility, default_spec
 from .journal import Journal
 from .retained import RetainedReader
 from .policy import CullPolicy, HaloPolicy
@@ -46,8 +46,9 @@ def _slot_property(name: str, doc: str):
 
 
 class HaloCache(RetainedReader, Cache):
-    """Fixed-budget KV cache with brightness, cull, compaction and a journal (one token set for every layer;
-    `halo.layered_cache.LayeredHaloCache` keeps one per layer).
+    """Fixed-budget KV cache with brightness, cull, compaction and a journal, one token set for every layer.
+    `HaloCache(model, config)` with `config.granularity == "layer"` builds a `halo.layered_cache.LayeredHaloCache`
+    (one token set per layer) instead.
 
     Args:
         model: a transformers causal LM; passing it sizes the buffers and switches on the attention capture.
@@ -68,6 +69,14 @@ class HaloCache(RetainedReader, Cache):
 
     per_layer = False
     """False: every layer holds the same slots (per-slot fields [C]); True in LayeredHaloCache (fields [L, C])."""
+
+    per_layer_class: type | None = None
+    """The class `HaloCache(...)` builds for granularity "layer" (LayeredHaloCache registers itself)."""
+
+    def __new__(cls, model=None, config: HaloConfig | None = None, **kwargs):
+        if cls is HaloCache and (config or HaloConfig()).granularity == "layer":  # one memory per layer
+            cls = HaloCache.per_layer_class
+        return super().__new__(cls)
 
     def __init__(self, model=None, config: HaloConfig | None = None, *, policy: CullPolicy | None = None,
                  num_layers=None, num_kv_heads=None, head_dim=None, dtype=None, device=None,
@@ -181,7 +190,7 @@ class HaloCache(RetainedReader, Cache):
             raise ValueError(f"key states are {key_states.dtype} on {key_states.device}; the cache holds "
                              f"{self.dtype} on {self.device}")
         hooked = capture.take_input_ids()
-        spec, self._spec = self._spec or self._default_spec(rows, hooked), None
+        spec, self._spec = self._spec or default_spec(self, rows, hooked, self._default_source), None
         if spec.rows != rows:
             raise ValueError(f"the forward has {rows} rows but its ForwardSpec describes {spec.rows}")
         n, t_rows = self._n_valid, spec.new_rows
@@ -203,14 +212,6 @@ class HaloCache(RetainedReader, Cache):
         slots["brightness"][new] = self._initial[spec.source]
         slots["mass"][: n + t_rows].zero_()
         slots["last_mass"][: n + t_rows].zero_()
-
-    def _default_spec(self, rows: int, hooked: torch.Tensor | None) -> ForwardSpec:
-        """Continue the stream at `seen` with `rows` tokens of the default source (plain `generate`)."""
-        if hooked is not None and hooked.shape == (1, rows):
-            ids = hooked[0].to(self.device, torch.int64)
-        else:
-            ids = torch.full((rows,), -1, dtype=torch.int64, device=self.device)
-        return stream_spec(self, ids, self._default_source)
 
     def layer_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         """Write this forward's K/V for one layer into the buffers; return the visible [1, Hkv, n+T, D] views."""

@@ -119,7 +119,7 @@ class HaloConfig:
     dark_radius: int = 4
     cull_threshold: float | None = None
     marker_text: str = "[...]\n"
-    granularity: str = "token"
+    granularity: str = "layer"
     kernels: str = "auto"
     repair: str | None = None
     repair_threshold: float = 64.0

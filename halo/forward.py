@@ -119,6 +119,16 @@ def visible_before(slot_positions: torch.Tensor, row_positions: torch.Tensor) ->
     return slot_positions[None, :] < row_positions[:, None]
 
 
+def default_spec(cache, rows: int, hooked: torch.Tensor | None, source: str) -> ForwardSpec:
+    """The spec of a forward no driver describes (plain `generate`): `rows` tokens of `source` continuing the
+    stream, with the ids the embedding hook saw (`hooked` [1, rows]) or -1 (unknown) when it saw none."""
+    if hooked is not None and hooked.shape == (1, rows):
+        ids = hooked[0].to(cache.device, torch.int64)
+    else:
+        ids = torch.full((rows,), -1, dtype=torch.int64, device=cache.device)
+    return stream_spec(cache, ids, source)
+
+
 def stream_spec(cache, token_ids: torch.Tensor, source: str, units: torch.Tensor | None = None,
                 patch_slots: torch.Tensor | None = None) -> ForwardSpec:
     """The spec of the next forward of `cache`'s stream: T new tokens at the next positions, then k patch rows.

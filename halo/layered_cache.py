@@ -242,6 +242,10 @@ class LayeredHaloCache(HaloCache):
         its own slot of each patched token)."""
         return torch.zeros(horizon.numel(), self._n_valid, dtype=torch.bool, device=self.device)
 
+    def remembered_count(self) -> int:
+        """Tokens some layer holds (markers included)."""
+        return int(torch.unique(self.serials[:, : self._n_valid][self._held()]).numel())
+
     def count_source(self, code: int) -> int:
         """Remembered tokens (held by some layer) of source `code`."""
         n = self._n_valid
@@ -304,7 +308,4 @@ class LayeredHaloCache(HaloCache):
         self._units_seen = bool((self.units[:, : self._n_valid] >= 0).any())
 
 
-def make_cache(model=None, config=None, **kwargs) -> HaloCache:
-    """The cache `config.granularity` asks for: a HaloCache ("token") or a LayeredHaloCache ("layer")."""
-    cls = LayeredHaloCache if config is not None and config.granularity == "layer" else HaloCache
-    return cls(model, config, **kwargs)
+HaloCache.per_layer_class = LayeredHaloCache

@@ -85,6 +85,7 @@ def config_from_dict(data: dict) -> HaloConfig:
         raise ValueError(f"saved config has unknown fields {sorted(unknown)} (saved by a newer halo?)")
     data = dict(data)
     data.setdefault("word_units", False)  # saved before word units existed: continue as that session did
+    data.setdefault("granularity", "token")  # saved before per-layer memory existed: one token set
     if "sources" in data:
         data["sources"] = {name: SourcePolicy(**policy) for name, policy in data["sources"].items()}
     if "unit_sources" in data:

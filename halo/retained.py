@@ -22,6 +22,10 @@ class RetainedReader:
             visible[torch.arange(horizon.numel(), device=visible.device), own_slots] = True
         return visible
 
+    def remembered_count(self) -> int:
+        """Tokens the memory holds (markers included): the retained slots."""
+        return self.n_valid
+
     def count_source(self, code: int) -> int:
         """Retained tokens of source `code`."""
         return int((self.sources[: self.n_valid] == code).sum())

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from . import persist
+from .cache import HaloCache
 from .config import HaloConfig
 from .decoding import check_generate, decode
 from .feeding import Feed
-from .layered_cache import make_cache
 from .forward import StepResult, stream_spec
 from .markers import ElisionMarkers
 from .memory import MemorySnapshot
@@ -50,7 +50,7 @@ class Session:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or HaloConfig()
-        self.cache = make_cache(model, self.config, policy=policy)
+        self.cache = HaloCache(model, self.config, policy=policy)
         self.runner = ModelRunner(model, self.cache)
         self.device = self.cache.device
         self.vocab_size = int(model.config.vocab_size)

@@ -11,13 +11,15 @@ def session_stats(cache, *, marker_source: int, repairs: int, model_seconds: flo
         repairs: repair diffs applied so far. model_seconds: time in the model's forwards (ModelRunner.seconds).
         repair_seconds: time in repair scheduling and passes (RepairScheduler.seconds).
     Returns:
-        in this order: tokens_fed (positions streamed, cache.seen), retained (slots alive, at most the budget),
-        budget, evicted (journal entries of kind "evicted"), markers (elision marker tokens retained), repairs,
+        in this order: tokens_fed (positions streamed, cache.seen), retained (slots alive, at most the budget; in
+        a per-layer memory, the fullest layer's), remembered (tokens some layer holds, markers included: the
+        retained slots of a token-level cache; tokens_fed = remembered - markers + evicted), budget, evicted (journal entries of kind "evicted"), markers (elision marker tokens retained), repairs,
         steps (stream forwards), halo_seconds (the cache's own step work), model_seconds, repair_seconds.
     """
     return {
         "tokens_fed": cache.seen,
         "retained": cache.n_valid,
+        "remembered": cache.remembered_count(),
         "budget": cache.config.budget,
         "evicted": cache.journal.count("evicted"),
         "markers": cache.count_source(marker_source),

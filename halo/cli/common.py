@@ -28,6 +28,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=int, default=None, help=f"most tokens per forward when feeding (default {d.chunk_size})")
     parser.add_argument("--dark-bias", type=float, default=None, help=f"weight of the dark-neighbourhood term in the cull score (default {d.dark_bias})")
     parser.add_argument("--cull-threshold", type=float, default=None, help="brightness at which tokens die of neglect even under budget (default: off)")
+    parser.add_argument("--granularity", choices=("token", "layer"), default=None,
+                        help="'layer': every layer keeps its own budget of tokens by its own attention; 'token': "
+                        f"one token set for all layers (default {d.granularity})")
     parser.add_argument("--repair", default=None, metavar="BACKEND",
                         help="single-pass repair of dim tokens next to the holes: 'self' (the host model) or a "
                         "masked-LM name or folder (default: off)")
@@ -38,7 +41,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 _FLAG_FIELDS = {"budget": "budget", "sinks": "sink_tokens", "recent": "recent_tokens", "chunk": "chunk_size",
                 "dark_bias": "dark_bias", "cull_threshold": "cull_threshold", "repair": "repair",
-                "repair_threshold": "repair_threshold"}
+                "repair_threshold": "repair_threshold", "granularity": "granularity"}
 
 
 def read_config_file(path: Path) -> dict:

@@ -22,7 +22,7 @@ def test_generate_with_large_budget_equals_default_cache(kv_heads):
     ids = torch.randint(0, 128, (1, 23), generator=torch.Generator().manual_seed(1))
     expected = model.generate(ids, max_new_tokens=40, do_sample=False)
     twin = clone(model)
-    cache = HaloCache(twin, HaloConfig(budget=100, recent_tokens=8))
+    cache = HaloCache(twin, HaloConfig(granularity="token", budget=100, recent_tokens=8))
     got = twin.generate(ids, max_new_tokens=40, do_sample=False, past_key_values=cache)
     assert torch.equal(got, expected)
     assert cache.n_valid == 23 + 39 and cache.seen == 23 + 39 and len(cache.journal) == 0
@@ -31,7 +31,7 @@ def test_generate_with_large_budget_equals_default_cache(kv_heads):
 
 def test_generate_compacts_long_prompt_to_budget():
     model = tiny_llama()
-    cache = HaloCache(model, HaloConfig(budget=16, recent_tokens=4, sink_tokens=2, chunk_size=4))
+    cache = HaloCache(model, HaloConfig(granularity="token", budget=16, recent_tokens=4, sink_tokens=2, chunk_size=4))
     ids = torch.randint(0, 128, (1, 40))
     out = model.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=cache)
     assert out.shape == (1, 50)
@@ -60,7 +60,7 @@ def eager_brightness(model, ids, initial, decay, alpha):
 def unclamped_config(**kw):
     sources = default_sources()
     sources["user"] = SourcePolicy(initial=120.0, decay=0.5)
-    return HaloConfig(budget=200, recent_tokens=8, sources=sources, **kw)
+    return HaloConfig(granularity="token", budget=200, recent_tokens=8, sources=sources, **kw)
 
 
 def test_brightness_equals_eager_attention_weights():
@@ -102,7 +102,7 @@ def layer0_keys(model, token_ids, positions):
 
 def test_decode_eviction_stays_position_exact_over_hundreds_of_steps():
     model = tiny_llama(seed=5)
-    config = HaloConfig(budget=24, sink_tokens=3, recent_tokens=6, chunk_size=4)
+    config = HaloConfig(granularity="token", budget=24, sink_tokens=3, recent_tokens=6, chunk_size=4)
     cache = HaloCache(model, config)
     stream = torch.randint(0, 128, (300,), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_decode_eviction_stays_position_exact_over_hundreds_of_steps():
 
 def test_cache_rejects_batches_and_foreign_dtypes():
     model = tiny_llama()
-    cache = HaloCache(model, HaloConfig(budget=32, recent_tokens=4))
+    cache = HaloCache(model, HaloConfig(granularity="token", budget=32, recent_tokens=4))
     with pytest.raises(ValueError, match="batch size"):
         model(torch.randint(0, 128, (2, 5)), past_key_values=cache)
     assert cache.n_valid == 0

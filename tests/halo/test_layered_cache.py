@@ -7,7 +7,8 @@ from tiny import tiny_llama
 from halo import HaloConfig, Session
 from halo.baselines import make_policy
 from halo.eval.runner import policy_setup
-from halo.layered_cache import LayeredHaloCache, make_cache
+from halo.cache import HaloCache
+from halo.layered_cache import LayeredHaloCache
 
 TEXT = ("the quick brown fox jumps over the lazy dog and keeps running far away into the night while "
         "seven small owls count 48213 stars above the quiet river bank")
@@ -50,12 +51,14 @@ def check_accounting(session, fed: int):
     journal = [e.position for e in session.journal.evicted]
     assert sorted(real + journal) == list(range(fed))  # remembered + journal = fed, exactly once each
     assert ((mem.layers >= 1) & (mem.layers <= cache.num_layers)).all()
+    stats = session.stats()
+    assert stats["remembered"] == len(mem) and stats["remembered"] - stats["markers"] + stats["evicted"] == fed
     return mem
 
 
-def test_make_cache_follows_the_granularity(tiny_model):
-    assert type(make_cache(tiny_model, HaloConfig(granularity="layer"))) is LayeredHaloCache
-    assert not make_cache(tiny_model, HaloConfig()).per_layer
+def test_halo_cache_follows_the_granularity(tiny_model):
+    assert type(HaloCache(tiny_model, HaloConfig(granularity="layer"))) is LayeredHaloCache
+    assert type(HaloCache(tiny_model, HaloConfig(granularity="token"))) is HaloCache
     with pytest.raises(ValueError, match="granularity"):
         HaloConfig(granularity="head")
 

@@ -33,7 +33,8 @@ def test_session_on_real_text_keeps_the_budget(smollm):
     reply = session.generate(8)
     stats = session.stats()
     assert stats["retained"] <= 96 and stats["evicted"] > 0
-    assert stats["tokens_fed"] == stats["retained"] + stats["evicted"] - stats["markers"]
+    assert stats["tokens_fed"] == stats["remembered"] + stats["evicted"] - stats["markers"]
+    assert stats["remembered"] >= stats["retained"]  # per-layer memory (the default): layers keep different tokens
     assert isinstance(reply, str) and math.isfinite(stats["model_seconds"])
 
 

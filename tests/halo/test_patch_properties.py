@@ -336,7 +336,7 @@ class Driver:
        ops=st.lists(op, min_size=1, max_size=10))
 def test_manual_patches_keep_the_invariants_and_are_exact(pair, budget, sinks, recent, chunk, ops):
     model, tok = pair
-    config = HaloConfig(budget=budget, sink_tokens=sinks, recent_tokens=recent, chunk_size=chunk)
+    config = HaloConfig(granularity="token", budget=budget, sink_tokens=sinks, recent_tokens=recent, chunk_size=chunk)
     Driver(model, tok, config).run(ops)
 
 
@@ -346,7 +346,7 @@ def test_manual_patches_keep_the_invariants_and_are_exact(pair, budget, sinks, r
 def test_self_repair_with_manual_patches_keeps_the_invariants(pair, budget, chunk, overlap, ops):
     """Automatic self-repair (now, or one step behind) interleaved with manual diffs, evictions and flushes."""
     model, tok = pair
-    config = HaloConfig(budget=budget, sink_tokens=2, recent_tokens=4, chunk_size=chunk, repair="self",
+    config = HaloConfig(granularity="token", budget=budget, sink_tokens=2, recent_tokens=4, chunk_size=chunk, repair="self",
                         repair_threshold=255.0, repair_radius=6, repairs_per_step=3, repair_window=24,
                         repair_overlap=overlap)
     Driver(model, tok, config).run(ops)
@@ -355,7 +355,7 @@ def test_self_repair_with_manual_patches_keeps_the_invariants(pair, budget, chun
 def test_the_driver_exercises_folded_and_flushed_patches(pair):
     """The oracles above must actually run: a fixed sequence that folds patches into a feed and flushes some."""
     model, tok = pair
-    driver = Driver(model, tok, HaloConfig(budget=24, sink_tokens=2, recent_tokens=3, chunk_size=4))
+    driver = Driver(model, tok, HaloConfig(granularity="token", budget=24, sink_tokens=2, recent_tokens=3, chunk_size=4))
     driver.run([("feed", list(range(40, 60))), ("diff", [(1, 3), (4, 11)], True), ("feed", [7, 8]),
                 ("evict", [0, 3]), ("diff", [(2, 5), (6, 13)], True), ("flush",),
                 ("diff", [(3, 21)], False), ("generate", 2)])
@@ -373,7 +373,7 @@ def _ride_along_session(model, tok, kernels: bool, fold: bool, monkeypatch):
             fused = halo_kernels.attention_column_mass_and_update
             patch.setattr(halo_kernels, "attention_column_mass_and_update",
                           lambda query, *a: rows.append(query.shape[1]) or fused(query, *a))
-        config = HaloConfig(budget=20, sink_tokens=2, recent_tokens=3, chunk_size=4,
+        config = HaloConfig(granularity="token", budget=20, sink_tokens=2, recent_tokens=3, chunk_size=4,
                             kernels="triton" if kernels else "reference")
         session = Session(model, tok, config)
         assert session.cache.backend.name == ("triton" if kernels else "reference")
@@ -417,7 +417,7 @@ def test_patch_rows_on_the_kernel_path_earn_nothing_and_match_the_reference(pair
 # ------------------------------------------------------------------ regressions (bugs found in review)
 def test_save_load_keeps_replaced_journal_entries(pair, tmp_path):
     model, tok = pair
-    session = Session(model, tok, HaloConfig(budget=20, sink_tokens=2, recent_tokens=4, chunk_size=4))
+    session = Session(model, tok, HaloConfig(granularity="token", budget=20, sink_tokens=2, recent_tokens=4, chunk_size=4))
     session.feed_ids(torch.arange(3, 40))
     snap = session.memory()
     position, old = int(snap.positions[5]), int(snap.token_ids[5])
@@ -431,7 +431,7 @@ def test_save_load_keeps_replaced_journal_entries(pair, tmp_path):
 
 def test_an_interrupt_after_the_last_attention_drops_the_step_too(pair):
     model, tok = pair
-    session = Session(model, tok, HaloConfig(budget=40, sink_tokens=2, recent_tokens=4, chunk_size=4))
+    session = Session(model, tok, HaloConfig(granularity="token", budget=40, sink_tokens=2, recent_tokens=4, chunk_size=4))
     session.feed("the quick brown fox jumps over the lazy dog")
     session.feed("error one\nok two\nerror three\nok four\n", source="log")
     cache = session.cache
@@ -456,7 +456,7 @@ def test_an_interrupt_after_the_last_attention_drops_the_step_too(pair):
 
 def test_a_cache_reset_does_not_apply_stale_patches(pair):
     model, tok = pair
-    config = HaloConfig(budget=64, sink_tokens=2, recent_tokens=4, chunk_size=16)
+    config = HaloConfig(granularity="token", budget=64, sink_tokens=2, recent_tokens=4, chunk_size=16)
     session = Session(model, tok, config)
     session.feed_ids(torch.arange(40, 52))  # no cull yet: no slot has moved
     snap = session.memory()
@@ -472,7 +472,7 @@ def test_a_cache_reset_does_not_apply_stale_patches(pair):
 
 def test_an_interrupted_marker_forward_leaves_its_run_to_be_marked(pair):
     model, tok = pair
-    session = Session(model, tok, HaloConfig(budget=40, sink_tokens=2, recent_tokens=4, chunk_size=4))
+    session = Session(model, tok, HaloConfig(granularity="token", budget=40, sink_tokens=2, recent_tokens=4, chunk_size=4))
     session.feed("the quick brown fox jumps over the lazy dog")
     armed = [True]
 

@@ -14,7 +14,7 @@ def repair_config(**kw):
     base = dict(budget=40, sink_tokens=2, recent_tokens=6, chunk_size=4, repair="self", repair_threshold=255.0,
                 repair_radius=6, repairs_per_step=3, repair_window=32)
     base.update(kw)
-    return HaloConfig(**base)
+    return HaloConfig(granularity="token", **base)
 
 
 def test_targets_are_dim_alive_unprotected_and_nearest_the_holes(tiny_pair):
@@ -108,7 +108,7 @@ def test_patches_ride_along_with_the_next_forward_exactly(tiny_pair, ranks):
     """A patched slot's K/V equal the model run on the retained tokens before it (earlier patches included),
     and the next token's logits equal the model run on the patched cache."""
     model, tok = tiny_pair
-    session = Session(model, tok, HaloConfig(budget=300, sink_tokens=2, recent_tokens=4, chunk_size=16))
+    session = Session(model, tok, HaloConfig(granularity="token", budget=300, sink_tokens=2, recent_tokens=4, chunk_size=16))
     session.feed("the quick brown fox jumps over the lazy dog and keeps running")
     snap = session.memory()
     ids, positions = snap.token_ids.tolist(), snap.positions.tolist()
@@ -141,7 +141,7 @@ def test_patches_ride_along_with_the_next_forward_exactly(tiny_pair, ranks):
 def test_folded_patch_equals_a_separate_patch_forward(tiny_pair):
     """Same K/V, brightness, culls and logits whether a patch rides along or runs on its own first."""
     model, tok = tiny_pair
-    config = HaloConfig(budget=20, sink_tokens=2, recent_tokens=4, chunk_size=4)
+    config = HaloConfig(granularity="token", budget=20, sink_tokens=2, recent_tokens=4, chunk_size=4)
     text = "the quick brown fox jumps over the lazy dog and keeps running far away into the night"
     folded, separate = Session(model, tok, config), Session(model, tok, config)
     for s in (folded, separate):
@@ -162,7 +162,7 @@ def test_folded_patch_equals_a_separate_patch_forward(tiny_pair):
 
 def test_pending_patches_follow_their_slots_through_a_compaction(tiny_pair):
     model, tok = tiny_pair
-    session = Session(model, tok, HaloConfig(budget=300, sink_tokens=2, recent_tokens=4, chunk_size=16))
+    session = Session(model, tok, HaloConfig(granularity="token", budget=300, sink_tokens=2, recent_tokens=4, chunk_size=16))
     session.feed("one two three four five six seven eight nine ten")
     cache = session.cache
     n = cache.n_valid
@@ -257,7 +257,7 @@ def test_overlap_on_cuda_launches_without_a_host_sync(tiny_tok):
 
 def test_a_forward_interrupted_midway_changes_nothing_and_keeps_patches_pending(tiny_pair):
     model, tok = tiny_pair
-    session = Session(model, tok, HaloConfig(budget=300, sink_tokens=2, recent_tokens=4, chunk_size=16))
+    session = Session(model, tok, HaloConfig(granularity="token", budget=300, sink_tokens=2, recent_tokens=4, chunk_size=16))
     session.feed("the quick brown fox jumps over the lazy dog and keeps running")
     cache = session.cache
     snap = session.memory()

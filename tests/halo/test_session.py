@@ -169,7 +169,8 @@ def _fresh_keys_values(model, token_ids, positions):
 
 def test_kv_patch_equals_running_the_model_on_the_retained_prefix(tiny_pair):
     model, tok = tiny_pair
-    session = Session(model, tok, HaloConfig(budget=300, sink_tokens=2, recent_tokens=4, chunk_size=16))
+    session = Session(model, tok, HaloConfig(budget=300, sink_tokens=2, recent_tokens=4, chunk_size=16,
+                                             granularity="token"))
     session.feed("the quick brown fox jumps over the lazy dog and keeps running far away")
     snap = session.memory()
     ids, positions = snap.token_ids.tolist(), snap.positions.tolist()
@@ -192,7 +193,8 @@ def test_kv_patch_equals_running_the_model_on_the_retained_prefix(tiny_pair):
 def test_kv_patch_after_evictions_uses_the_cached_prefix(tiny_pair):
     from transformers import DynamicCache
     model, tok = tiny_pair
-    session = Session(model, tok, HaloConfig(budget=24, sink_tokens=2, recent_tokens=4, chunk_size=4))
+    session = Session(model, tok, HaloConfig(budget=24, sink_tokens=2, recent_tokens=4, chunk_size=4,
+                                             granularity="token"))
     session.feed("the quick brown fox jumps over the lazy dog and keeps running far away into the night")
     cache = session.cache
     snap = session.memory()

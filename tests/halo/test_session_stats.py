@@ -3,7 +3,7 @@
 from halo import HaloConfig, Session
 from halo.session_stats import session_stats
 
-KEYS = ["tokens_fed", "retained", "budget", "evicted", "markers", "repairs", "steps", "halo_seconds",
+KEYS = ["tokens_fed", "retained", "remembered", "budget", "evicted", "markers", "repairs", "steps", "halo_seconds",
         "model_seconds", "repair_seconds"]
 
 

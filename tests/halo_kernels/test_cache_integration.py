@@ -14,7 +14,7 @@ from tiny import tiny_llama
 
 
 def _run(model, ids, kernels, device):
-    config = HaloConfig(budget=24, recent_tokens=4, sink_tokens=2, chunk_size=8,
+    config = HaloConfig(budget=24, recent_tokens=4, sink_tokens=2, chunk_size=8, granularity="token",
                         kernels="triton" if kernels else "reference")
     cache = HaloCache(model, config)
     assert cache.backend.name == ("triton" if kernels else "reference")
