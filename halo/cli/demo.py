@@ -62,7 +62,7 @@ def main(args) -> int:
         verdict = "correct" if telling.correct else "wrong"
         print(f"{telling.policy:>10}  {story.fact.answer_prefix} {_clip(telling.reply, 60)}   [{verdict}]")
     halo = tellings[0].session
-    print(f"=== what halo remembers ({halo.cache.n_valid} tokens; [...] stands for culled tool lines) ===")
+    print(f"=== what halo remembers ({len(halo.memory())} tokens; [...] stands for culled tool lines) ===")
     print(halo.memory_text())
     print("=== stats (halo) ===")
     print_stats(halo.stats())

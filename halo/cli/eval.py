@@ -25,10 +25,10 @@ def _csv(kind):
 
 
 def add_parser(sub) -> None:
-    from ..baselines import ALL_POLICY_NAMES
     from ..eval.conversation import FLOOD_SIZES
     from ..eval.conversation_runner import (CONVERSATION_BUDGETS, CONVERSATION_CHUNK, CONVERSATION_COUNT,
                                             CONVERSATION_POLICIES)
+    from ..eval.runner import ESSAY_POLICIES
 
     parser = sub.add_parser("eval", help="compare cull policies: perplexity under budget, fact recall, cost",
                             description="Suite `essays`: stream texts token by token through the model with the KV "
@@ -50,9 +50,10 @@ def add_parser(sub) -> None:
                         f"{','.join(CONVERSATION_BUDGETS)} (conversation)")
     parser.add_argument("--policies", type=_csv(str), default=None,
                         help="comma-separated policies: full, streaming, h2o, tova, random, halo, and oracle "
-                        "(conversation suite only); add -layer to an evicting policy (halo-layer, tova-layer) to keep "
-                        "one token set per layer, +repair (e.g. halo+repair) to run it with "
-                        f"single-pass self repair; default {','.join(ALL_POLICY_NAMES)} (essays), "
+                        "(conversation suite only); add -layer to an evicting policy (tova-layer, h2o-layer) to keep "
+                        "one token set per layer, -token for one set for all layers (halo-token; plain halo "
+                        "follows HaloConfig.granularity, per layer by default), +repair (e.g. halo+repair) to run it with "
+                        f"single-pass self repair; default {','.join(ESSAY_POLICIES)} (essays), "
                         f"{','.join(CONVERSATION_POLICIES)} (conversation)")
     parser.add_argument("--text", type=Path, nargs="+", default=None,
                         help="essays: text files (the embedded pydoc text when not given)")
@@ -131,8 +132,8 @@ def essays_main(args) -> int:
     """Perplexity under budget and planted recall on texts (the embedded pydoc text by default)."""
     import torch
 
-    from ..baselines import ALL_POLICY_NAMES
     from ..eval import evaluate, format_table, plot
+    from ..eval.runner import ESSAY_POLICIES
     from ..models import load_model
 
     if args.text is None:
@@ -147,7 +148,7 @@ def essays_main(args) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, device=args.device)
     records = evaluate(model, tokenizer, texts, budgets=args.budget or ESSAY_BUDGETS,
-                       policies=args.policies or ALL_POLICY_NAMES, depths=args.depths,
+                       policies=args.policies or ESSAY_POLICIES, depths=args.depths,
                        seed=args.seed, max_tokens=args.max_tokens or None, recent=args.recent, sinks=args.sinks,
                        recall_chunk=args.recall_chunk, progress=not args.quiet, config_overrides=_overrides(args))
     print(format_table(records))

@@ -13,7 +13,7 @@ from fractions import Fraction
 
 import torch
 
-from ..baselines import ALL_POLICY_NAMES, make_policy
+from ..baselines import make_policy
 from ..config import HaloConfig
 from ..session import Session
 from .coherence import session_coherence
@@ -69,22 +69,23 @@ def eval_config(budget: int, *, sinks: int = 4, recent: int | None = None, chunk
 
 REPAIR_SUFFIX = "+repair"
 """`halo+repair` (any policy name plus this suffix) runs that policy with single-pass self repair switched on."""
-LAYER_SUFFIX = "-layer"
-"""`tova-layer` (any evicting policy plus this suffix) runs that policy with one retained set per layer
-(HaloConfig(granularity="layer")); the plain name runs it with one set for all layers."""
+GRANULARITY_SUFFIXES = {"-layer": "layer", "-token": "token"}
+"""`tova-layer` (any evicting policy plus `-layer`) runs that policy with one retained set per layer
+(HaloConfig(granularity="layer")), `halo-token` with one set for all layers. Without a suffix the published
+baselines run token-level, as published, and `halo` runs with the config's granularity (per layer by default)."""
 
 
 def policy_setup(name: str, config: HaloConfig) -> tuple[str, HaloConfig]:
-    """(the cull policy's name, the config it runs with) for an evaluator row name such as `halo`, `tova-layer`
-    or `halo+repair`."""
+    """(the cull policy's name, the config it runs with) for an evaluator row name such as `halo`, `tova-layer`,
+    `halo-token` or `halo+repair`."""
     base = name.removesuffix(REPAIR_SUFFIX)
     if base != name:
         config = config.replace(repair="self")
-    if base.endswith(LAYER_SUFFIX):
-        base = base.removesuffix(LAYER_SUFFIX)
-        config = config.replace(granularity="layer")
-    elif base != "full" and config.granularity == "layer":
-        config = config.replace(granularity="token")  # a plain name is the token-level row
+    for suffix, granularity in GRANULARITY_SUFFIXES.items():
+        if base.endswith(suffix):
+            return base.removesuffix(suffix), config.replace(granularity=granularity)
+    if base != "halo":
+        config = config.replace(granularity="token")  # the baselines as published (and `full`: nothing to cull)
     return base, config
 
 
@@ -162,7 +163,12 @@ class _Acc:
     budgets: set = field(default_factory=set)
 
 
-def evaluate(model, tokenizer, texts: list[str], *, budgets=("1/4", "1/8"), policies=ALL_POLICY_NAMES,
+ESSAY_POLICIES = ("full", "streaming", "h2o", "tova", "random", "h2o-layer", "tova-layer", "halo-token", "halo")
+"""The rows `halo eval` reports by default: the published baselines, their per-layer variants, and Halo with one
+token set for all layers and with its default (one per layer)."""
+
+
+def evaluate(model, tokenizer, texts: list[str], *, budgets=("1/4", "1/8"), policies=ESSAY_POLICIES,
              depths=(0.1, 0.5, 0.9), seed: int = 0, max_tokens: int | None = 600, recent: int | None = None,
              sinks: int = 4, recall_chunk: int = 16, progress: bool = True, config_overrides: dict | None = None) -> list[dict]:
     """Run every policy at every budget on every text; one record per (policy, budget), keys `RECORD_KEYS`.

@@ -29,6 +29,20 @@ def test_generate_with_large_budget_equals_default_cache(kv_heads):
     assert cache.token_ids[: cache.n_valid].tolist() == got[0, :-1].tolist()
 
 
+@pytest.mark.parametrize("kv_heads", [1, 4])
+def test_per_layer_generate_with_large_budget_equals_default_cache(kv_heads):
+    model = tiny_llama(seed=kv_heads, kv_heads=kv_heads, layers=3)
+    ids = torch.randint(0, 128, (1, 23), generator=torch.Generator().manual_seed(2))
+    expected = model.generate(ids, max_new_tokens=30, do_sample=False)
+    twin = clone(model)
+    cache = HaloCache(twin, HaloConfig(budget=100, recent_tokens=8))  # the default: one memory per layer
+    assert cache.per_layer
+    got = twin.generate(ids, max_new_tokens=30, do_sample=False, past_key_values=cache)
+    assert torch.equal(got, expected)
+    assert cache.layer_counts.tolist() == [23 + 29] * 3 and len(cache.journal) == 0
+    assert cache.snapshot()["token_ids"].tolist() == got[0, :-1].tolist()
+
+
 def test_generate_compacts_long_prompt_to_budget():
     model = tiny_llama()
     cache = HaloCache(model, HaloConfig(granularity="token", budget=16, recent_tokens=4, sink_tokens=2, chunk_size=4))

@@ -174,7 +174,9 @@ def test_eval_rows_name_the_granularity():
     base = HaloConfig()
     assert policy_setup("tova-layer", base)[0] == "tova"
     assert policy_setup("tova-layer", base)[1].granularity == "layer"
-    assert policy_setup("halo", base.replace(granularity="layer"))[1].granularity == "token"
+    assert policy_setup("halo", base)[1].granularity == "layer"  # the default engine
+    assert policy_setup("halo-token", base)[1].granularity == "token"
+    assert policy_setup("tova", base)[1].granularity == "token"  # baselines as published
     assert policy_setup("halo+repair", base)[1].repair == "self"
     assert policy_setup("halo-layer+repair", base)[1].granularity == "layer"
 
