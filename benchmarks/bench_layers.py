@@ -17,37 +17,22 @@ skip when timing, and with `--benchmark-disable` only check that their bodies ru
 layers, N = 2k, fp32).
 """
 
-import os
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before halo_kernels imports triton kernels
+# First: bench_kernels sets TRITON_INTERPRET on CPU before halo_kernels imports triton kernels. It also holds the
+# shared settings: device, dtype, layers, KV heads, head dim, MID (victim selection and compaction size), EVICT, ALPHA.
+from bench_kernels import ALPHA, CUDA, DEVICE, DTYPE, EVICT, HKV, LAYERS, MID, D, _record_ratio, _sync
 
-import halo_kernels  # noqa: E402
-from bench_kernels import _record_ratio  # noqa: E402
-from halo import brightness as ref_brightness  # noqa: E402
-from halo import compact as ref_compact  # noqa: E402
-from halo import layer_cull as ref_layer_cull  # noqa: E402
+import halo_kernels
+from halo import brightness as ref_brightness
+from halo import compact as ref_compact
+from halo import layer_cull as ref_layer_cull
 
 pytestmark = pytest.mark.skipif(not halo_kernels.available(), reason="Triton unavailable")
 
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPE = torch.bfloat16 if CUDA else torch.float32
-LAYERS = 22 if CUDA else 2
-HKV, D = 4, 64
-SIZES = [2048, 32768] if CUDA else [2048]
-MID = 32768 if CUDA else 2048  # victim selection and compaction size
-EVICT = 64
-ALPHA = 30.0
+SIZES = [2048, 32768] if CUDA else [2048]  # bench_kernels also times 128k
 T_ROWS = 1  # a decode step
-
-
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def _halo_only_on_cuda(benchmark):

@@ -25,6 +25,33 @@ from ._common import as_bits, cdiv, check_device, next_power_of_2
 
 
 @triton.jit
+def _lower_bound(ptr, lo, hi, value, n_iter, MINUS_INDEX: tl.constexpr):
+    """Per lane, the first index j in [lo, hi) whose key is >= value (hi when none), by n_iter halvings.
+
+    The key is ptr[j], or ptr[j] - j when MINUS_INDEX (nondecreasing too over distinct sorted integers); keys
+    must be nondecreasing over [lo, hi), and n_iter >= bit_length(hi - lo) + 1. Shared by `_compact_kernel`
+    and `compact_layers._compact_layers_kernel`, like `_move`.
+    """
+    for _ in range(n_iter):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        key = tl.load(ptr + mid, mask=active, other=0)
+        if MINUS_INDEX:
+            key = key - mid
+        below = key < value
+        lo = tl.where(active & below, mid + 1, lo)
+        hi = tl.where(active & (~below), mid, hi)
+    return lo
+
+
+@triton.jit
+def _move(ptr, src, dst, stride, mask):
+    """Where mask: copy the element at ptr + src * stride to ptr + dst * stride (broadcast: rows of a plane when
+    ptr spans a row's columns and src/dst are [BLOCK, 1]). Integer payloads, so the copy is bit-exact."""
+    tl.store(ptr + dst * stride, tl.load(ptr + src * stride, mask=mask), mask=mask)
+
+
+@triton.jit
 def _compact_kernel(
     kv_ptr, victims_ptr, slot_ptrs, slot_strides,
     k, keep, n_iter, HKV, n_planes,
@@ -39,28 +66,12 @@ def _compact_kernel(
 
     # h = number of victims below `keep` (lower bound of keep in the sorted victims).
     zero = tl.zeros([BLOCK_K], tl.int64)
-    lo = zero
-    hi = zero + k
-    for _ in range(n_iter):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        v = tl.load(victims_ptr + mid, mask=active, other=0)
-        right = active & (v < keep)
-        lo = tl.where(right, mid + 1, lo)
-        hi = tl.where(active & (v >= keep), mid, hi)
-    h = lo
+    h = _lower_bound(victims_ptr, zero, zero + k, keep, n_iter, MINUS_INDEX=False)
 
     # For the i-th hole (i < h): count tail victims v_j (j >= h) with v_j - keep - (j - h) <= i, i.e. the
-    # victims lying before the i-th surviving tail slot; that slot is keep + i + count.
-    lo = h
-    hi = zero + k
-    for _ in range(n_iter):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        v = tl.load(victims_ptr + mid, mask=active, other=0)
-        before = (v - keep - (mid - h)) <= i
-        lo = tl.where(active & before, mid + 1, lo)
-        hi = tl.where(active & (~before), mid, hi)
+    # victims lying before the i-th surviving tail slot; that slot is keep + i + count. In integers that
+    # condition reads v_j - j < keep - h + i + 1: a lower bound in the keys v_j - j.
+    lo = _lower_bound(victims_ptr, h, zero + k, keep - h + i + 1, n_iter, MINUS_INDEX=True)
     src = tl.where(i < h, keep + i + (lo - h), dst)
 
     # K/V rows of this plane (plane = (layer, k|v, head)).
@@ -70,15 +81,11 @@ def _compact_kernel(
     base = kv_ptr + layer.to(tl.int64) * stride_l + which.to(tl.int64) * stride_kv + head.to(tl.int64) * stride_h
     dims = tl.arange(0, BLOCK_D)
     mask = (ok & ((zero + plane) < n_planes))[:, None] & (dims < D)[None, :]
-    rows = tl.load(base + src[:, None] * stride_c + dims[None, :] * stride_d, mask=mask)
-    tl.store(base + dst[:, None] * stride_c + dims[None, :] * stride_d, rows, mask=mask)
+    _move(base + dims[None, :] * stride_d, src[:, None], dst[:, None], stride_c, mask)
 
     if plane == 0:
         for s in tl.static_range(NUM_SLOT):
-            ptr = slot_ptrs[s]
-            stride = slot_strides[s]
-            value = tl.load(ptr + src * stride, mask=ok)
-            tl.store(ptr + dst * stride, value, mask=ok)
+            _move(slot_ptrs[s], src, dst, slot_strides[s], ok)
 
 
 def _check(kv, slot_tensors, victims, n_valid) -> None:

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import as_bits, cdiv, check_device, next_power_of_2
+from .compact import _lower_bound, _move
 
 
 @triton.jit
@@ -49,37 +50,16 @@ def _compact_layers_kernel(
     zero = tl.zeros([BLOCK_K], tl.int64)
 
     # p = entries < 0 (the padding): lower bound of 0 in the sorted row.
-    lo = zero
-    hi = zero + k
-    for _ in range(n_iter):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        v = tl.load(row + mid, mask=active, other=0)
-        lo = tl.where(active & (v < 0), mid + 1, lo)
-        hi = tl.where(active & (v >= 0), mid, hi)
-    pad = lo
+    pad = _lower_bound(row, zero, zero + k, zero, n_iter, MINUS_INDEX=False)
     keep = tl.load(counts_ptr + layer + zero) - (k - pad)
 
     # p + h = lower bound of keep among the valid victims (h = holes, the victims below keep).
-    hi = zero + k
-    for _ in range(n_iter):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        v = tl.load(row + mid, mask=active, other=0)
-        lo = tl.where(active & (v < keep), mid + 1, lo)
-        hi = tl.where(active & (v >= keep), mid, hi)
-    tail = lo  # first tail victim's index in the row (p + h)
+    tail = _lower_bound(row, pad, zero + k, keep, n_iter, MINUS_INDEX=False)  # first tail victim's index (p + h)
 
     # For the i-th hole (i < h): count tail victims v_j (j >= p + h) with v_j - keep - (j - p - h) <= i, i.e. the
-    # victims lying before the i-th surviving tail slot; that slot is keep + i + count.
-    hi = zero + k
-    for _ in range(n_iter):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        v = tl.load(row + mid, mask=active, other=0)
-        before = (v - keep - (mid - tail)) <= i
-        lo = tl.where(active & before, mid + 1, lo)
-        hi = tl.where(active & (~before), mid, hi)
+    # victims lying before the i-th surviving tail slot; that slot is keep + i + count. In integers that
+    # condition reads v_j - j < keep - tail + i + 1: a lower bound in the keys v_j - j.
+    lo = _lower_bound(row, tail, zero + k, keep - tail + i + 1, n_iter, MINUS_INDEX=True)
     real = ok & (pad + i < tail)
     dst = tl.load(row + pad + i, mask=real, other=0)
     src = keep + i + (lo - tail)
@@ -98,15 +78,12 @@ def _compact_layers_kernel(
                 + head.to(tl.int64) * stride_h)
         dims = tl.arange(0, BLOCK_D)
         mask = (real & ((zero + local) < KV_PLANES))[:, None] & (dims < D)[None, :]
-        rows = tl.load(base + src[:, None] * stride_c + dims[None, :] * stride_d, mask=mask)
-        tl.store(base + dst[:, None] * stride_c + dims[None, :] * stride_d, rows, mask=mask)
+        _move(base + dims[None, :] * stride_d, src[:, None], dst[:, None], stride_c, mask)
         # per-slot rows of this layer, moved once per layer (by its first plane)
         if local == 0:
             for s in tl.static_range(NUM_SLOT):
                 ptr = slot_ptrs[s] + layer.to(tl.int64) * slot_strides[2 * s]
-                stride = slot_strides[2 * s + 1]
-                value = tl.load(ptr + src * stride, mask=real)
-                tl.store(ptr + dst * stride, value, mask=real)
+                _move(ptr, src, dst, slot_strides[2 * s + 1], real)
 
 
 def _check(kv, slot_tensors, victims, counts) -> None:
