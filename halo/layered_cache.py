@@ -20,9 +20,9 @@ import torch
 
 from .cache import HaloCache
 from .forward import CullResult, Eviction, ForwardSpec, causal_visibility, visible_before
-from .token_view import TokenView
 from .layer_cull import (FREE_POSITION, position_order_layers, select_unit_victims_layers,
                          select_word_victims_layers)
+from .token_view import TokenView
 
 
 def pack_rows(mask: torch.Tensor) -> torch.Tensor:
@@ -130,8 +130,21 @@ class LayeredHaloCache(HaloCache):
         if last:
             width = self._n_valid + query.shape[1]
             self.backend.update_brightness_layers(fields["brightness"][:, :width], fields["mass"][:, :width],
-                                     self._decay[fields["sources"][:, :width]], self._counts_t, query.shape[1],
-                                     self.config.alpha)
+                                                  self._decay[fields["sources"][:, :width]], self._counts_t,
+                                                  query.shape[1], self.config.alpha)
+
+    def abort_forward(self) -> None:
+        """Drop the forward in flight without committing it; the slots it wrote become free again."""
+        super().abort_forward()
+        self._patches = None
+        self._clear_free(self.capacity)
+
+    def _clear_free(self, width: int) -> None:
+        """Mark the free slots among the first `width` of every layer: position FREE_POSITION, serial and unit -1."""
+        free = torch.arange(width, device=self.device)[None, :] >= self._counts_t[:, None]
+        self.positions[:, :width].masked_fill_(free, FREE_POSITION)
+        self.serials[:, :width].masked_fill_(free, -1)
+        self.units[:, :width].masked_fill_(free, -1)
 
     def _count_new_slots(self, spec: ForwardSpec) -> None:
         self._order = None
@@ -188,10 +201,7 @@ class LayeredHaloCache(HaloCache):
         left = {name: fields[name][rows, cols] for name in ("serials", "positions", "token_ids", "sources", "units",
                                                             "brightness")}
         self._counts_t = self.backend.compact_layers_(self._store.kv, list(fields.values()), victims, self._counts_t)
-        free = torch.arange(n, device=self.device)[None, :] >= self._counts_t[:, None]
-        fields["positions"][:, :n].masked_fill_(free, FREE_POSITION)
-        fields["serials"][:, :n].masked_fill_(free, -1)
-        fields["units"][:, :n].masked_fill_(free, -1)
+        self._clear_free(n)
         self._counts = self._counts_t.tolist()
         self._n_valid = max(self._counts)
         # a token dies when the last layer holding it lets go (several layers may drop it in the same cull)

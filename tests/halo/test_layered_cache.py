@@ -237,3 +237,25 @@ def test_self_repair_runs_on_per_layer_memory(tiny_pair):
     assert session.stats()["repairs"] == len(session.diffs) > 0
     journal = {(e.position, e.token_id) for e in session.journal.entries if e.kind == "replaced"}
     assert {(p, old) for p, old, _ in session.diffs} == journal
+
+
+def test_an_interrupted_forward_changes_nothing_and_the_session_goes_on(tiny_pair):
+    model, tok = tiny_pair
+    session = layered(model, tok)
+    session.feed(TEXT)
+    before = session.memory(), session.cache.layer_counts.clone(), session.cache.positions.clone()
+
+    def interrupt(module, args, output):
+        raise KeyboardInterrupt
+
+    hook = model.model.layers[-1].register_forward_hook(interrupt)  # after every layer but the last wrote K/V
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            session.feed(" and then some more words arrive")
+    finally:
+        hook.remove()
+    cache = session.cache
+    assert torch.equal(cache.layer_counts, before[1]) and torch.equal(cache.positions, before[2])
+    assert torch.equal(session.memory().positions, before[0].positions)
+    session.feed(" and then some more words arrive")
+    check_accounting(session, cache.seen)
