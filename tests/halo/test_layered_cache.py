@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tiny import tiny_llama
-from halo import HaloConfig, Session
+from halo import HaloConfig, Session, SourcePolicy, default_sources
 from halo.baselines import make_policy
 from halo.eval.runner import policy_setup
 from halo.cache import HaloCache
@@ -16,7 +16,10 @@ LOG = "".join(f"2026-11-22 12:{i:02d} worker {i % 3} processed batch {i} ok\n" f
 
 
 def layered(model, tok, policy=None, **changes):
-    config = HaloConfig(**{"budget": 40, "sink_tokens": 2, "recent_tokens": 6, "chunk_size": 4,
+    """A per-layer session. User text decays by 1.0 a row, as much as uniform attention earns: a random tiny
+    model's attention is near uniform, and with less decay every token would brighten alike and age would decide."""
+    sources = {**default_sources(), "user": SourcePolicy(initial=128.0, decay=1.0, priority=320.0)}
+    config = HaloConfig(**{"budget": 40, "sink_tokens": 2, "recent_tokens": 6, "chunk_size": 4, "sources": sources,
                            "granularity": "layer", **changes})
     return Session(model, tok, config, policy=policy)
 
