@@ -169,6 +169,6 @@ def bench_session_generate_step(benchmark, smollm_pair, record_ratio, granularit
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=3)
     stats = session.stats()
     assert stats["retained"] <= BUDGET
-    if granularity == "token":
-        assert stats["evicted"] == evicted + (1 if benchmark.disabled else ROUNDS + 3)
+    if granularity == "token":  # at least one token a step (a whole word can take more)
+        assert stats["evicted"] >= evicted + (1 if benchmark.disabled else ROUNDS + 3)
     record_ratio(benchmark, _session_group(granularity), "halo")

@@ -38,11 +38,14 @@ def test_policy_respects_budget_and_protected_set(pair, ids, name):
     def check(session):
         cache = session.cache
         assert cache.n_valid <= budget
-        kept = set(cache.positions[: cache.n_valid].tolist())
-        seen = cache.seen
-        assert set(range(min(sinks, seen))) <= kept
-        assert set(range(max(0, seen - recent), seen)) <= kept
-        assert len(kept) == cache.n_valid  # no duplicated positions after compaction
+        rows = cache.positions[:, : cache.n_valid] if cache.per_layer else cache.positions[None, : cache.n_valid]
+        for layer, row in enumerate(rows):  # `halo` keeps one set per layer, the baselines one for all
+            held = row[: cache.layer_length(layer)].tolist()
+            kept = set(held)
+            seen = cache.seen
+            assert set(range(min(sinks, seen))) <= kept
+            assert set(range(max(0, seen - recent), seen)) <= kept
+            assert len(kept) == len(held)  # no duplicated positions after compaction
 
     run = stream_nll(model, tok, ids, config, name, seed=3, on_step=check)
     assert run.max_retained == budget and run.steps == len(ids)

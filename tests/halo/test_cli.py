@@ -21,7 +21,7 @@ def test_run_streams_a_transcript_and_writes_the_journal(tmp_path):
     transcript = tmp_path / "chat.json"
     transcript.write_text(json.dumps([
         {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": "Tell me about the assert statement in Python. " * 6},
+        {"role": "user", "content": "Tell me about the assert statement in Python. " * 20},
     ]))
     journal = tmp_path / "journal.jsonl"
     code = main(["run", "--text", str(transcript), "--budget", "48", "--recent", "8", "--chunk", "16",

@@ -45,9 +45,13 @@ def test_loaded_session_continues_exactly(tiny_tok, tmp_path):
         session.feed(LOG[:60], source="log")
         replies.append(session.generate(12))
     assert replies[0] == replies[1]
-    n = original.cache.n_valid
-    assert torch.equal(original.cache.kv[:, :, :, :n], restored.cache.kv[:, :, :, :n])
-    assert torch.equal(original.cache.brightness[:n], restored.cache.brightness[:n])
+    cache, twin = original.cache, restored.cache
+    assert torch.equal(cache.layer_counts, twin.layer_counts)
+    for layer in range(cache.num_layers):  # each layer's own slots (per-layer memory, the default)
+        n = cache.layer_length(layer)
+        assert torch.equal(cache.kv[layer, :, :, :n], twin.kv[layer, :, :, :n])
+        assert torch.equal(cache.brightness[layer, :n], twin.brightness[layer, :n])
+        assert torch.equal(cache.positions[layer, :n], twin.positions[layer, :n])
     assert original.journal.entries == restored.journal.entries
 
 

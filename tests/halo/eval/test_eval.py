@@ -76,7 +76,8 @@ def test_smollm2_full_perplexity_is_sane_and_every_policy_runs():
     model, tok = load_model()
     records = evaluate(model, tok, [embedded_text(max_chars=4000)], budgets=["32"], depths=(0.5,), max_tokens=64,
                        recent=8, recall_chunk=32, progress=False)
-    assert [r["policy"] for r in records] == ["full", "streaming", "h2o", "tova", "random", "halo"]
+    assert [r["policy"] for r in records] == ["full", "streaming", "h2o", "tova", "random", "h2o-layer", "tova-layer",
+                                              "halo-token", "halo"]
     assert math.isfinite(records[0]["ppl"]) and records[0]["ppl"] < 100
     assert records[0]["recall"]["0.5"] == 1.0
     assert all(math.isfinite(r["ppl"]) for r in records)
