@@ -56,9 +56,7 @@ class LayeredHaloCache(HaloCache):
         self._units_seen = False
         self._order: torch.Tensor | None = None
         self._patches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (slots, patch rows)
-        self.positions.fill_(FREE_POSITION)
-        self.serials.fill_(-1)
-        self.units.fill_(-1)
+        self._clear_free(self.capacity)
 
     # ------------------------------------------------------------ counters
     def layer_length(self, layer_idx: int) -> int:
@@ -78,6 +76,8 @@ class LayeredHaloCache(HaloCache):
 
     # ------------------------------------------------------------ the forward
     def _write_new_slots(self, spec: ForwardSpec) -> None:
+        if self._capacity_seen != self.capacity:  # the buffers grew: their new slots are free
+            self._clear_free(self.capacity)
         self._patches = None if spec.patch_slots is None else self._patch_targets(spec.patch_slots)
         t_rows, layers = spec.new_rows, self.num_layers
         idx = self._counts_t[:, None] + torch.arange(t_rows, device=self.device)[None, :]  # [L, T]
@@ -141,6 +141,7 @@ class LayeredHaloCache(HaloCache):
 
     def _clear_free(self, width: int) -> None:
         """Mark the free slots among the first `width` of every layer: position FREE_POSITION, serial and unit -1."""
+        self._capacity_seen = self.capacity
         free = torch.arange(width, device=self.device)[None, :] >= self._counts_t[:, None]
         self.positions[:, :width].masked_fill_(free, FREE_POSITION)
         self.serials[:, :width].masked_fill_(free, -1)
@@ -315,6 +316,7 @@ class LayeredHaloCache(HaloCache):
         super().load_state_dict(state)
         self._counts = [int(c) for c in counts]
         self._counts_t = torch.tensor(self._counts, dtype=torch.int64, device=self.device)
+        self._clear_free(self.capacity)
         self._units_seen = bool((self.units[:, : self._n_valid] >= 0).any())
 
 

@@ -55,6 +55,23 @@ def test_generate_compacts_long_prompt_to_budget():
     assert kept[:2] == [0, 1] and kept[-4:] == [45, 46, 47, 48]
 
 
+def test_per_layer_generate_compacts_long_prompt_to_budget():
+    """The oversized prompt forward grows the buffers; every layer's new slots start free (FREE_POSITION)."""
+    from halo.layer_cull import FREE_POSITION
+
+    model = tiny_llama(layers=3)
+    cache = HaloCache(model, HaloConfig(budget=16, recent_tokens=4, sink_tokens=2, chunk_size=4))
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    model.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    assert cache.capacity >= 40 and cache.layer_counts.tolist() == [16] * 3 and cache.seen == 49
+    for layer in range(3):
+        kept = sorted(cache.positions[layer, :16].tolist())
+        assert kept[:2] == [0, 1] and kept[-4:] == [45, 46, 47, 48] and len(set(kept)) == 16
+        assert (cache.positions[layer, 16:] == FREE_POSITION).all() and (cache.serials[layer, 16:] == -1).all()
+    remembered = cache.snapshot()["positions"].tolist()
+    assert sorted(remembered + [e.position for e in cache.journal.evicted]) == list(range(49))
+
+
 def eager_brightness(model, ids, initial, decay, alpha):
     """Brightness from eager attention weights of the same model, per the definition."""
     eager = clone(model)
