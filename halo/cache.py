@@ -27,8 +27,8 @@ from .config import HaloConfig
 from .cull import select_unit_victims, unit_runs
 from .forward import CullResult, Eviction, ForwardSpec, StepResult, causal_visibility, default_spec
 from .journal import Journal
-from .retained import RetainedReader
 from .policy import CullPolicy, HaloPolicy
+from .retained import RetainedReader
 from .slots import SlotStore
 
 COUNTERS = ("n_valid", "seen", "steps", "next_serial", "next_unit", "unit_slots")
@@ -340,7 +340,7 @@ class HaloCache(RetainedReader, Cache):
                                       self.config.cull_threshold)
         if victims.numel() == 0:
             return CullResult()
-        runs = unit_runs(victims, self.units, self.positions, self.sources, self._line_sources)
+        runs = unit_runs(self.units[victims], self.positions[victims], self.sources[victims], self._line_sources)
         self._unit_slots -= int((self.units[victims] >= 0).sum())
         return CullResult([self.evict(victims)], runs)
 

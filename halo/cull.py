@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .layer_cull import cull_scores_layers, select_unit_victims_layers, select_victims_layers
+
 
 def position_order(positions: torch.Tensor, n_valid: int) -> torch.Tensor:
     """int64 [n_valid]: slot indices of the first n_valid slots sorted by position (stable)."""
@@ -23,25 +25,14 @@ def position_order(positions: torch.Tensor, n_valid: int) -> torch.Tensor:
 def cull_scores(brightness: torch.Tensor, positions: torch.Tensor, n_valid: int, dark_bias: float, radius: int) -> torch.Tensor:
     """float32 [n_valid]: per-slot cull score (lower dies first), indexed by slot.
 
+    The per-layer rule (`halo.layer_cull.cull_scores_layers`) on one row of n_valid slots.
+
     Args:
         brightness: float32 [C]; positions: int64 [C]; only the first n_valid slots are read.
         dark_bias: weight of the neighbourhood mean; radius: neighbours on each side, in position order.
     """
-    b = brightness[:n_valid]
-    if dark_bias == 0.0 or radius == 0 or n_valid <= 1:
-        return b.clone()
-    order = position_order(positions, n_valid)
-    ordered = b[order]
-    prefix = torch.nn.functional.pad(torch.cumsum(ordered.double(), 0), (1, 0))
-    idx = torch.arange(n_valid, device=b.device)
-    lo = (idx - radius).clamp(min=0)
-    hi = (idx + radius + 1).clamp(max=n_valid)
-    neighbour_sum = prefix[hi] - prefix[lo] - ordered.double()
-    neighbour_count = (hi - lo - 1).clamp(min=1)
-    mean = (neighbour_sum / neighbour_count).float()
-    scores = torch.empty_like(b)
-    scores[order] = ordered + dark_bias * mean
-    return scores
+    counts = torch.full((1,), n_valid, dtype=torch.int64, device=brightness.device)
+    return cull_scores_layers(brightness[None, :n_valid], positions[None, :n_valid], counts, dark_bias, radius)[0]
 
 
 def unit_means(scores: torch.Tensor, units: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -83,14 +74,11 @@ def select_victims(scores: torch.Tensor, positions: torch.Tensor, protected: tor
     Args:
         scores: float32 [n_valid] (or longer) cull scores; positions: int64 [C]; protected: bool [C].
         n_valid: retained slots; k: victims wanted, 0 <= k <= number of unprotected slots.
-    Never synchronises with the host: the caller knows k.
+    Never synchronises with the host: the caller knows k. The per-layer rule (`select_victims_layers`) on one row.
     """
     if k < 0 or k > n_valid:
         raise ValueError(f"cannot select {k} victims among {n_valid} slots")
-    order = position_order(positions, n_valid)
-    keyed = scores[:n_valid].masked_fill(protected[:n_valid], float("inf"))[order]
-    ranked = torch.sort(keyed, stable=True).indices[:k]
-    return order[ranked]
+    return select_victims_layers(scores[None, :n_valid], positions[None, :n_valid], protected[None, :n_valid], k)[0]
 
 
 def select_unit_victims(scores: torch.Tensor, positions: torch.Tensor, brightness: torch.Tensor,
@@ -106,7 +94,8 @@ def select_unit_victims(scores: torch.Tensor, positions: torch.Tensor, brightnes
     unprotected unit whose brightness is at most it dies too. Only when the units protected whole leave fewer
     than `need` slots (a budget too small for the protected set and the words or lines around its edges) are
     such units cut, at their own unprotected tokens, dimmest first. Victims come unit by unit in that order,
-    each unit's slots in slot order. Vectorised; one host read of the count.
+    each unit's slots in slot order. The per-layer implementation (`halo.layer_cull.select_unit_victims_layers`)
+    on one row: vectorised, with a few host reads of counts.
 
     Args:
         scores: float32 [n] cull scores; positions: int64 [>= n]; brightness: float32 [n];
@@ -114,49 +103,22 @@ def select_unit_victims(scores: torch.Tensor, positions: torch.Tensor, brightnes
     Raises RuntimeError if fewer than `need` slots are unprotected.
     """
     n = units.numel()
-    device = units.device
-    if n == 0:
-        return torch.empty(0, dtype=torch.int64, device=device)
-    slot = torch.arange(n, device=device)
-    key = torch.where(units >= 0, units, units.max().clamp(min=0) + 1 + slot)  # plain tokens: units of their own
-    _, group = torch.unique(key, return_inverse=True)
-    groups = int(group.max()) + 1 if n else 0
-    best = torch.full((groups,), float("-inf"), device=device).scatter_reduce(0, group, scores[:n], "amax")
-    brightest = torch.full((groups,), float("-inf"), device=device).scatter_reduce(0, group, brightness, "amax")
-    guarded = torch.zeros(groups, dtype=torch.bool, device=device).scatter_reduce(0, group, protected, "amax")
-    ranked = select_victims(best[group], positions, guarded[group], n, n)  # every slot, dying order first
-    rank_of_slot = torch.empty(n, dtype=torch.int64, device=device)
-    rank_of_slot[ranked] = slot
-    first = torch.full((groups,), n, dtype=torch.int64, device=device).scatter_reduce(0, group, rank_of_slot, "amin")
-    order = torch.argsort(first)  # groups in dying order
-    sizes = torch.bincount(group, minlength=groups)[order]
-    open_ = ~guarded[order]
-    before = torch.cumsum(torch.where(open_, sizes, 0), 0) - torch.where(open_, sizes, 0)
-    taken = open_ & (before < need)
-    if threshold is not None:
-        taken |= open_ & (brightest[order] <= threshold)
-    group_rank = torch.empty(groups, dtype=torch.int64, device=device)
-    group_rank[order] = torch.arange(groups, device=device)
-    chosen_groups = torch.zeros(groups, dtype=torch.bool, device=device)
-    chosen_groups[order[taken]] = True
-    in_chosen = chosen_groups[group]
-    victims = slot[in_chosen][torch.argsort(group_rank[group][in_chosen] * n + slot[in_chosen])]
-    count = victims.numel()
-    if count < need:  # units protected whole leave too little: cut them at their unprotected tokens
-        own = (~protected & ~in_chosen)[ranked]
-        extra = ranked[own][: need - count]
-        victims = torch.cat([victims, extra])
-    if victims.numel() < need:
-        raise RuntimeError(f"cannot cull {need} tokens: only {victims.numel()} are unprotected")
-    return victims
+    need_row = torch.full((1,), need, dtype=torch.int64, device=units.device)
+    return select_unit_victims_layers(scores[None, :n], positions[None, :n], brightness[None, :n], protected[None, :n],
+                                      units[None, :n], need_row, threshold)[0]
 
 
-def unit_runs(victims: torch.Tensor, units: torch.Tensor, positions: torch.Tensor, sources: torch.Tensor,
+def unit_runs(units: torch.Tensor, positions: torch.Tensor, sources: torch.Tensor,
               line_sources: set[int]) -> list[tuple[int, int, int]]:
-    """(unit id, first position, last position) of each line unit among `victims` (the units of `line_sources`:
-    word units and elision markers are left out), in victim order, for the markers that stand for culled lines."""
+    """(unit id, first position, last position) of each line unit among culled tokens (the units of
+    `line_sources`: word units and elision markers are left out), in the order given, for the markers that stand
+    for culled lines.
+
+    Args:
+        units, positions, sources: int64 [k] of the culled tokens, in victim order.
+    """
     runs: dict[int, list[int]] = {}
-    for unit, position, source in zip(units[victims].tolist(), positions[victims].tolist(), sources[victims].tolist()):
+    for unit, position, source in zip(units.tolist(), positions.tolist(), sources.tolist()):
         if unit >= 0 and source in line_sources:
             span = runs.setdefault(unit, [position, position])
             span[0], span[1] = min(span[0], position), max(span[1], position)

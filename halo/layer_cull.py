@@ -1,6 +1,7 @@
 """Cull per layer: every layer of a per-layer memory (halo.layered_cache) ranks and culls its own slots.
 
-The rules are those of `halo.cull`, applied to each layer's row at once (no loop over layers):
+The rules of `halo.cull`, applied to each layer's row at once (no loop over layers); `halo.cull`'s token-level
+functions are these on a single row:
 
 * `cull_scores_layers`: brightness plus `dark_bias` times the mean brightness of the +-radius neighbours in
   that layer's position order;
@@ -152,8 +153,8 @@ def select_unit_victims_layers(scores: torch.Tensor, positions: torch.Tensor, br
         freed = torch.bincount(layer[picked], minlength=layers)
     if bool((freed < need).any()):
         bad = int(torch.nonzero(freed < need).flatten()[0])
-        raise RuntimeError(f"cannot cull {int(need[bad])} tokens in layer {bad}: only {int(freed[bad])} are "
-                           "unprotected")
+        where = f" in layer {bad}" if layers > 1 else ""
+        raise RuntimeError(f"cannot cull {int(need[bad])} tokens{where}: only {int(freed[bad])} are unprotected")
     width = int(freed.max()) if picked.numel() else 0
     out = torch.full((layers, width), -1, dtype=torch.int64, device=device)
     if picked.numel():
@@ -197,20 +198,22 @@ def select_word_victims_layers(scores: torch.Tensor, order: torch.Tensor, bright
     ranked = torch.sort(key, dim=1, stable=True).indices  # into position order: units stay contiguous
     open_ = ~torch.gather(guarded, 1, ranked)
     before = torch.cumsum(open_.long(), 1) - open_.long()
-    seg_ranked = torch.gather(segment.view(layers, n), 1, ranked).reshape(-1)
+    seg_rows = torch.gather(segment.view(layers, n), 1, ranked)  # each ranked entry's unit
+    seg_ranked = seg_rows.reshape(-1)
     first = torch.full((size,), size, dtype=torch.int64, device=device).scatter_reduce(
         0, seg_ranked, before.reshape(-1), "amin")[seg_ranked].view(layers, n)
-    taken = open_ & (first < need.to(device)[:, None])
+    need = need.to(device)
+    taken = open_ & (first < need[:, None])
     if threshold is not None:
         taken |= open_ & (torch.gather(pooled(brightness, "amax", float("-inf")), 1, ranked) <= threshold)
     freed = taken.sum(1)
-    if bool((freed < need.to(device)).any()):
+    if bool((freed < need).any()):
         return None
     slots = torch.gather(order, 1, ranked)  # slot index of each ranked entry
     # victims unit by unit in dying order, each unit's slots in slot order: sort by (unit rank, slot)
-    unit_rank = torch.cumsum(torch.cat([torch.ones_like(seg_ranked.view(layers, n)[:, :1]),
-                                        (seg_ranked.view(layers, n)[:, 1:] != seg_ranked.view(layers, n)[:, :-1]
-                                         ).long()], 1), 1)
+    changes = torch.ones_like(seg_rows)
+    changes[:, 1:] = seg_rows[:, 1:] != seg_rows[:, :-1]
+    unit_rank = torch.cumsum(changes, 1)
     width = int(freed.max())
     sort_key = torch.where(taken, unit_rank * (n + 1) + slots, (n + 2) * (n + 1))
     picked = torch.sort(sort_key, dim=1).indices[:, :width]
