@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .cache import HaloCache
+from .cull import unit_runs
 from .forward import CullResult, Eviction, ForwardSpec, causal_visibility, visible_before
 from .layer_cull import (FREE_POSITION, position_order_layers, select_unit_victims_layers,
                          select_word_victims_layers)
@@ -54,7 +55,8 @@ class LayeredHaloCache(HaloCache):
         self._counts = [0] * self.num_layers
         self._counts_t = torch.zeros(self.num_layers, dtype=torch.int64, device=self.device)
         self._units_seen = False
-        self._order: torch.Tensor | None = None
+        self._order: torch.Tensor | None = None  # position_order(), kept until the slots change
+        self._tokens: dict[str, torch.Tensor] | None = None  # _remembered(), the same
         self._patches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (slots, patch rows)
         self._clear_free(self.capacity)
 
@@ -67,6 +69,10 @@ class LayeredHaloCache(HaloCache):
     def layer_counts(self) -> torch.Tensor:
         """int64 [L] retained slots per layer (a copy)."""
         return self._counts_t.clone()
+
+    def _slots_changed(self) -> None:
+        """Forget what was derived from the slots (position order, the remembered tokens)."""
+        self._order = self._tokens = None
 
     def position_order(self) -> torch.Tensor:
         """int64 [L, n_valid]: each layer's slots in position order, free slots last (kept until slots change)."""
@@ -137,6 +143,7 @@ class LayeredHaloCache(HaloCache):
         """Drop the forward in flight without committing it; the slots it wrote become free again."""
         super().abort_forward()
         self._patches = None
+        self._slots_changed()
         self._clear_free(self.capacity)
 
     def _clear_free(self, width: int) -> None:
@@ -148,7 +155,7 @@ class LayeredHaloCache(HaloCache):
         self.units[:, :width].masked_fill_(free, -1)
 
     def _count_new_slots(self, spec: ForwardSpec) -> None:
-        self._order = None
+        self._slots_changed()
         self._counts = [c + spec.new_rows for c in self._counts]
         self._counts_t += spec.new_rows
         self._n_valid = max(self._counts)
@@ -195,7 +202,7 @@ class LayeredHaloCache(HaloCache):
 
     def _evict(self, victims: torch.Tensor) -> tuple[Eviction, list[tuple[int, int, int]]]:
         n, fields = self._n_valid, self._store.fields
-        self._order = None
+        self._slots_changed()
         taken = victims >= 0
         rows = torch.arange(self.num_layers, device=self.device)[:, None].expand_as(victims)[taken]
         cols = victims[taken]
@@ -215,14 +222,8 @@ class LayeredHaloCache(HaloCache):
             0, first, torch.nonzero(dead).flatten())
         died = {name: value[pick] for name, value in left.items()}
         self.journal.record(died["positions"], died["token_ids"], died["sources"], died["brightness"], self._steps)
-        runs: dict[int, list[int]] = {}
-        for unit, position, source in zip(died["units"].tolist(), died["positions"].tolist(),
-                                          died["sources"].tolist()):
-            if unit >= 0 and source in self._line_sources:
-                span = runs.setdefault(unit, [position, position])
-                span[0], span[1] = min(span[0], position), max(span[1], position)
         gone = Eviction(died["positions"], died["token_ids"], died["brightness"])
-        return gone, [(unit, first_, last) for unit, (first_, last) in runs.items()]
+        return gone, unit_runs(died["units"], died["positions"], died["sources"], self._line_sources)
 
     def evict_units(self, unit_ids: list[int]) -> Eviction:
         """Evict every slot of the given units from every layer (merging elision markers)."""
@@ -242,6 +243,7 @@ class LayeredHaloCache(HaloCache):
         match = self.serials[:, :n, None] == view.serials[slots][None, None, :]  # [L, n, k]
         hit = match.any(-1)
         self.token_ids[:, :n][hit] = new_ids.to(self.device)[match.long().argmax(-1)[hit]]
+        self._slots_changed()
 
     def slot_of_position(self) -> dict[int, int]:
         """position -> slot of `token_view()` of every remembered token."""
@@ -268,8 +270,11 @@ class LayeredHaloCache(HaloCache):
         return torch.arange(self._n_valid, device=self.device)[None, :] < self._counts_t[:, None]
 
     def _remembered(self) -> dict[str, torch.Tensor]:
-        """Each remembered token once, ordered by birth (device tensors): its slot fields, `brightness` averaged
-        over the layers holding it and `layers` (int64, how many hold it)."""
+        """Each remembered token once, ordered by birth (device tensors, read-only): its slot fields, `brightness`
+        averaged over the layers holding it and `layers` (int64, how many hold it). Kept until the slots change:
+        a repair step reads it several times."""
+        if self._tokens is not None:
+            return self._tokens
         n = self._n_valid
         held = self._held()
         flat = {name: self._store.fields[name][:, :n][held] for name in
@@ -283,6 +288,7 @@ class LayeredHaloCache(HaloCache):
             0, inverse, torch.arange(inverse.numel(), device=self.device))
         out = {name: flat[name][first] for name in ("positions", "token_ids", "sources", "units", "serials")}
         out["brightness"], out["layers"] = total / count, count
+        self._tokens = out
         return out
 
     def token_view(self) -> TokenView:
@@ -317,6 +323,7 @@ class LayeredHaloCache(HaloCache):
         self._counts = [int(c) for c in counts]
         self._counts_t = torch.tensor(self._counts, dtype=torch.int64, device=self.device)
         self._clear_free(self.capacity)
+        self._slots_changed()
         self._units_seen = bool((self.units[:, : self._n_valid] >= 0).any())
 
 
