@@ -20,6 +20,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before halo_kernels imports triton kernels
 
 import halo_kernels  # noqa: E402
+from halo import archive_mass as ref_archive  # noqa: E402
 from halo import brightness as ref_brightness  # noqa: E402
 from halo import compact as ref_compact  # noqa: E402
 from halo import cull as ref_cull  # noqa: E402
@@ -247,3 +248,49 @@ def test_select_victims_only_reference(benchmark):
     benchmark.group = f"select_victims N={MID} k={EVICT}"
     brightness, positions, protected = _victim_state(MID)
     benchmark(ref_cull.select_victims, brightness, positions, protected, MID, EVICT)
+
+
+# ------------------------------------------------------------------ archive mass: score A archived keys
+ARCHIVE_ROWS = [1, 64]  # decode step and a prefill chunk
+
+
+def _archive_state(a, t, seed=3):
+    """Query rows, A archived keys (10% holes), and the row lse / weights of a 2k-slot retained cache."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    n_past = 2048
+    query = torch.randn(HQ, t, D, generator=gen, device=DEVICE, dtype=DTYPE)
+    retained = torch.randn(HKV, n_past + t, D, generator=gen, device=DEVICE, dtype=DTYPE)
+    keys = torch.randn(HKV, a, D, generator=gen, device=DEVICE, dtype=DTYPE)
+    valid = torch.rand(a, generator=gen, device=DEVICE) >= 0.1
+    row_lse = ref_archive.retained_row_lse(query, retained, D ** -0.5, n_past)
+    weight = ref_archive.row_weights(n_past, t, HQ, DEVICE)
+    return query, keys, valid, D ** -0.5, row_lse, weight
+
+
+def _halo_archive(*state):
+    out = halo_kernels.archive_mass(*state)
+    _sync()
+    return out
+
+
+def _ref_archive(*state):
+    out = ref_archive.archive_mass(*state)
+    _sync()
+    return out
+
+
+@pytest.mark.parametrize("t", ARCHIVE_ROWS)
+def test_archive_mass_halo(benchmark, t):
+    benchmark.group = f"archive mass T={t} A={MID}"
+    state = _archive_state(MID, t)
+    got = benchmark(_halo_archive, *state)
+    torch.testing.assert_close(got, _ref_archive(*state), rtol=2e-3, atol=2e-3)
+    _record_ratio(benchmark, lambda: _halo_archive(*state), lambda: _ref_archive(*state),
+                  kernel="archive_mass", shape=f"Hq={HQ} Hkv={HKV} D={D} T={t} A={MID} {DTYPE}")
+
+
+@pytest.mark.parametrize("t", ARCHIVE_ROWS)
+def test_archive_mass_reference(benchmark, t):
+    benchmark.group = f"archive mass T={t} A={MID}"
+    state = _archive_state(MID, t)
+    benchmark(_ref_archive, *state)

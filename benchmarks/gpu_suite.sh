@@ -436,6 +436,7 @@ fi
 # them `cuda`), the tests marked `cuda`, and the tests named *cuda* that skip without a device. The rest of the suite
 # runs on CPU in CI; tests/halo_kernels/test_compile_cuda.py (sm_90 compile check without a GPU) is left out on purpose.
 CUDA_TESTS=(
+    tests/halo_kernels/test_archive_mass.py
     tests/halo_kernels/test_brightness_layers.py
     tests/halo_kernels/test_brightness_update.py
     tests/halo_kernels/test_cache_integration.py

@@ -1,7 +1,8 @@
 """halo_kernels: Triton kernels for Halo Weave's per-step cache operations.
 
 Every op has a plain-PyTorch reference twin with the same signature (`halo.brightness`, `halo.cull`,
-`halo.layer_cull`, `halo.compact`); `halo.backend` picks these kernels for CUDA caches when `available()`.
+`halo.layer_cull`, `halo.compact`, `halo.archive_mass`); `halo.backend` picks these kernels for CUDA caches when
+`available()`.
 
     attention_column_mass(query, key, scaling, n_past, mass, last_row_mass=None)       column_mass.py
     attention_column_mass_and_update(query, key, scaling, n_past, mass, brightness,
@@ -10,6 +11,7 @@ Every op has a plain-PyTorch reference twin with the same signature (`halo.brigh
     cull_scores(brightness, positions, n_valid, dark_bias, radius) -> float32 [n]      scores.py
     select_victims(scores, positions, protected, n_valid, k) -> int64 [k]              victims.py
     compact_(kv, slot_tensors, victims, n_valid) -> int                                compact.py
+    archive_mass(query, keys, valid, scaling, row_lse, row_weight) -> float32 [A]      archive_mass.py
 
 Per-layer memory (every layer keeps its own slots; fields are [L, C] and counts int64 [L] on the device):
 
@@ -47,6 +49,7 @@ def available() -> bool:
 
 
 if _TRITON_ERROR is None:
+    from .archive_mass import archive_mass
     from .brightness_layers import update_brightness_layers
     from .brightness_update import update_brightness
     from .column_mass import attention_column_mass, attention_column_mass_and_update
@@ -73,6 +76,7 @@ else:
     update_brightness_layers = _missing("update_brightness_layers")
     select_victims_layers = _missing("select_victims_layers")
     compact_layers_ = _missing("compact_layers_")
+    archive_mass = _missing("archive_mass")
 
 __all__ = [
     "available",
@@ -85,4 +89,5 @@ __all__ = [
     "update_brightness_layers",
     "select_victims_layers",
     "compact_layers_",
+    "archive_mass",
 ]

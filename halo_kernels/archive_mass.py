@@ -1,0 +1,176 @@
+"""Archive mass: the attention mass each archived key would earn if it alone were put back in the cache.
+
+Twin of `halo.archive_mass.archive_mass` (same signature, same semantics). For archived entry `a`,
+
+    mass[a] = sum_t row_weight[t] * sum_h sigmoid(scaling * q_{h,t} . k_{h // G, a} - row_lse[h, t])
+
+and 0 where `valid[a]` is False. One launch, grid (archive blocks,): each program owns BLOCK_A entries, loops
+over the KV heads (loading its [BLOCK_A, D] key block of that head once) and over the query rows that share
+the head (GQA: the `G = Hq / Hkv` heads of a group and all T rows, flattened t-major into `M = G * T` rows) in
+blocks of BLOCK_M, computes the [BLOCK_M, BLOCK_A] logits with `tl.dot`, and accumulates
+`sum_rows w_r * sigmoid(s_ra - lse_r)` in registers. Each entry is written once (plain store, no atomics,
+deterministic); invalid entries are neither read nor scored and are written as 0.
+
+The sigmoid is `1 / (1 + exp2((lse - s) * log2 e))` with the logits pre-scaled by `scaling * log2 e`: exp2 of a
+large argument gives +inf and the probability 0, of a very negative one 0 and the probability 1 (no NaN).
+
+Dtypes: query/keys fp16, bf16 or fp32; products accumulate in fp32 (fp32 inputs, or a query and keys of two
+different dtypes, are upcast and use IEEE fp32 dot, not TF32). Under the Triton interpreter inputs are upcast
+to fp32 right after loading.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import FLOAT_DTYPES, cdiv, check_device, interpreting, next_power_of_2
+
+_LOG2E = 1.4426950408889634
+_LOG2E_K = tl.constexpr(_LOG2E)
+
+
+@triton.jit
+def _archive_mass_kernel(
+    q_ptr, k_ptr, valid_ptr, lse_ptr, w_ptr, out_ptr,
+    stride_qh, stride_qt, stride_qd,
+    stride_kh, stride_ka, stride_kd,
+    stride_lh, stride_lt, stride_w, stride_v,
+    A, GROUP, M, HKV,
+    qk_scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_A + tl.arange(0, BLOCK_A)
+    col_ok = cols < A
+    valid = tl.load(valid_ptr + cols.to(tl.int64) * stride_v, mask=col_ok, other=0) != 0
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < D
+    n_rb = tl.cdiv(M, BLOCK_M)
+
+    acc = tl.zeros([BLOCK_A], tl.float32)
+    k_head = k_ptr  # advanced by one head per iteration (pointer arithmetic stays 64-bit)
+    for kvh in range(HKV):
+        k_ptrs = k_head + cols[:, None].to(tl.int64) * stride_ka + dims[None, :] * stride_kd
+        k_head += stride_kh
+        k = tl.load(k_ptrs, mask=valid[:, None] & d_ok[None, :], other=0.0)  # invalid entries are never read
+        if UPCAST:
+            k = k.to(tl.float32)
+        kt = tl.trans(k)
+        for rb in range(n_rb):
+            rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = rows < M
+            t = rows // GROUP
+            head = kvh * GROUP + rows % GROUP
+            q_ptrs = q_ptr + head[:, None].to(tl.int64) * stride_qh + t[:, None].to(tl.int64) * stride_qt + dims[None, :] * stride_qd
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+            lse = tl.load(lse_ptr + head.to(tl.int64) * stride_lh + t.to(tl.int64) * stride_lt, mask=row_ok, other=0.0)
+            lse = lse * _LOG2E_K
+            w = tl.load(w_ptr + t.to(tl.int64) * stride_w, mask=row_ok, other=0.0)
+            if IEEE:
+                s = tl.dot(q, kt, input_precision="ieee")
+            else:
+                s = tl.dot(q, kt)
+            # sigmoid(scaling * q.k - lse) in base 2; padded rows have weight 0 and a finite probability
+            p = 1.0 / (1.0 + tl.exp2(lse[:, None] - s * qk_scale))
+            acc += tl.sum(p * w[:, None], axis=0)
+
+    tl.store(out_ptr + cols, tl.where(valid, acc, 0.0), mask=col_ok)
+
+
+def _check(op, query, keys, valid, scaling, row_lse, row_weight) -> None:
+    for name, tensor in (("query", query), ("keys", keys), ("valid", valid), ("row_lse", row_lse), ("row_weight", row_weight)):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a tensor, got {type(tensor).__name__}")
+    if query.dim() != 3 or keys.dim() != 3:
+        raise ValueError(f"{op}: query must be [Hq, T, D] and keys [Hkv, A, D]; got {tuple(query.shape)} and {tuple(keys.shape)}")
+    hq, t_rows, d = query.shape
+    hkv, entries, dk = keys.shape
+    if d != dk or hkv == 0 or hq % hkv:
+        raise ValueError(f"{op}: query {tuple(query.shape)} does not fit keys {tuple(keys.shape)} "
+                         f"(head dims must match and Hq a multiple of Hkv)")
+    if query.dtype not in FLOAT_DTYPES or keys.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{op}: query and keys must be fp16/bf16/fp32, got {query.dtype} and {keys.dtype}")
+    if valid.dtype != torch.bool or tuple(valid.shape) != (entries,):
+        raise ValueError(f"{op}: valid must be a bool [A] tensor with A = {entries}, got {valid.dtype} {tuple(valid.shape)}")
+    if row_lse.dtype != torch.float32 or tuple(row_lse.shape) != (hq, t_rows):
+        raise ValueError(f"{op}: row_lse must be a float32 [Hq, T] = [{hq}, {t_rows}] tensor, got "
+                         f"{row_lse.dtype} {tuple(row_lse.shape)}")
+    if row_weight.dtype != torch.float32 or tuple(row_weight.shape) != (t_rows,):
+        raise ValueError(f"{op}: row_weight must be a float32 [T] = [{t_rows}] tensor, got "
+                         f"{row_weight.dtype} {tuple(row_weight.shape)}")
+    if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
+        raise ValueError(f"{op}: scaling must be a float, got {scaling!r}")
+    check_device(op, query=query, keys=keys, valid=valid, row_lse=row_lse, row_weight=row_weight)
+
+
+def _config(d: int, rows: int, entries: int, block_a: int | None = None):
+    """(BLOCK_M, BLOCK_A, BLOCK_D, num_warps) for head dim `d`, `rows` query rows per KV head and `entries`."""
+    block_d = max(16, next_power_of_2(d))
+    block_m = min(64, max(16, next_power_of_2(rows)))  # tl.dot needs >= 16 on every side
+    if block_a is None:
+        if interpreting():
+            block_a = 256  # fewer, larger programs: the interpreter pays per program and per op
+        else:
+            block_a = 128 if block_d <= 64 else 64
+        block_a = min(block_a, max(16, next_power_of_2(entries)))
+    num_warps = 4 if block_d <= 64 else 8
+    return block_m, block_a, block_d, num_warps
+
+
+def _launch(query, keys, valid, scaling, row_lse, row_weight, block_a: int | None = None) -> torch.Tensor:
+    """The one launch; `block_a` overrides the heuristic (tests)."""
+    hq, t_rows, d = query.shape
+    hkv, entries, _ = keys.shape
+    out = torch.empty(entries, dtype=torch.float32, device=keys.device)
+    if entries == 0:
+        return out
+    if t_rows == 0:
+        return out.zero_()
+    group = hq // hkv
+    rows = group * t_rows  # rows per KV head
+    block_m, block_a, block_d, num_warps = _config(d, rows, entries, block_a)
+    same = query.dtype == keys.dtype
+    upcast = interpreting() or not same or query.dtype == torch.float32
+    ieee = upcast  # fp32 operands: IEEE fp32 dot, not TF32
+    valid_bytes = valid.view(torch.uint8)
+    _archive_mass_kernel[(cdiv(entries, block_a),)](
+        query, keys, valid_bytes, row_lse, row_weight, out,
+        query.stride(0), query.stride(1), query.stride(2),
+        keys.stride(0), keys.stride(1), keys.stride(2),
+        row_lse.stride(0), row_lse.stride(1), row_weight.stride(0), valid_bytes.stride(0),
+        entries, group, rows, hkv,
+        float(scaling) * _LOG2E,
+        D=d, BLOCK_M=block_m, BLOCK_A=block_a, BLOCK_D=block_d,
+        UPCAST=upcast, IEEE=ieee, num_warps=num_warps,
+    )
+    return out
+
+
+def archive_mass(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float,
+                 row_lse: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+    """float32 [A]: `sum_t row_weight[t] * sum_h sigmoid(scaling * q_{h,t} . k_{h//G, a} - row_lse[h, t])`, 0 where invalid.
+
+    One launch, no host sync; the result is a new tensor on the keys' device.
+
+    Args:
+        query: [Hq, T, D] fp16/bf16/fp32 query rows (any strides), RoPE applied.
+        keys: [Hkv, A, D] fp16/bf16/fp32 archived keys (any strides), Hq % Hkv == 0 (query head h reads key
+            head h // (Hq / Hkv)). Keys of invalid entries are not read.
+        valid: bool [A] which archive entries hold a token.
+        scaling: softmax scale (host float).
+        row_lse: float32 [Hq, T] (`halo.archive_mass.retained_row_lse`); row_weight: float32 [T]
+            (`halo.archive_mass.row_weights`); any strides.
+    Raises ValueError naming the problem (shape, dtype, device).
+    """
+    _check("archive_mass", query, keys, valid, scaling, row_lse, row_weight)
+    return _launch(query, keys, valid, scaling, row_lse, row_weight)
+
+
+__all__ = ["archive_mass"]

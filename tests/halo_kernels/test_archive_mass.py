@@ -1,0 +1,251 @@
+"""halo_kernels.archive_mass: the fused archive scoring equals its reference (halo.archive_mass.archive_mass)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from halo.archive_mass import archive_mass as reference
+from halo.archive_mass import retained_row_lse, row_weights
+from halo_kernels import archive_mass
+from halo_kernels.archive_mass import _launch
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-3, atol=1e-3),
+       torch.bfloat16: dict(rtol=2e-3, atol=2e-3)}
+
+# (Hq, Hkv, T, A, D, dtype): GQA groups 1/3/8, decode (T = 1) and chunk rows (T = 37: 111 rows per KV head, two
+# row blocks), one entry, odd and non-power-of-two archive sizes, head dims 64/96 (masked)/128.
+CASES = [
+    (1, 1, 1, 1, 64, torch.float32),
+    (4, 4, 1, 7, 64, torch.float32),
+    (6, 2, 1, 1023, 96, torch.float16),
+    (9, 3, 37, 1023, 64, torch.float32),
+    (3, 1, 37, 100, 96, torch.float16),
+    (4, 4, 37, 300, 96, torch.float32),
+    (32, 4, 1, 1000, 128, torch.float16),
+    (9, 3, 5, 513, 128, torch.float32),
+]
+
+
+def _inputs(hq, hkv, t, a, d, dtype, device, seed=0, peak=1.0, n_past=20, invalid=0.25):
+    """Query rows, archived keys, a valid mask with some holes, and the row lse / weights of a retained cache."""
+    gen = torch.Generator().manual_seed(seed)
+    query = (torch.randn(hq, t, d, generator=gen) * peak).to(dtype).to(device)
+    retained = torch.randn(hkv, n_past + t, d, generator=gen).to(dtype).to(device)
+    keys = torch.randn(hkv, a, d, generator=gen).to(dtype).to(device)
+    valid = (torch.rand(a, generator=gen) >= invalid).to(device)
+    if a > 1:
+        valid[0] = True
+    scaling = d ** -0.5
+    row_lse = retained_row_lse(query, retained, scaling, n_past)
+    weight = row_weights(n_past, t, hq, device)
+    return query, keys, valid, scaling, row_lse, weight
+
+
+def _ids(value):
+    return str(value).replace("torch.", "") if isinstance(value, torch.dtype) else None
+
+
+@pytest.mark.parametrize("hq,hkv,t,a,d,dtype", CASES, ids=_ids)
+def test_matches_reference(device, hq, hkv, t, a, d, dtype):
+    args = _inputs(hq, hkv, t, a, d, dtype, device)
+    got = archive_mass(*args)
+    want = reference(*args)
+    assert got.dtype == torch.float32 and got.shape == (a,) and got.device == want.device
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    valid = args[2]
+    assert torch.all(got[~valid] == 0)
+    assert torch.all(got[valid] > 0)
+
+
+@pytest.mark.parametrize("block_a", [16, 32])
+def test_small_blocks(device, block_a):
+    """Many programs, the last one partly past A."""
+    args = _inputs(6, 2, 3, 203, 64, torch.float32, device, seed=block_a, peak=2.0)
+    torch.testing.assert_close(_launch(*args, block_a=block_a), reference(*args), rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16(device):
+    """bf16 inputs (under the interpreter they are upcast right after loading)."""
+    args = _inputs(8, 2, 5, 777, 64, torch.bfloat16, device, seed=5)
+    torch.testing.assert_close(archive_mass(*args), reference(*args), **TOL[torch.bfloat16])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # the interpreter's numpy exp2
+def test_saturated_logits(device):
+    """Large logits push the sigmoid to 0 and 1 without NaN or inf."""
+    query, keys, valid, scaling, row_lse, weight = _inputs(4, 2, 3, 150, 64, torch.float32, device, seed=3, peak=30.0)
+    keys[:, 7] = query[0, 0] * 4  # an entry far brighter than anything retained
+    got = archive_mass(query, keys, valid, scaling, row_lse, weight)
+    want = reference(query, keys, valid, scaling, row_lse, weight)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_invalid_entries_are_not_read(device):
+    """NaN keys in holes score 0, like the reference; an all-invalid archive scores 0 everywhere."""
+    query, keys, valid, scaling, row_lse, weight = _inputs(6, 3, 2, 90, 64, torch.float16, device, seed=4, invalid=0.5)
+    keys[:, ~valid] = float("nan")
+    got = archive_mass(query, keys, valid, scaling, row_lse, weight)
+    want = reference(query, keys, valid, scaling, row_lse, weight)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, **TOL[torch.float16])
+    none = torch.zeros_like(valid)
+    assert torch.equal(archive_mass(query, keys, none, scaling, row_lse, weight).cpu(), torch.zeros(90))
+
+
+def test_strided_views(device):
+    """query as transformers hands it ([T, Hq, D] transposed), keys a view into a larger archive buffer, strided
+    lse, weight and valid."""
+    gen = torch.Generator().manual_seed(11)
+    hq, hkv, t, d, a, n_past = 12, 4, 5, 64, 70, 30
+    query = torch.randn(t, hq, d, generator=gen).to(device).transpose(0, 1)
+    store = torch.randn(2, hkv, 2 * a, d, generator=gen).to(device)
+    keys = store[1, :, ::2]
+    assert not keys.is_contiguous() and not query.is_contiguous()
+    retained = torch.randn(hkv, n_past + t, d, generator=gen).to(device)
+    row_lse = retained_row_lse(query, retained, d ** -0.5, n_past).t().contiguous().t()
+    weight = row_weights(n_past, 2 * t, hq, device)[::2]
+    valid = (torch.rand(2 * a, generator=gen) > 0.3).to(device)[1::2]
+    assert row_lse.stride(0) == 1 and weight.stride(0) == 2 and valid.stride(0) == 2
+    got = archive_mass(query, keys, valid, d ** -0.5, row_lse, weight)
+    torch.testing.assert_close(got, reference(query, keys, valid, d ** -0.5, row_lse, weight), rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_dtypes(device):
+    """fp16 query rows against fp32 archived keys (both upcast to fp32)."""
+    query, keys, valid, scaling, row_lse, weight = _inputs(6, 2, 3, 129, 96, torch.float32, device, seed=6)
+    query = query.half()
+    got = archive_mass(query, keys, valid, scaling, row_lse, weight)
+    torch.testing.assert_close(got, reference(query, keys, valid, scaling, row_lse, weight), rtol=1e-4, atol=1e-4)
+
+
+def test_one_row_unit_lse_reads_sigmoid(device):
+    """Orthogonal keys, lse 0, weight 1: each entry's mass is Hq * sigmoid(0) = Hq / 2."""
+    hq, hkv, d, a = 4, 2, 64, 33
+    query = torch.zeros(hq, 1, d, device=device)
+    query[:, 0, 0] = 1.0
+    keys = torch.zeros(hkv, a, d, device=device)
+    keys[:, :, 1] = 1.0
+    valid = torch.ones(a, dtype=torch.bool, device=device)
+    got = archive_mass(query, keys, valid, 0.125, torch.zeros(hq, 1, device=device), torch.ones(1, device=device))
+    torch.testing.assert_close(got.cpu(), torch.full((a,), hq / 2.0))
+
+
+def test_empty(device):
+    query, keys, valid, scaling, row_lse, weight = _inputs(4, 2, 1, 5, 64, torch.float32, device)
+    got = archive_mass(query, keys[:, :0], valid[:0], scaling, row_lse, weight)
+    assert got.shape == (0,) and got.dtype == torch.float32
+    got = archive_mass(query[:, :0], keys, valid, scaling, row_lse[:, :0], weight[:0])
+    assert torch.equal(got.cpu(), torch.zeros(5))
+    assert torch.equal(reference(query[:, :0], keys, valid, scaling, row_lse[:, :0], weight[:0]).cpu(), torch.zeros(5))
+
+
+def test_errors(device):
+    query, keys, valid, scaling, row_lse, weight = _inputs(4, 2, 2, 10, 64, torch.float32, device)
+    with pytest.raises(ValueError, match="does not fit"):
+        archive_mass(query, keys[..., :32], valid, scaling, row_lse, weight)
+    with pytest.raises(ValueError, match="does not fit"):
+        archive_mass(query, torch.randn(3, 10, 64, device=device), valid, scaling, row_lse, weight)
+    with pytest.raises(ValueError, match=r"\[Hq, T, D\]"):
+        archive_mass(query[0], keys, valid, scaling, row_lse, weight)
+    with pytest.raises(ValueError, match="valid"):
+        archive_mass(query, keys, valid.float(), scaling, row_lse, weight)
+    with pytest.raises(ValueError, match="valid"):
+        archive_mass(query, keys, valid[:9], scaling, row_lse, weight)
+    with pytest.raises(ValueError, match="row_lse"):
+        archive_mass(query, keys, valid, scaling, row_lse.double(), weight)
+    with pytest.raises(ValueError, match="row_lse"):
+        archive_mass(query, keys, valid, scaling, row_lse[:, :1], weight)
+    with pytest.raises(ValueError, match="row_weight"):
+        archive_mass(query, keys, valid, scaling, row_lse, weight[:1])
+    with pytest.raises(ValueError, match="fp16/bf16/fp32"):
+        archive_mass(query.double(), keys, valid, scaling, row_lse, weight)
+    with pytest.raises(ValueError, match="scaling"):
+        archive_mass(query, keys, valid, None, row_lse, weight)
+    if device == "cuda":
+        with pytest.raises(ValueError, match="device"):
+            archive_mass(query, keys, valid.cpu(), scaling, row_lse, weight)
+
+
+def test_no_host_sync(device):
+    if device != "cuda":
+        pytest.skip("CUDA sync debug mode")
+    args = _inputs(8, 2, 3, 500, 64, torch.float16, device)
+    archive_mass(*args)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        archive_mass(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    """Outside the interpreter, CPU tensors are refused with a clear error (the dispatcher never sends them)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    args = _inputs(2, 1, 1, 5, 64, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="CUDA"):
+        archive_mass(*args)
+
+
+COMPILE_SCRIPT = textwrap.dedent('''
+    import importlib, sys, traceback
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    am = importlib.import_module("halo_kernels.archive_mass")  # the package attribute is the op, not the module
+    kernel, failures = am._archive_mass_kernel, []
+    # decode at TinyLlama's head dim on tensor cores (bf16; fp16 is the same code), and a chunk at head dim
+    # 96 -> 128 (masked) on the upcast IEEE fp32 path (fp32, or two different dtypes)
+    for q_dtype, k_dtype, d, block_a, block_m, upcast in [("bf16", "bf16", 64, 128, 16, False),
+                                                           ("fp16", "fp32", 96, 64, 64, True)]:
+        types = {"q_ptr": "*" + q_dtype, "k_ptr": "*" + k_dtype, "valid_ptr": "*u8", "lse_ptr": "*fp32",
+                 "w_ptr": "*fp32", "out_ptr": "*fp32", "qk_scale": "fp32"}
+        constexprs = dict(D=d, BLOCK_M=block_m, BLOCK_A=block_a, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                          UPCAST=upcast, IEEE=upcast)
+        signature, constants = {}, {}
+        for i, name in enumerate(kernel.arg_names):
+            if name in constexprs:
+                signature[name] = "constexpr"
+                constants[(i,)] = constexprs[name]
+            else:
+                signature[name] = types.get(name, "i32")
+        label = f"archive_mass q={q_dtype} k={k_dtype} d={d} ba={block_a} bm={block_m}"
+        try:
+            out = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                 target=GPUTarget("cuda", 90, 32),
+                                 options={"num_warps": 4 if d <= 64 else 8, "enable_fp_fusion": True})
+            assert out.asm.get("cubin"), "no cubin"
+            print("ok", label, "shared", out.metadata.shared)
+        except Exception:
+            failures.append(label)
+            print("FAILED", label)
+            traceback.print_exc()
+    sys.exit(1 if failures else 0)
+''')
+
+
+def _have_nvidia_backend():
+    try:
+        from triton.backends import backends
+
+        return "nvidia" in backends
+    except Exception:  # pragma: no cover - other Triton layouts
+        return False
+
+
+@pytest.mark.slow_kernel
+@pytest.mark.skipif(not _have_nvidia_backend(), reason="Triton's NVIDIA backend is not installed")
+def test_compiles_for_sm90():
+    """The kernel lowers to a cubin for sm_90 in the launcher's configurations (the interpreter checks none of
+    tl.dot's shape and dtype rules); a subprocess with the interpreter off, as in test_compile_cuda.py."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    assert proc.stdout.count("ok ") == 2, proc.stdout
