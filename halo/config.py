@@ -107,6 +107,19 @@ class HaloConfig:
             it overlaps the next decode step; its diffs are applied at the boundary after that step, and
             diffs whose target died or changed meanwhile are dropped); False applies each step's diffs to the
             mirror at once and folds their K/V into the next forward; None (default) is True on CUDA.
+        recall: bring evicted text back when the conversation needs it (halo.recall; per-layer memory only). The
+            keys of evicted tokens at the retrieval layers go into an archive; the query rows of every stream
+            forward of a `recall_sources` source score it, and whole units that would out-shine the retained tokens
+            (`recall_threshold`) are recomputed at their positions and put back.
+        recall_layers: retrieval layers as fractions of the depth (0 the first layer, 1 the last).
+        recall_capacity: archived tokens per retrieval layer (the oldest are overwritten).
+        recall_sources: sources whose stream forwards score the archive (add "assistant" to score every decode
+            step: one host read per step).
+        recall_threshold: a unit is recalled when its best token's archive mass in a forward reaches this times the
+            bar: the 75th percentile of the mass the retained tokens drew in the same forward (retrieval layers).
+        recall_tokens: most tokens recalled per forward (hit units first, then their neighbours).
+        recall_context: dead units within this many positions of a hit come back with it (a sentence around it).
+        recall_grace: recalled tokens are protected from the cull for this many fed positions.
     """
 
     budget: int = 512
@@ -129,10 +142,20 @@ class HaloConfig:
     repairs_per_step: int = 4
     repair_window: int = 511
     repair_overlap: bool | None = None
+    recall: bool = False
+    recall_layers: tuple[float, ...] = (0.5, 0.75)
+    recall_capacity: int = 16384
+    recall_sources: tuple[str, ...] = ("user", "tool")
+    recall_threshold: float = 3.0
+    recall_tokens: int = 32
+    recall_context: int = 16
+    recall_grace: int = 64
 
     def __post_init__(self):
         self.sources = dict(self.sources)
         self.unit_sources = tuple(self.unit_sources)
+        self.recall_layers = tuple(self.recall_layers)
+        self.recall_sources = tuple(self.recall_sources)
         self.validate()
 
     def validate(self) -> None:
@@ -177,8 +200,41 @@ class HaloConfig:
             raise ValueError("marker_text must not be empty")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        self._validate_recall()
         if self.kernels not in ("auto", "reference", "triton"):
             raise ValueError(f"kernels must be 'auto', 'reference' or 'triton', got {self.kernels!r}")
+
+    def _validate_recall(self) -> None:
+        if self.recall not in (True, False):
+            raise ValueError(f"recall must be True or False, got {self.recall!r}")
+        if not self.recall:
+            return
+        if self.granularity != "layer":
+            raise ValueError("recall needs per-layer memory (granularity='layer')")
+        if not self.recall_layers or any(not (0.0 <= f <= 1.0) for f in self.recall_layers):
+            raise ValueError(f"recall_layers must be fractions of the depth in [0, 1], got {self.recall_layers!r}")
+        for name in ("recall_capacity", "recall_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("recall_context", "recall_grace"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if not (self.recall_threshold >= 0) or math.isinf(self.recall_threshold):
+            raise ValueError(f"recall_threshold must be finite and >= 0, got {self.recall_threshold!r}")
+        room = self.budget - self.sink_tokens - self.recent_tokens
+        if self.recall_tokens >= room:
+            raise ValueError(f"recall_tokens ({self.recall_tokens}) must be below budget - sink_tokens - "
+                             f"recent_tokens ({room}): recalled tokens are protected for a grace period")
+        for name in self.recall_sources:
+            if name not in self.sources:
+                raise ValueError(f"recall_sources names {name!r}, which is not in sources ({sorted(self.sources)})")
+
+    def recall_layer_indices(self, num_layers: int) -> tuple[int, ...]:
+        """The retrieval layers (sorted, distinct) of a model with `num_layers` layers: recall_layers are fractions
+        of the depth (0 the first layer, 1 the last)."""
+        return tuple(sorted({min(num_layers - 1, round(f * (num_layers - 1))) for f in self.recall_layers}))
 
     def replace(self, **changes) -> "HaloConfig":
         """A validated copy with some fields changed."""

@@ -14,16 +14,18 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-KINDS = ("evicted", "replaced")
-"""Journal entry kinds: a culled token, and the old token of an applied repair diff."""
+KINDS = ("evicted", "replaced", "recalled")
+"""Journal entry kinds: a culled token, the old token of an applied repair diff, and a token put back by recall
+(halo.recall): with recall on, tokens remembered + evicted - recalled = fed (markers aside)."""
 
 
 @dataclass(frozen=True)
 class JournalEntry:
     """One forgotten token: its absolute position, token id, source name, final brightness and the step it died.
 
-    `kind` is "evicted" for a culled token and "replaced" for the old token of an applied repair diff (the
-    position stays retained with the new token).
+    `kind` is "evicted" for a culled token, "replaced" for the old token of an applied repair diff (the
+    position stays retained with the new token), and "recalled" for an evicted token put back by recall (its
+    brightness is the one it came back with).
     """
 
     position: int

@@ -219,3 +219,15 @@ def select_word_victims_layers(scores: torch.Tensor, order: torch.Tensor, bright
     picked = torch.sort(sort_key, dim=1).indices[:, :width]
     out = torch.gather(slots, 1, picked)
     return out.masked_fill(~torch.gather(taken, 1, picked), -1)
+
+
+def pack_rows(mask: torch.Tensor) -> torch.Tensor:
+    """int64 [L, m]: the column indices of each row's True entries, in order, padded with -1."""
+    counts = mask.sum(1)
+    width = int(counts.max()) if mask.numel() else 0
+    out = torch.full((mask.shape[0], width), -1, dtype=torch.int64, device=mask.device)
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    if rows.numel():
+        place = torch.cumsum(mask.long(), 1)[rows, cols] - 1
+        out[rows, place] = cols
+    return out

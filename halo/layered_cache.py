@@ -19,26 +19,15 @@ from __future__ import annotations
 import torch
 
 from .cache import HaloCache
+from .recall_memory import RecallMemory
 from .cull import unit_runs
 from .forward import CullResult, Eviction, ForwardSpec, causal_visibility, visible_before
-from .layer_cull import (FREE_POSITION, position_order_layers, select_unit_victims_layers,
+from .layer_cull import (FREE_POSITION, pack_rows, position_order_layers, select_unit_victims_layers,
                          select_word_victims_layers)
 from .token_view import TokenView
 
 
-def pack_rows(mask: torch.Tensor) -> torch.Tensor:
-    """int64 [L, m]: the column indices of each row's True entries, in order, padded with -1."""
-    counts = mask.sum(1)
-    width = int(counts.max()) if mask.numel() else 0
-    out = torch.full((mask.shape[0], width), -1, dtype=torch.int64, device=mask.device)
-    rows, cols = torch.nonzero(mask, as_tuple=True)
-    if rows.numel():
-        place = torch.cumsum(mask.long(), 1)[rows, cols] - 1
-        out[rows, place] = cols
-    return out
-
-
-class LayeredHaloCache(HaloCache):
+class LayeredHaloCache(RecallMemory, HaloCache):
     """HaloCache with one retained token set per layer (HaloConfig.granularity == "layer"); same arguments.
 
     Cull policies see [L, n] per-slot fields (`cache.brightness[:, :n]`, ...) and return [L, n] scores;
@@ -59,6 +48,7 @@ class LayeredHaloCache(HaloCache):
         self._tokens: dict[str, torch.Tensor] | None = None  # _remembered(), the same
         self._patches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (slots, patch rows)
         self._clear_free(self.capacity)
+        self._reset_recall()
 
     # ------------------------------------------------------------ counters
     def layer_length(self, layer_idx: int) -> int:
@@ -133,6 +123,10 @@ class LayeredHaloCache(HaloCache):
         fields = self._store.fields
         self.backend.attention_column_mass(query, key, scaling, self._counts[layer_idx], fields["mass"][layer_idx],
                                            fields["last_mass"][layer_idx])
+        if self.scores_recall(self._flight.spec.source, layer_idx):
+            n_past = self._counts[layer_idx]
+            self.archive.score(layer_idx, query, key, scaling, n_past, fields["mass"][layer_idx, :n_past],
+                               self.backend.archive_mass)
         if last:
             width = self._n_valid + query.shape[1]
             self.backend.update_brightness_layers(fields["brightness"][:, :width], fields["mass"][:, :width],
@@ -171,7 +165,7 @@ class LayeredHaloCache(HaloCache):
         protected |= self._pinned[self.sources[:, :n]]
         if protect_serials_from is not None:
             protected |= self.serials[:, :n] >= protect_serials_from
-        return protected
+        return self._protect_graced(protected)
 
     def cull(self, protect_serials_from: int | None = None) -> CullResult:
         """Every layer evicts down to the budget (and, with cull_threshold, the unprotected units that dimmed to
@@ -208,6 +202,8 @@ class LayeredHaloCache(HaloCache):
         cols = victims[taken]
         left = {name: fields[name][rows, cols] for name in ("serials", "positions", "token_ids", "sources", "units",
                                                             "brightness")}
+        if self.archive is not None:
+            self._archive_victims(victims)
         self._counts_t = self.backend.compact_layers_(self._store.kv, list(fields.values()), victims, self._counts_t)
         self._clear_free(n)
         self._counts = self._counts_t.tolist()
@@ -310,8 +306,12 @@ class LayeredHaloCache(HaloCache):
 
     # ---------------------------------------------------------- persistence
     def state_dict(self) -> dict:
-        """HaloCache.state_dict() with [L, n] slot fields and `layer_counts`."""
-        return {**super().state_dict(), "layer_counts": list(self._counts)}
+        """HaloCache.state_dict() with [L, n] slot fields and `layer_counts`; with recall, the archive, the grace
+        periods and the serials born by recall."""
+        state = {**super().state_dict(), "layer_counts": list(self._counts)}
+        if self.archive is not None:
+            state["recall"] = self._recall_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         counts = state.get("layer_counts")
@@ -319,7 +319,9 @@ class LayeredHaloCache(HaloCache):
             raise ValueError(f"saved per-layer memory needs layer_counts for {self.num_layers} layers")
         if max(counts) != int(state["counters"]["n_valid"]) or min(counts) < 0:
             raise ValueError(f"saved layer_counts {counts} do not match n_valid {state['counters']['n_valid']}")
+        self._check_recall_state(state)
         super().load_state_dict(state)
+        self._load_recall_state(state)
         self._counts = [int(c) for c in counts]
         self._counts_t = torch.tensor(self._counts, dtype=torch.int64, device=self.device)
         self._clear_free(self.capacity)

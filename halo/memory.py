@@ -15,7 +15,8 @@ class MemorySnapshot:
         positions: int64 [n] absolute positions; token_ids: int64 [n]; brightness: float32 [n];
         sources: source name per token; units: int64 [n] unit id (-1 for plain tokens);
         layers: int64 [n] how many layers hold the token (every layer, unless granularity is "layer"; brightness
-        is then the mean over those layers).
+        is then the mean over those layers);
+        recalled: bool [n] tokens brought back by recall (HaloConfig.recall).
     """
 
     positions: torch.Tensor
@@ -24,6 +25,7 @@ class MemorySnapshot:
     sources: list[str]
     units: torch.Tensor
     layers: torch.Tensor
+    recalled: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.positions.numel())
@@ -34,4 +36,5 @@ class MemorySnapshot:
         snap = cache.snapshot()
         names = cache.config.source_names
         return cls(snap["positions"], snap["token_ids"], snap["brightness"],
-                   [names[c] for c in snap["sources"].tolist()], snap["units"], snap["layers"])
+                   [names[c] for c in snap["sources"].tolist()], snap["units"], snap["layers"],
+                   cache.recalled_mask(snap["serials"]))

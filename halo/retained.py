@@ -14,6 +14,13 @@ from .token_view import TokenView
 class RetainedReader:
     """Readers of the retained slots `0 .. n_valid - 1` of a cache with one slot order for every layer."""
 
+    archive = None
+    """The recall archive (halo.archive.RecallArchive): only per-layer memory recalls, so None here."""
+
+    def recalled_mask(self, serials: torch.Tensor) -> torch.Tensor:
+        """bool [k]: which of these serials were born by recall (none without recall)."""
+        return torch.zeros_like(serials, dtype=torch.bool)
+
     def retained_visibility(self, horizon: torch.Tensor, own_slots: torch.Tensor | None = None) -> torch.Tensor:
         """bool [R, n_valid]: row r may see retained slot j when the slot's position is below horizon[r]; with
         `own_slots` (int64 [R], patch rows) row r also sees slot own_slots[r]."""

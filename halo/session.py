@@ -21,6 +21,7 @@ from .markers import ElisionMarkers
 from .memory import MemorySnapshot
 from .model_runner import ModelRunner
 from .policy import CullPolicy
+from .recall import Recall
 from .render import write_html
 from .repair import load_repairer
 from .repair.scheduler import RepairScheduler
@@ -41,8 +42,8 @@ class Session:
         repairer: a `halo.repair.Repairer` to use instead of the one `config.repair` names.
 
     Attributes:
-        cache, runner (ModelRunner), markers (ElisionMarkers), repairs (RepairScheduler), diffs (applied
-        repairs), journal.
+        cache, runner (ModelRunner), markers (ElisionMarkers), repairs (RepairScheduler), recall (halo.recall.Recall,
+        or None when HaloConfig.recall is off), diffs (applied repairs), journal.
     """
 
     def __init__(self, model, tokenizer, config: HaloConfig | None = None, *, policy: CullPolicy | None = None,
@@ -59,6 +60,7 @@ class Session:
             repairer = load_repairer(self.config.repair, model, tokenizer, device=self.device,
                                      repair_threshold=self.config.repair_threshold)
         self.repairs = RepairScheduler(repairer, self.config, self.vocab_size)
+        self.recall = Recall(self.config) if self.config.recall else None
         self.diffs: list[tuple[int, int, int]] = []
         self.pinned_tokens = 0
         self.extra: dict = {}
@@ -125,7 +127,8 @@ class Session:
         """One stream forward of up to chunk_size new tokens (int64 [T]); returns the logits [V] of the last one.
 
         Pending repair patches ride along as extra rows; after the forward the cache is culled to budget, culled
-        line runs are marked, and, with repair on, the tokens near the new holes are repaired. Without `units`,
+        line runs are marked, with recall on the archived text the forward points at comes back (the logits
+        returned then see it), and, with repair on, the tokens near the new holes are repaired. Without `units`,
         text of a source that is not split into lines is split into words (HaloConfig.word_units).
         """
         cache, word_before = self.cache, self.words and self.words.state
@@ -141,6 +144,12 @@ class Session:
             raise
         self.repairs.patches_done()
         result.extend(self.markers.settle(cache, result.culled_runs, self.runner))
+        if self.recall is not None:
+            logits, recalled = self.recall.after_step(cache, self.runner, self.markers,
+                                                      spec.position_ids[:spec.new_rows])
+            result.extend(recalled)
+            if logits is not None:
+                self._last_logits = logits
         self.last_step = result
         if result.evictions and self.repairs.repairer is not None:
             self.diffs += self.repairs.after_cull(cache, result.evictions)

@@ -13,7 +13,9 @@ def session_stats(cache, *, marker_source: int, repairs: int, model_seconds: flo
     Returns:
         in this order: tokens_fed (positions streamed, cache.seen), retained (slots alive, at most the budget; in
         a per-layer memory, the fullest layer's), remembered (tokens some layer holds, markers included: the
-        retained slots of a token-level cache; tokens_fed = remembered - markers + evicted), budget, evicted (journal entries of kind "evicted"), markers (elision marker tokens retained), repairs,
+        retained slots of a token-level cache; tokens_fed = remembered - markers + evicted - recalled), budget, evicted
+        (journal entries of kind "evicted"), recalled (of kind "recalled": tokens brought back by recall),
+        archived (tokens in the recall archive, over its retrieval layers; 0 with recall off), markers (elision marker tokens retained), repairs,
         steps (stream forwards), halo_seconds (the cache's own step work), model_seconds, repair_seconds.
     """
     return {
@@ -22,6 +24,8 @@ def session_stats(cache, *, marker_source: int, repairs: int, model_seconds: flo
         "remembered": cache.remembered_count(),
         "budget": cache.config.budget,
         "evicted": cache.journal.count("evicted"),
+        "recalled": cache.journal.count("recalled"),
+        "archived": 0 if cache.archive is None else len(cache.archive),
         "markers": cache.count_source(marker_source),
         "repairs": repairs,
         "steps": cache.steps,

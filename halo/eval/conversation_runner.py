@@ -21,7 +21,7 @@ from ..session import Session
 from ..units import tokenize_lines
 from .coherence import session_coherence
 from .conversation import FACT_KINDS, FLOOD_SIZES, Conversation, Message, answer_matches, make_conversations
-from .runner import REPAIR_SUFFIX, budget_label, eval_config, parse_budget, policy_setup, resolve_budget
+from .runner import base_policy, budget_label, eval_config, parse_budget, policy_setup, resolve_budget
 
 CONVERSATION_POLICIES = ("full", "streaming", "h2o", "tova", "halo", "oracle")
 """Default rows of the conversation suite."""
@@ -191,7 +191,7 @@ def run_conversations(model, tokenizer, *, count: int = CONVERSATION_COUNT, budg
     specs = [parse_budget(b) for b in budgets]
     conversations = make_conversations(count, seed, flood_sizes=flood_sizes)
     overrides = dict(config_overrides or {})
-    per_budget = [p for p in policies if p.removesuffix(REPAIR_SUFFIX) != "full"]
+    per_budget = [p for p in policies if base_policy(p) != "full"]
     runs = len(conversations) * (len(policies) - len(per_budget) + len(per_budget) * len(specs))
     results: dict[tuple[str, str], list[dict]] = {}
     with tqdm(total=runs, unit="run", desc="conversations", disable=not progress) as bar:
@@ -209,7 +209,7 @@ def run_conversations(model, tokenizer, *, count: int = CONVERSATION_COUNT, budg
                     else:
                         row = _answer_row(model, tokenizer, conversation, feeds, config, name, seed, answer_tokens)
                         bar.update(1)
-                        if name.removesuffix(REPAIR_SUFFIX) == "full":
+                        if base_policy(name) == "full":
                             once[name] = row
                     results.setdefault((name, budget_label(spec)), []).append(dict(row, budget=budget))
     return [_record(name, budget_label(spec), results[name, budget_label(spec)]) for spec in specs for name in policies]
@@ -218,7 +218,7 @@ def run_conversations(model, tokenizer, *, count: int = CONVERSATION_COUNT, budg
 def _answer_row(model, tokenizer, conversation: Conversation, feeds: list[Feed], config: HaloConfig, name: str,
                 seed: int, answer_tokens: int) -> dict:
     """One conversation answered under one policy: what was asked, what came back, whether it matched."""
-    if name.removesuffix(REPAIR_SUFFIX) == "oracle":
+    if base_policy(name) == "oracle":
         feeds = oracle_feeds(tokenizer, conversation, config, answer_tokens=answer_tokens)
     reply, stats = answer(model, tokenizer, feeds, config, name, seed=seed, answer_tokens=answer_tokens)
     return {"conversation": conversation.index, "kind": conversation.target.kind, "flood": conversation.flood,

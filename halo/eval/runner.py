@@ -69,6 +69,9 @@ def eval_config(budget: int, *, sinks: int = 4, recent: int | None = None, chunk
 
 REPAIR_SUFFIX = "+repair"
 """`halo+repair` (any policy name plus this suffix) runs that policy with single-pass self repair switched on."""
+RECALL_SUFFIX = "+recall"
+"""`halo+recall` runs that policy per layer with recall switched on (HaloConfig(recall=True), halo.recall)."""
+EXTRA_SUFFIXES = {REPAIR_SUFFIX: {"repair": "self"}, RECALL_SUFFIX: {"recall": True, "granularity": "layer"}}
 GRANULARITY_SUFFIXES = {"-layer": "layer", "-token": "token"}
 """`tova-layer` (any evicting policy plus `-layer`) runs that policy with one retained set per layer
 (HaloConfig(granularity="layer")), `halo-token` with one set for all layers. Without a suffix the published
@@ -77,16 +80,23 @@ baselines run token-level, as published, and `halo` runs with the config's granu
 
 def policy_setup(name: str, config: HaloConfig) -> tuple[str, HaloConfig]:
     """(the cull policy's name, the config it runs with) for an evaluator row name such as `halo`, `tova-layer`,
-    `halo-token` or `halo+repair`."""
-    base = name.removesuffix(REPAIR_SUFFIX)
-    if base != name:
-        config = config.replace(repair="self")
+    `halo-token`, `halo+repair` or `halo+recall` (suffixes stack: `halo+recall+repair`)."""
+    base, extras = name, {}
+    while suffix := next((s for s in EXTRA_SUFFIXES if base.endswith(s)), None):
+        base, extras = base.removesuffix(suffix), {**extras, **EXTRA_SUFFIXES[suffix]}
     for suffix, granularity in GRANULARITY_SUFFIXES.items():
         if base.endswith(suffix):
-            return base.removesuffix(suffix), config.replace(granularity=granularity)
-    if base != "halo":
+            return base.removesuffix(suffix), config.replace(**{**extras, "granularity": granularity})
+    if base != "halo" and "recall" not in extras:
         config = config.replace(granularity="token")  # the baselines as published (and `full`: nothing to cull)
-    return base, config
+    return base, config.replace(**extras)
+
+
+def base_policy(name: str) -> str:
+    """The row's cull policy (or `full` / `oracle`) without its extras: `halo+recall` -> `halo`."""
+    while suffix := next((s for s in EXTRA_SUFFIXES if name.endswith(s)), None):
+        name = name.removesuffix(suffix)
+    return name
 
 
 def _check_policy(name: str) -> None:

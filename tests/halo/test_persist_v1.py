@@ -40,6 +40,7 @@ def test_format_1_restores_memory_journal_diffs_and_counters(tiny_tok, saved):
     assert [list(d) for d in session.diffs] == saved["diffs"]
     stats = {k: v for k, v in session.stats().items() if not k.endswith("seconds")}
     assert stats.pop("remembered") == stats["retained"]  # a key added since; one token set, as that release kept
+    assert (stats.pop("recalled"), stats.pop("archived")) == (0, 0)  # added with recall, which that release lacked
     assert stats == saved["stats"]
     assert session.extra == {"note": "format 1 fixture"}
 

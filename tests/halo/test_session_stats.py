@@ -3,8 +3,8 @@
 from halo import HaloConfig, Session
 from halo.session_stats import session_stats
 
-KEYS = ["tokens_fed", "retained", "remembered", "budget", "evicted", "markers", "repairs", "steps", "halo_seconds",
-        "model_seconds", "repair_seconds"]
+KEYS = ["tokens_fed", "retained", "remembered", "budget", "evicted", "recalled", "archived", "markers", "repairs",
+        "steps", "halo_seconds", "model_seconds", "repair_seconds"]
 
 
 def test_stats_read_the_cache_and_the_given_counters(tiny_pair):

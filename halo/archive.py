@@ -1,0 +1,162 @@
+"""RecallArchive: the keys of evicted tokens at a few retrieval layers, an index over the journal.
+
+When a layer of a per-layer memory (halo.layered_cache) lets a token go, and that layer is one of the retrieval
+layers (HaloConfig.recall_layers), its key goes into that layer's ring of the archive together with the token's
+serial, position, token id, source and unit. A token is a recall candidate once no layer holds it any more
+(its serial is then in no layer). The journal stays the source of truth: the archive only says where the model
+would look. Each ring holds `capacity` tokens; when full, the oldest entry is overwritten.
+
+Storage, on the cache's device: keys [R, Hkv, A, D] in fp16 (bf16 when the model is bf16) and int64 fields
+[R, A]; `bytes_per_token` reports the cost of one archived token at every retrieval layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .archive_mass import retained_row_lse, row_weights
+
+FLOOR_QUANTILE = 0.75
+"""A scored forward's bar: this quantile of the mass the retained tokens drew (per retrieval layer)."""
+FIELDS = ("serials", "positions", "token_ids", "sources", "units")
+"""Per-entry fields of every ring (int64 [R, A]; serial -1: an empty entry)."""
+
+
+class RecallArchive:
+    """Rings of archived keys, one per retrieval layer.
+
+    Args:
+        layers: the retrieval layers (model layer indices, distinct, sorted); capacity: entries per ring (A).
+        num_kv_heads, head_dim: key shape; dtype: the model's dtype (fp32 is stored as fp16); device.
+    """
+
+    def __init__(self, layers: tuple[int, ...], capacity: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.layers = tuple(int(layer) for layer in layers)
+        self.ring_of = {layer: r for r, layer in enumerate(self.layers)}
+        self.capacity = int(capacity)
+        self.device = device
+        self.key_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+        rings = len(self.layers)
+        with torch.inference_mode(False):
+            self.keys = torch.zeros(rings, num_kv_heads, self.capacity, head_dim, dtype=self.key_dtype, device=device)
+            self.fields = {name: torch.full((rings, self.capacity), -1, dtype=torch.int64, device=device)
+                           for name in FIELDS}
+        self.clear()
+
+    def clear(self) -> None:
+        """Empty every ring."""
+        self._next = [0] * len(self.layers)  # next entry each ring writes (it wraps)
+        self._filled = [0] * len(self.layers)
+        self.fields["serials"].fill_(-1)
+        self.step_mass: dict[int, dict[str, torch.Tensor]] = {}  # ring -> the last scored forward's mass and entries
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one archived token takes at every retrieval layer (keys and fields)."""
+        _, heads, _, dim = self.keys.shape
+        return len(self.layers) * (heads * dim * self.keys.element_size() + 8 * len(FIELDS))
+
+    def __len__(self) -> int:
+        """Entries held, over every ring."""
+        return int((self.fields["serials"] >= 0).sum())
+
+    def add(self, layer: int, keys: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        """Archive k tokens a retrieval layer evicts: keys [Hkv, k, D], values {field: int64 [k]}."""
+        ring, k = self.ring_of[layer], keys.shape[1]
+        if k == 0:
+            return
+        if k > self.capacity:  # only the newest fit
+            keys, values = keys[:, -self.capacity:], {name: v[-self.capacity:] for name, v in values.items()}
+            k = self.capacity
+        idx = (self._next[ring] + torch.arange(k, device=self.device)) % self.capacity
+        self.keys[ring].index_copy_(1, idx, keys.to(self.key_dtype))
+        for name in FIELDS:
+            self.fields[name][ring].index_copy_(0, idx, values[name])
+        self._next[ring] = (self._next[ring] + k) % self.capacity
+        self._filled[ring] = min(self.capacity, self._filled[ring] + k)
+
+    def drop(self, serials: torch.Tensor) -> None:
+        """Forget the entries of these serials (recalled tokens, now back in the cache), in every ring."""
+        gone = torch.isin(self.fields["serials"], serials.to(self.device))
+        for name in FIELDS:
+            self.fields[name].masked_fill_(gone, -1)
+
+    def score(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float, n_past: int,
+              retained_mass: torch.Tensor, archive_mass) -> None:
+        """Score ring `layer` against one forward's query rows (see halo.archive_mass) into `step_mass`.
+
+        query: [Hq, T, D]; key: [Hkv, >= n_past + T, D] the layer's keys; retained_mass: float32 [n_past] the mass
+        the retained tokens drew in this forward at this layer (its 75th percentile is the bar a recalled token
+        must clear, `floor`); archive_mass: the backend's op.
+        """
+        ring = self.ring_of[layer]
+        width = self._filled[ring]
+        if width == 0 or n_past == 0:
+            return
+        lse = retained_row_lse(query, key, scaling, n_past)
+        weight = row_weights(n_past, query.shape[1], query.shape[0], query.device)
+        valid = self.fields["serials"][ring, :width] >= 0
+        mass = archive_mass(query, self.keys[ring, :, :width], valid, scaling, lse, weight)
+        # the entries as scored: the cull that closes this forward may overwrite some before they are read
+        self.step_mass[ring] = {"mass": mass, "floor": torch.quantile(retained_mass, FLOOR_QUANTILE).expand(width),
+                                **{name: self.fields[name][ring, :width].clone() for name in FIELDS}}
+
+    def take_scores(self) -> dict[str, torch.Tensor] | None:
+        """The last scored forward's candidates, once: every entry held when it was scored, in every scored ring,
+        with `mass` and `floor` (float32, the ring's bar) and the fields (int64), concatenated over rings; None when
+        nothing was scored."""
+        if not self.step_mass:
+            return None
+        parts = []
+        for scored in self.step_mass.values():
+            held = scored["serials"] >= 0
+            parts.append({name: value[held] for name, value in scored.items()})
+        self.step_mass = {}
+        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+    # ---------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
+        """CPU copies of the used entries: `keys` [R, Hkv, A_used, D], `fields` {name: [R, A_used]} and the ring
+        counters."""
+        width = max(self._filled, default=0)
+        return {"keys": self.keys[:, :, :width].detach().cpu().contiguous(),
+                "fields": {name: t[:, :width].detach().cpu().contiguous() for name, t in self.fields.items()},
+                "next": list(self._next), "filled": list(self._filled), "layers": list(self.layers)}
+
+    def check_state(self, state: dict, *, next_serial: int, seen: int) -> None:
+        """ValueError naming the first way `state_dict()` output does not fit this archive (or is corrupted): shapes,
+        dtypes, non-finite keys, tokens never fed (serial >= next_serial, position >= seen), ring counters."""
+        keys, fields = state["keys"], state["fields"]
+        rings, heads, _, dim = self.keys.shape
+        if list(state["layers"]) != list(self.layers):
+            raise ValueError(f"saved archive has retrieval layers {state['layers']}, this cache {list(self.layers)}")
+        width = keys.shape[2] if keys.dim() == 4 else -1
+        if keys.dim() != 4 or (keys.shape[0], keys.shape[1], keys.shape[3]) != (rings, heads, dim) \
+                or width > self.capacity:
+            raise ValueError(f"saved archive keys have shape {tuple(keys.shape)}; expected [{rings}, {heads}, "
+                             f"<= {self.capacity}, {dim}]")
+        if keys.dtype != self.key_dtype or not bool(torch.isfinite(keys.float()).all()):
+            raise ValueError(f"saved archive keys must be finite {self.key_dtype}")
+        if set(fields) != set(FIELDS) or any(tuple(fields[n].shape) != (rings, width) or fields[n].dtype != torch.int64
+                                             for n in FIELDS):
+            raise ValueError(f"saved archive fields must be int64 [{rings}, {width}]: {sorted(FIELDS)}")
+        held = fields["serials"] >= 0
+        if bool((fields["serials"] >= next_serial).any()) or bool((fields["positions"][held] >= seen).any()) \
+                or bool((fields["positions"][held] < 0).any()):
+            raise ValueError("saved archive names tokens that were never fed (serial or position out of range)")
+        counters = [list(state["next"]), list(state["filled"])]
+        if any(len(c) != rings or min(c, default=0) < 0 or max(c, default=0) > self.capacity for c in counters) \
+                or max(counters[1], default=0) != width:
+            raise ValueError(f"saved archive ring counters {counters} do not fit {rings} rings of {self.capacity}")
+
+    def load_state_dict(self, state: dict, *, next_serial: int, seen: int) -> None:
+        """Restore `state_dict()` output (checked first by `check_state`; on error the archive is unchanged)."""
+        self.check_state(state, next_serial=next_serial, seen=seen)
+        keys, fields = state["keys"], state["fields"]
+        width = keys.shape[2]
+        self.clear()
+        self.keys[:, :, :width] = keys.to(self.device)
+        for name in FIELDS:
+            self.fields[name][:, :width] = fields[name].to(self.device)
+        self._next, self._filled = [int(c) for c in state["next"]], [int(c) for c in state["filled"]]

@@ -1,0 +1,1 @@
+"""Halo inside other engines: one subpackage per engine (vllm)."""

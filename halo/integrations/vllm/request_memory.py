@@ -1,0 +1,209 @@
+"""RequestMemory: the Halo state of one request inside a vLLM worker (brightness, cull, compaction, journal).
+
+The K/V live in vLLM's paged cache; this object keeps the per-slot fields Halo needs beside them, in the
+request's own physical slot order (slot s is token s of the request's block table). Rows are layers when
+`granularity == "layer"` (each layer ranks and culls its own slots, every layer evicting the same number, so
+one block table still serves all layers) and a single row shared by every layer when `granularity == "token"`.
+
+One step: `begin_step` writes the new slots (logical positions, sources, initial brightness), the attention
+wrapper calls `accumulate` once per layer with the query rows and the request's keys, and `end_step` applies the
+brightness update and, over budget, picks the victims with halo's own rules, journals the tokens no row holds
+any more and compacts the per-slot fields; it returns the slot moves the caller applies to the paged K/V.
+
+Rules (the same functions as halo.layered_cache / halo.policy.HaloPolicy, reference path):
+    mass       halo.brightness.attention_column_mass (per layer; summed over layers in token mode)
+    brightness halo.brightness.update_brightness_layers (layer) / update_brightness (token)
+    score      halo.layer_cull.cull_scores_layers + SourcePolicy.priority of each slot's source
+    protected  sinks (position < sink_tokens), the recent window (position >= seen - recent_tokens), pinned sources
+    victims    halo.layer_cull.select_victims_layers, k = count - budget per row
+    moves      halo.compact.compaction_moves_layers
+Word and line units, elision markers, repair and cull_threshold are not used here (see settings.check_servable).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from halo.brightness import attention_column_mass, update_brightness, update_brightness_layers
+from halo.compact import compaction_moves_layers
+from halo.journal import Journal
+from halo.layer_cull import FREE_POSITION, cull_scores_layers, select_victims_layers
+
+from .settings import ServingConfig
+
+
+@dataclass(frozen=True)
+class SlotMoves:
+    """Physical slot moves of one eviction: int64 [R, k] `src` -> `dst` per row (src == dst: nothing to move)."""
+
+    src: torch.Tensor
+    dst: torch.Tensor
+    per_layer: bool
+
+
+class RequestMemory:
+    """Per-slot Halo fields of one request's physical slots.
+
+    Args:
+        request_id: vLLM's request id (for errors and the journal file name).
+        serving: the request's ServingConfig.
+        num_layers: attention layers of the model.
+        num_prompt_tokens: prompt length; positions below it are fed as `prompt_source`, the rest as `output_source`.
+    """
+
+    def __init__(self, request_id: str, serving: ServingConfig, num_layers: int, num_prompt_tokens: int):
+        cfg = serving.halo
+        self.request_id = request_id
+        self.serving = serving
+        self.config = cfg
+        self.num_layers = num_layers
+        self.per_layer = cfg.granularity == "layer"
+        self.rows = num_layers if self.per_layer else 1
+        self.num_prompt_tokens = num_prompt_tokens
+        names = cfg.source_names
+        self._prompt_code = cfg.source_code(serving.prompt_source)
+        self._output_code = cfg.source_code(serving.output_source)
+        self._initial = torch.tensor([cfg.sources[n].initial for n in names], dtype=torch.float32)
+        self._decay = torch.tensor([0.0 if cfg.sources[n].pinned else cfg.sources[n].decay for n in names],
+                                   dtype=torch.float32)
+        self._priority = torch.tensor([cfg.sources[n].priority for n in names], dtype=torch.float32)
+        self._pinned = torch.tensor([cfg.sources[n].pinned for n in names], dtype=torch.bool)
+        self.count = 0  # physical slots held (every row holds the same number)
+        self.seen = 0  # logical tokens fed
+        self.steps = 0
+        self._rows_in_flight = 0
+        self._capacity = 0
+        self.positions = self.sources = self.brightness = self.mass = torch.empty(0)
+        self._grow(max(64, cfg.budget + 1))
+        self.token_ids = torch.zeros(max(64, num_prompt_tokens + 1), dtype=torch.int64)
+        self.held = torch.zeros_like(self.token_ids, dtype=torch.int32)  # rows holding each logical position
+        self.journal = Journal(names)
+        if serving.journal_dir:
+            os.makedirs(serving.journal_dir, exist_ok=True)
+            self.journal.open_sink(os.path.join(serving.journal_dir, f"{_safe(request_id)}.jsonl"))
+
+    # ------------------------------------------------------------ storage
+    def _grow(self, capacity: int) -> None:
+        """Make room for `capacity` slots per row, keeping what is stored."""
+        if capacity <= self._capacity:
+            return
+        capacity = max(capacity, 2 * self._capacity)
+        old = self._capacity
+
+        def grown(tensor, fill, dtype):
+            out = torch.full((self.rows, capacity), fill, dtype=dtype)
+            if old:
+                out[:, :old] = tensor
+            return out
+
+        self.positions = grown(self.positions, FREE_POSITION, torch.int64)
+        self.sources = grown(self.sources, 0, torch.int64)
+        self.brightness = grown(self.brightness, 0.0, torch.float32)
+        self.mass = grown(self.mass, 0.0, torch.float32)
+        self._capacity = capacity
+
+    def _grow_logical(self, length: int) -> None:
+        if length <= self.token_ids.numel():
+            return
+        size = max(length, 2 * self.token_ids.numel())
+        self.token_ids = torch.cat([self.token_ids, self.token_ids.new_zeros(size - self.token_ids.numel())])
+        self.held = torch.cat([self.held, self.held.new_zeros(size - self.held.numel())])
+
+    # ------------------------------------------------------------ one step
+    def begin_step(self, start: int, token_ids: torch.Tensor) -> None:
+        """Write the slots of this step's T tokens (int64 [T]) at logical positions start .. start + T - 1."""
+        if start != self.seen:
+            raise RuntimeError(f"request {self.request_id}: vLLM schedules tokens from position {start} but its Halo "
+                               f"memory has seen {self.seen}; the scheduler and the worker disagree")
+        if self._rows_in_flight:
+            raise RuntimeError(f"request {self.request_id}: begin_step called twice without end_step")
+        t_rows = int(token_ids.numel())
+        n = self.count + t_rows
+        self._grow(n)
+        self._grow_logical(start + t_rows)
+        positions = torch.arange(start, start + t_rows, dtype=torch.int64)
+        codes = torch.where(positions < self.num_prompt_tokens, self._prompt_code, self._output_code)
+        self.positions[:, self.count:n] = positions
+        self.sources[:, self.count:n] = codes
+        self.brightness[:, self.count:n] = self._initial[codes]
+        self.mass[:, :n] = 0.0
+        self.token_ids[start:start + t_rows] = token_ids.to(torch.int64)
+        self.held[start:start + t_rows] = self.rows
+        self._rows_in_flight = t_rows
+
+    def accumulate(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """Add one layer's attention mass: query [Hq, T, D] of this step, key [Hkv, count + T, D] of the request."""
+        row = layer if self.per_layer else 0
+        attention_column_mass(query, key, scaling, self.count, self.mass[row])
+
+    def end_step(self) -> SlotMoves | None:
+        """Update brightness, cull to budget and compact the fields; returns the K/V slot moves, or None."""
+        t_rows, n_past = self._rows_in_flight, self.count
+        n = n_past + t_rows
+        cfg = self.config
+        b, m = self.brightness[:, :n], self.mass[:, :n]
+        decay = self._decay[self.sources[:, :n]]
+        if self.per_layer:
+            update_brightness_layers(b, m, decay, torch.full((self.rows,), n_past, dtype=torch.int64), t_rows,
+                                     cfg.alpha)
+        else:
+            update_brightness(self.brightness[0], self.mass[0], decay[0], n_past, t_rows, cfg.alpha, self.num_layers)
+        self.count, self.seen, self._rows_in_flight = n, self.seen + t_rows, 0
+        self.steps += 1
+        if n <= cfg.budget:
+            return None
+        return self._cull(n - cfg.budget)
+
+    def _cull(self, k: int) -> SlotMoves:
+        cfg, n = self.config, self.count
+        pos, src, b = self.positions[:, :n], self.sources[:, :n], self.brightness[:, :n]
+        counts = torch.full((self.rows,), n, dtype=torch.int64)
+        scores = cull_scores_layers(b, pos, counts, cfg.dark_bias, cfg.dark_radius) + self._priority[src]
+        protected = (pos < cfg.sink_tokens) | (pos >= self.seen - cfg.recent_tokens) | self._pinned[src]
+        victims = select_victims_layers(scores, pos, protected, k)  # [R, k]
+        self._journal(torch.gather(pos, 1, victims), torch.gather(b, 1, victims))
+        moves_src, moves_dst = compaction_moves_layers(victims, counts, self._capacity)
+        for field in (self.positions, self.sources, self.brightness):
+            field.scatter_(1, moves_dst, torch.gather(field, 1, moves_src))
+        self.count = n - k
+        self.positions[:, self.count:n] = FREE_POSITION
+        return SlotMoves(moves_src, moves_dst, self.per_layer)
+
+    def _journal(self, victim_positions: torch.Tensor, victim_brightness: torch.Tensor) -> None:
+        """Journal the victims' positions that no row holds any more (brightness: the brightest at death)."""
+        flat = victim_positions.reshape(-1)
+        self.held.index_add_(0, flat, torch.full_like(flat, -1, dtype=torch.int32))
+        unique, inverse = torch.unique(flat, return_inverse=True)
+        best = torch.zeros(unique.numel(), dtype=torch.float32).scatter_reduce(
+            0, inverse, victim_brightness.reshape(-1), "amax", include_self=False)
+        gone = self.held[unique] == 0
+        positions = unique[gone]
+        codes = torch.where(positions < self.num_prompt_tokens, self._prompt_code, self._output_code)
+        self.journal.record(positions, self.token_ids[positions], codes, best[gone], self.steps)
+
+    # ------------------------------------------------------------ reading
+    def report(self) -> dict:
+        """Counters of this request: fed, retained (slots per layer), remembered (positions some row holds),
+        evicted (journal entries), budget, steps, granularity, each row's retained positions and their brightness
+        in position order, and the journal as (position, token id, source, brightness, step) tuples."""
+        held = self.held[: self.seen]
+        order = torch.sort(self.positions[:, : self.count], dim=1).indices
+        positions = torch.gather(self.positions[:, : self.count], 1, order)
+        brightness = torch.gather(self.brightness[:, : self.count], 1, order)
+        return {"request_id": self.request_id, "fed": self.seen, "retained": self.count,
+                "remembered": int((held > 0).sum()), "evicted": self.journal.count(), "budget": self.config.budget,
+                "steps": self.steps, "granularity": self.config.granularity,
+                "retained_positions": positions.tolist(), "retained_brightness": brightness.tolist(),
+                "journal": [(e.position, e.token_id, e.source, e.brightness, e.step) for e in self.journal.entries]}
+
+    def close(self) -> None:
+        """Close the journal's JSONL sink, if any."""
+        self.journal.close()
+
+
+def _safe(name: str) -> str:
+    """A file name made of `name`'s letters, digits, '-', '_' and '.'."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

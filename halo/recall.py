@@ -1,0 +1,184 @@
+"""Recall: evicted text comes back when the conversation needs it.
+
+The per-layer cache archives the keys its retrieval layers evict (halo.recall_memory) and, during every stream
+forward of a recall source (user and tool text by default), scores the archive with that forward's query rows:
+the mass each archived token would draw were it alone put back, normalised like brightness (halo.archive_mass).
+After the forward has been culled and its markers placed, `Recall.after_step`:
+
+1. keeps the candidates no layer holds any more, averages their mass over the retrieval layers and scores each
+   unit (a word, a line) by its best token; units at `recall_threshold` times the bar or more are hits (the bar:
+   the 75th percentile of the mass the retained tokens drew in the same forward, so a hit out-shines them);
+2. takes the best hits, whole, then the dead units within `recall_context` positions of them (the sentence
+   around a hit), up to `recall_tokens` tokens;
+3. runs one service forward that recomputes their K/V at their original positions against the retained tokens
+   before them (each sees the recalled tokens before it too), and, as patch rows, recomputes the K/V of the
+   forward that asked, so that its tokens, and the next token's logits, see what came back;
+4. gives the recalled tokens a brightness from their score (`alpha * score`, at most 255), protects them for
+   `recall_grace` fed positions, journals them as "recalled", and culls back to the budget (markers settled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .brightness import MAX_BRIGHTNESS
+from .forward import CullResult, ForwardSpec
+
+
+@dataclass
+class RecallPick:
+    """Tokens chosen to come back, sorted by position (CPU tensors, [k] each).
+
+    Attributes: serials (before eviction), positions, token_ids, sources, units, brightness (float32, what they
+    come back with).
+    """
+
+    serials: torch.Tensor
+    positions: torch.Tensor
+    token_ids: torch.Tensor
+    sources: torch.Tensor
+    units: torch.Tensor
+    brightness: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.serials.numel())
+
+
+def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *, num_layers: int, marker: int,
+               threshold: float, most: int, context: int, alpha: float) -> RecallPick | None:
+    """Choose what comes back from one forward's archive scores (RecallArchive.take_scores()).
+
+    Args:
+        scores: per archive entry (over every ring): mass and floor (float32; the ring's bar: a quantile of what
+            the retained tokens drew) and serials, positions, token_ids, sources, units (int64).
+        held: the remembered tokens (cache.snapshot(): serials, positions, token_ids, sources, units, layers).
+        num_layers: L (a token every layer holds is whole already); marker: the marker source code (never picked).
+        threshold, most, context, alpha: HaloConfig.recall_threshold, recall_tokens, recall_context, alpha.
+    Returns:
+        The tokens to make whole in every layer, or None: the hit units (forgotten: no layer holds them) by score,
+        then the units within `context` positions of each, forgotten or held by some layers only.
+    """
+    scores = {name: value.cpu() for name, value in scores.items()}
+    # the pool: archived tokens, and remembered tokens some layer lost, once each (the cache's fields win)
+    partial = (held["layers"] < num_layers) & (held["sources"] != marker)
+    pool = {name: torch.cat([held[name][partial], scores[name]]) for name in _PICK_FIELDS}
+    serials, first = _first_of(pool["serials"])
+    pool = {name: value[first] for name, value in pool.items()}
+    whole = torch.isin(serials, held["serials"][held["layers"] >= num_layers])
+    pool = {name: value[~whole] for name, value in pool.items()}
+    if pool["serials"].numel() == 0:
+        return None
+    # a token's score: its best ring's mass over that ring's bar (a retrieval layer that would look is enough)
+    ratio = scores["mass"].float() / scores["floor"].float().clamp(min=1e-6)
+    at = torch.searchsorted(pool["serials"], scores["serials"]).clamp(max=pool["serials"].numel() - 1)
+    # hits come from forgotten tokens only (no layer holds them); partly held ones join as context
+    found = (pool["serials"][at] == scores["serials"]) & ~torch.isin(scores["serials"], held["serials"])
+    token_score = torch.zeros(pool["serials"].numel()).scatter_reduce_(0, at[found], ratio[found], "amax")
+    gain = torch.zeros(pool["serials"].numel()).scatter_reduce_(0, at[found], scores["mass"][found].float(), "amax")
+    unit = torch.where(pool["units"] >= 0, pool["units"], -2 - pool["serials"])  # a plain token is its own unit
+    unit_ids, unit_of = torch.unique(unit, return_inverse=True)
+    units = unit_ids.numel()
+    best = torch.zeros(units).scatter_reduce_(0, unit_of, token_score, "amax")
+    best_gain = torch.zeros(units).scatter_reduce_(0, unit_of, gain, "amax")
+    hits = torch.nonzero(best >= threshold).flatten()
+    if hits.numel() == 0:
+        return None
+    hits = hits[torch.argsort(best[hits], descending=True)]
+    sizes = torch.bincount(unit_of, minlength=units)
+    lo = torch.full((units,), 2 ** 62).scatter_reduce(0, unit_of, pool["positions"], "amin")
+    hi = torch.full((units,), -1).scatter_reduce(0, unit_of, pool["positions"], "amax")
+    chosen: dict[int, float] = {}  # unit -> the gain it comes back with
+    total = 0
+    for hit in hits.tolist():
+        if total + int(sizes[hit]) > most:
+            continue
+        near = torch.nonzero((hi >= lo[hit] - context) & (lo <= hi[hit] + context)).flatten().tolist()
+        for other in [hit] + sorted(near, key=lambda u: abs(int(lo[u]) - int(lo[hit]))):
+            if other not in chosen and total + int(sizes[other]) <= most:
+                chosen[other] = float(best_gain[hit])
+                total += int(sizes[other])
+    take = torch.isin(unit_of, torch.tensor(list(chosen)))
+    order = torch.argsort(pool["positions"][take])
+    gains = torch.tensor([chosen[u] for u in unit_of[take].tolist()])
+    bright = (alpha * gains).clamp(max=MAX_BRIGHTNESS)
+    picked = {name: value[take][order] for name, value in pool.items()}
+    return RecallPick(picked["serials"], picked["positions"], picked["token_ids"], picked["sources"], picked["units"],
+                      bright[order])
+
+
+_PICK_FIELDS = ("serials", "positions", "token_ids", "sources", "units")
+
+
+def _first_of(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted distinct values, the index of each one's first occurrence in `values`)."""
+    distinct, inverse = torch.unique(values, return_inverse=True)
+    first = torch.full((distinct.numel(),), values.numel(), dtype=torch.int64)
+    return distinct, first.scatter_reduce_(0, inverse, torch.arange(values.numel()), "amin")
+
+
+def recall_spec(cache, pick: RecallPick, patch_slots: torch.Tensor) -> ForwardSpec:
+    """The service forward that writes `pick` as new slots at its positions (row i sees the retained tokens before
+    its position and the picked rows before it) and recomputes `patch_slots` (int64 [k] of `cache.token_view()`,
+    ascending position, all after the picked positions) in place, seeing everything before them."""
+    device, n, k = cache.device, cache.n_valid, len(pick)
+    view = cache.token_view()
+    patch_positions = view.positions[patch_slots]
+    positions = torch.cat([pick.positions.to(device), patch_positions])
+    rows = positions.numel()
+    visible = torch.zeros(rows, n + k, dtype=torch.bool, device=device)
+    visible[:k, n:] = torch.tril(torch.ones(k, k, dtype=torch.bool, device=device))
+    visible[k:, n:] = True
+    own = torch.cat([torch.zeros(k, dtype=torch.int64, device=device), patch_slots])
+    visible[:, :n] = cache.retained_visibility(positions, own_slots=None)
+    if patch_slots.numel():
+        visible[k:, :n] = cache.retained_visibility(patch_positions, own_slots=own[k:])
+    ids = torch.cat([pick.token_ids.to(device), view.token_ids[patch_slots]])
+    return ForwardSpec(ids, positions, int(pick.sources[0]), k, n, pick.units.to(device), visible,
+                       patch_slots if patch_slots.numel() else None, positions, streams=False)
+
+
+class Recall:
+    """The session's recall driver (HaloConfig.recall).
+
+    Attributes:
+        events: recall forwards run so far; recalled: tokens brought back so far.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.events = 0
+        self.recalled = 0
+
+    def after_step(self, cache, runner, markers, new_positions: torch.Tensor) -> tuple[torch.Tensor | None, CullResult]:
+        """Recall what the last stream forward's rows (at `new_positions`, int64 [T]) point at, if anything.
+
+        Returns (logits [V] of the last of those rows recomputed after the recall, or None when nothing came
+        back; what the cull back to budget evicted).
+        """
+        archive = cache.archive
+        scores = None if archive is None else archive.take_scores()
+        if scores is None or scores["serials"].numel() == 0:
+            return None, CullResult()
+        cfg = self.config
+        pick = pick_units(scores, cache.snapshot(), num_layers=cache.num_layers, marker=cfg.source_code("marker"),
+                          threshold=cfg.recall_threshold, most=cfg.recall_tokens, context=cfg.recall_context,
+                          alpha=cfg.alpha)
+        if pick is None:
+            return None, CullResult()
+        done = CullResult()
+        if bool(torch.isin(pick.serials, cache.remembered_serials().cpu()).any()):
+            done.evictions.append(cache.evict_serials(pick.serials))  # copies some layers hold: all come back whole
+        where = cache.slot_of_position()
+        patch = [where[p] for p in new_positions.tolist() if p in where]
+        patch_slots = torch.tensor(patch, dtype=torch.int64, device=cache.device)
+        first = cache.next_serial
+        spec = recall_spec(cache, pick, patch_slots)
+        logits, _ = runner(spec, torch.tensor([spec.rows - 1], device=cache.device))
+        cache.adopt_recalled(first, pick.serials, pick.sources, pick.brightness)
+        self.events += 1
+        self.recalled += len(pick)
+        done.extend(cache.cull())
+        done.extend(markers.settle(cache, done.culled_runs, runner))
+        return (logits[0, -1] if patch else None), done

@@ -1,0 +1,126 @@
+"""RecallMemory: the per-layer cache's side of recall (HaloConfig.recall): the archive it fills, the tokens it takes
+back, their grace period, and the state it saves.
+
+Filling: when a retrieval layer evicts text tokens, their keys at that layer go into `archive`
+(halo.archive.RecallArchive). Scoring happens inside the cache's stream forwards of a recall source. Taking back
+is driven from outside (halo.recall.Recall): it runs a service forward that writes the archived tokens as new
+slots at their original positions, then calls `adopt_recalled`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .archive import RecallArchive
+from .layer_cull import pack_rows
+
+_ARCHIVED_FIELDS = ("serials", "positions", "token_ids", "sources", "units")
+
+
+class RecallMemory:
+    """Mixin of LayeredHaloCache (uses its slot store, counters, journal and `token_view`)."""
+
+    archive: RecallArchive | None = None
+    """The archive of evicted keys at the retrieval layers, or None when recall is off."""
+
+    def _reset_recall(self) -> None:
+        cfg = self.config
+        self._grace: list[tuple[int, int, int]] = []  # recalled serials [first, stop) protected while seen < until
+        self._recalled = torch.zeros(0, dtype=torch.int64, device=self.device)  # serials born by recall
+        if cfg.recall and self.archive is None:
+            self.archive = RecallArchive(cfg.recall_layer_indices(self.num_layers), cfg.recall_capacity,
+                                         self.num_kv_heads, self.head_dim, self.dtype, self.device)
+            self._recall_sources = {cfg.source_code(name) for name in cfg.recall_sources}
+        elif self.archive is not None:
+            self.archive.clear()
+
+    def scores_recall(self, source: int, layer_idx: int) -> bool:
+        """Whether a stream forward of `source` scores the archive at layer `layer_idx`."""
+        return self.archive is not None and source in self._recall_sources and layer_idx in self.archive.ring_of
+
+    def _protect_graced(self, protected: torch.Tensor) -> torch.Tensor:
+        """`protected` [L, n] with the recalled tokens still in their grace period added."""
+        n = protected.shape[1]
+        self._grace = [grace for grace in self._grace if self._seen < grace[2]]
+        for first, stop, _ in self._grace:
+            protected |= (self.serials[:, :n] >= first) & (self.serials[:, :n] < stop)
+        return protected
+
+    def _archive_victims(self, victims: torch.Tensor) -> None:
+        """Put the keys of the retrieval layers' victims (int64 [L, k], -1 padded; text tokens, not markers) into
+        the archive, before compaction moves them."""
+        fields, marker = self._store.fields, self.config.source_code("marker")
+        for layer in self.archive.layers:
+            cols = victims[layer][victims[layer] >= 0]
+            cols = cols[fields["sources"][layer, cols] != marker]
+            self.archive.add(layer, self._store.layer_kv[layer][0][:, cols],
+                             {name: fields[name][layer, cols] for name in _ARCHIVED_FIELDS})
+
+    def adopt_recalled(self, first_serial: int, old_serials: torch.Tensor, sources: torch.Tensor,
+                       brightness: torch.Tensor) -> None:
+        """Finish a recall forward whose k new slots, born from `first_serial`, hold archived tokens in the order of
+        `old_serials` (int64 [k], their serials before eviction): give them their sources (int64 [k]) and
+        brightness (float32 [k]) in every layer, protect them for `recall_grace` fed positions (ending the grace of
+        any earlier recall), journal them as "recalled" and drop them from the archive."""
+        k, n = old_serials.numel(), self._n_valid
+        fields = self._store.fields
+        serials = fields["serials"][:, :n]
+        born = (serials >= first_serial) & (serials < first_serial + k)
+        index = (serials - first_serial).clamp(0, k - 1)
+        fields["sources"][:, :n] = torch.where(born, sources.to(self.device)[index], fields["sources"][:, :n])
+        fields["brightness"][:, :n] = torch.where(born, brightness.to(self.device)[index],
+                                                  fields["brightness"][:, :n])
+        # only the newest recall is protected: the protected set stays below the budget (HaloConfig.validate)
+        self._grace = [(first_serial, first_serial + k, self._seen + self.config.recall_grace)]
+        self._recalled = torch.cat([self._recalled, torch.arange(first_serial, first_serial + k, device=self.device)])
+        self._slots_changed()
+        view = self.token_view()
+        mine = (view.serials >= first_serial) & (view.serials < first_serial + k)
+        self.journal.record(view.positions[mine], view.token_ids[mine], view.sources[mine], view.brightness[mine],
+                            self._steps, kind="recalled")
+        self.archive.drop(old_serials)
+
+    def evict_serials(self, serials: torch.Tensor):
+        """Evict the tokens of these serials (int64 [k]) from every layer holding them (Eviction of those that
+        die, journaled)."""
+        n = self._n_valid
+        return self._evict(pack_rows(self._held() & torch.isin(self.serials[:, :n], serials.to(self.device))))[0]
+
+    def recalled_mask(self, serials: torch.Tensor) -> torch.Tensor:
+        """bool [k]: which of these serials were born by recall."""
+        return torch.isin(serials, self._recalled.to(serials.device))
+
+    def remembered_serials(self) -> torch.Tensor:
+        """int64 [m] the serials of the remembered tokens (held by some layer), sorted."""
+        return self._remembered()["serials"]
+
+    # ---------------------------------------------------------- persistence
+    def _recall_state(self) -> dict:
+        return {"archive": self.archive.state_dict(), "grace": [list(g) for g in self._grace],
+                "recalled": self._recalled.cpu()}
+
+    def _check_recall_state(self, state: dict) -> None:
+        """ValueError when the saved recall state does not fit this cache (nothing is changed)."""
+        recall = state.get("recall")
+        if (recall is not None) != (self.archive is not None):
+            raise ValueError("saved memory and this cache disagree on recall (HaloConfig.recall)")
+        if recall is None:
+            return
+        counters = state["counters"]
+        self.archive.check_state(recall["archive"], next_serial=int(counters["next_serial"]),
+                                 seen=int(counters["seen"]))
+        recalled = recall["recalled"]
+        if not isinstance(recalled, torch.Tensor) or recalled.dim() != 1 or recalled.dtype != torch.int64:
+            raise ValueError("saved recalled serials must be an int64 vector")
+        if any(len(g) != 3 for g in recall["grace"]):
+            raise ValueError(f"saved grace periods must be [first, stop, until] triples, got {recall['grace']}")
+
+    def _load_recall_state(self, state: dict) -> None:
+        recall = state.get("recall")
+        if recall is None:
+            return
+        counters = state["counters"]
+        self.archive.load_state_dict(recall["archive"], next_serial=int(counters["next_serial"]),
+                                     seen=int(counters["seen"]))
+        self._grace = [tuple(int(x) for x in g) for g in recall["grace"]]
+        self._recalled = recall["recalled"].to(self.device)
