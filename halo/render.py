@@ -61,6 +61,7 @@ h1{font-size:1.3em} h2{font-size:1.1em;margin-top:1.5em}
 .t{padding:1px 0;border-radius:2px}
 .marker{outline:2px dashed #d62728;outline-offset:-1px;font-weight:bold}
 .repaired{outline:2px solid #ff7f0e;outline-offset:-1px;text-decoration:underline wavy #ff7f0e}
+.recalled{outline:2px solid #1f77b4;outline-offset:-1px}
 .legend{display:flex;align-items:center;gap:.5em;font-size:.85em;margin:.5em 0}
 .bar{display:flex;height:14px;width:256px;border:1px solid #999}
 .bar span{flex:1}
@@ -88,7 +89,8 @@ def render_html(session, *, title: str = "Halo Weave memory", cmap: str = "virid
         "<div class=\"legend\">brightness <b>0</b><div class=\"bar\">"
         + "".join(f"<span style=\"background:{palette[i]}\" title=\"{i}\"></span>" for i in range(0, 256, 4))
         + "</div><b>255</b> <span class=\"t marker\" title=\"legend: elision marker, brightness shown as colour\">[...]</span> elision marker "
-          "<span class=\"t repaired\" title=\"legend: repaired token, hover shows old -&gt; new, position, brightness\">tok</span> repaired token (hover for details)</div>",
+          "<span class=\"t repaired\" title=\"legend: repaired token, hover shows old -&gt; new, position, brightness\">tok</span> repaired token (hover for details) "
+          "<span class=\"t recalled\" title=\"legend: token brought back by recall\">tok</span> recalled token</div>",
         f"<h2>Remembered: {len(mem)} tokens</h2><div class=\"memory\">",
     ]
     positions = mem.positions.tolist()
@@ -96,6 +98,7 @@ def render_html(session, *, title: str = "Halo Weave memory", cmap: str = "virid
     bright = mem.brightness.tolist()
     units = mem.units.tolist()
     layers, all_layers = mem.layers.tolist(), session.cache.num_layers
+    recalled = mem.recalled.tolist()
     i, n = 0, len(positions)
     while i < n:
         source = mem.sources[i]
@@ -121,6 +124,9 @@ def render_html(session, *, title: str = "Halo Weave memory", cmap: str = "virid
             old, new = diffs[pos]
             tip += f"; repaired {_token_text(tokenizer, old)!r} ({old}) -> {_token_text(tokenizer, new)!r} ({new})"
             cls += " repaired"
+        if recalled[i]:
+            tip += "; recalled: forgotten, then brought back when the conversation pointed at it"
+            cls += " recalled"
         parts.append(f"<span class=\"{cls}\" style=\"{held}background:{palette[level]};color:{_ink(palette[level])}\" "
                      f"title=\"{esc(tip)}\">{_visible(_token_text(tokenizer, tid))}</span>")
         i += 1

@@ -14,6 +14,7 @@ DEFAULT_SYSTEM = ("You are a helpful assistant. Tool and log output you see has 
 HELP = """commands:
   /memory          show the remembered text
   /forgotten       show what was forgotten (in position order)
+  /recalled        show what recall brought back (with --recall)
   /stats           show counters
   /log PATH        feed a log file (as source `log`)
   /save PATH       save the session
@@ -89,7 +90,23 @@ class ChatState:
 
 def status_line(session) -> str:
     s = session.stats()
-    return f"[retained {s['retained']}/{s['budget']} | evicted {s['evicted']} | repairs {s['repairs']}]"
+    recalled = f" | recalled {s['recalled']}" if session.recall is not None else ""
+    return f"[retained {s['retained']}/{s['budget']} | evicted {s['evicted']}{recalled} | repairs {s['repairs']}]"
+
+
+def recalled_text(session) -> str:
+    """What recall brought back: one line per recall (the step, then the text in position order)."""
+    if session.recall is None:
+        return "(recall is off: start with --recall)"
+    by_step: dict[int, list] = {}
+    for entry in session.journal.entries:
+        if entry.kind == "recalled":
+            by_step.setdefault(entry.step, []).append(entry)
+    lines = [f"({sum(len(v) for v in by_step.values())} tokens recalled in {len(by_step)} recalls)"]
+    for step, entries in by_step.items():
+        entries.sort(key=lambda e: e.position)
+        lines.append(f"step {step}: {session.tokenizer.decode([e.token_id for e in entries])!r}")
+    return "\n".join(lines)
 
 
 def run_chat(session, stdin, stdout, *, system: str | None = DEFAULT_SYSTEM, logs=(), max_new_tokens: int = 256,
@@ -149,9 +166,11 @@ def run_chat(session, stdin, stdout, *, system: str | None = DEFAULT_SYSTEM, log
                 elif command == "/memory":
                     say(session.memory_text())
                 elif command == "/forgotten":
-                    entries = sorted(session.journal.entries, key=lambda e: e.position)
+                    entries = sorted(session.journal.evicted, key=lambda e: e.position)
                     say(f"({len(entries)} tokens forgotten)")
                     say(session.tokenizer.decode([e.token_id for e in entries]))
+                elif command == "/recalled":
+                    say(recalled_text(session))
                 elif command == "/stats":
                     for key, value in session.stats().items():
                         say(f"{key:>14}: {value:.3f}" if isinstance(value, float) else f"{key:>14}: {value}")

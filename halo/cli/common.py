@@ -36,12 +36,15 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
                         "masked-LM name or folder (default: off)")
     parser.add_argument("--repair-threshold", type=float, default=None,
                         help=f"tokens dimmer than this may be repaired (default {d.repair_threshold})")
+    parser.add_argument("--recall", action="store_true", default=None,
+                        help="bring forgotten text back when the conversation points at it (needs --granularity "
+                        "layer, the default; default: off)")
     parser.add_argument("--reference", action="store_true", help="force the plain-PyTorch reference path (no fused kernels)")
 
 
 _FLAG_FIELDS = {"budget": "budget", "sinks": "sink_tokens", "recent": "recent_tokens", "chunk": "chunk_size",
                 "dark_bias": "dark_bias", "cull_threshold": "cull_threshold", "repair": "repair",
-                "repair_threshold": "repair_threshold", "granularity": "granularity"}
+                "repair_threshold": "repair_threshold", "granularity": "granularity", "recall": "recall"}
 
 
 def read_config_file(path: Path) -> dict:

@@ -1,0 +1,100 @@
+"""halo.archive (the rings of evicted keys) and halo.archive_mass (how the archive is scored)."""
+
+import pytest
+import torch
+
+from halo.archive import RecallArchive
+from halo.archive_mass import archive_mass, retained_row_lse, row_weights
+
+
+def _archive(capacity=5, layers=(1, 3)):
+    return RecallArchive(layers, capacity, num_kv_heads=2, head_dim=4, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def _values(serials):
+    s = torch.tensor(serials, dtype=torch.int64)
+    return {"serials": s, "positions": s + 100, "token_ids": s + 7, "sources": torch.zeros_like(s),
+            "units": torch.full_like(s, -1)}
+
+
+def test_a_ring_keeps_the_newest_entries_when_full():
+    archive = _archive(capacity=5)
+    for first in (0, 3, 6):
+        archive.add(1, torch.randn(2, 3, 4), _values(range(first, first + 3)))
+    assert sorted(archive.fields["serials"][0].tolist()) == [4, 5, 6, 7, 8]
+    assert archive.fields["serials"][1].tolist() == [-1] * 5  # the other ring untouched
+    assert len(archive) == 5
+
+
+def test_keys_are_stored_in_half_precision_and_the_cost_is_reported():
+    archive = _archive()
+    keys = torch.randn(2, 2, 4)
+    archive.add(3, keys, _values([0, 1]))
+    assert archive.keys.dtype == torch.float16
+    assert torch.equal(archive.keys[1, :, :2], keys.half())
+    assert archive.bytes_per_token == 2 * (2 * 4 * 2 + 8 * 5)
+
+
+def test_drop_forgets_recalled_serials_in_every_ring():
+    archive = _archive()
+    archive.add(1, torch.randn(2, 3, 4), _values([0, 1, 2]))
+    archive.add(3, torch.randn(2, 2, 4), _values([1, 2]))
+    archive.drop(torch.tensor([1]))
+    assert 1 not in archive.fields["serials"].flatten().tolist() and len(archive) == 3
+
+
+def test_state_round_trips_and_corruption_is_refused_without_change():
+    archive = _archive()
+    archive.add(1, torch.randn(2, 3, 4), _values([0, 1, 2]))
+    state = archive.state_dict()
+    other = _archive()
+    other.load_state_dict(state, next_serial=3, seen=103)
+    assert torch.equal(other.keys, archive.keys) and other.fields["serials"].tolist() == archive.fields["serials"].tolist()
+    bad_keys = dict(state, keys=state["keys"].clone())
+    bad_keys["keys"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        other.load_state_dict(bad_keys, next_serial=3, seen=103)
+    with pytest.raises(ValueError, match="never fed"):
+        other.load_state_dict(state, next_serial=2, seen=103)
+    with pytest.raises(ValueError, match="ring counters"):
+        other.load_state_dict(dict(state, filled=[1, 0]), next_serial=3, seen=103)
+    with pytest.raises(ValueError, match="retrieval layers"):
+        _archive(layers=(0, 3)).load_state_dict(state, next_serial=3, seen=103)
+    assert other.fields["serials"].tolist() == archive.fields["serials"].tolist()  # unchanged by the refusals
+
+
+@pytest.mark.parametrize("hq,hkv,t_rows,n_past", [(4, 2, 1, 9), (6, 2, 5, 7), (3, 3, 3, 1)])
+def test_archive_mass_is_the_probability_each_key_would_get_if_put_back_alone(hq, hkv, t_rows, n_past):
+    torch.manual_seed(0)
+    d, entries, scaling = 8, 6, 8 ** -0.5
+    query, key = torch.randn(hq, t_rows, d), torch.randn(hkv, n_past + t_rows, d)
+    archived = torch.randn(hkv, entries, d)
+    valid = torch.tensor([True, True, False, True, True, True])
+    got = archive_mass(query, archived, valid, scaling, retained_row_lse(query, key, scaling, n_past),
+                       row_weights(n_past, t_rows, hq, "cpu"))
+    group = hq // hkv
+    want = torch.zeros(entries)
+    for a in range(entries):
+        for t in range(t_rows):
+            seen = n_past + t + 1  # row t sees the retained slots and the new rows up to itself
+            for h in range(hq):
+                keys = torch.cat([key[h // group, :seen], archived[h // group, a:a + 1]])
+                p = torch.softmax(keys @ query[h, t] * scaling, 0)[-1]
+                want[a] += seen * p / hq
+    want[~valid] = 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_archive_mass_does_not_depend_on_the_archive_size():
+    torch.manual_seed(1)
+    query, key, archived = torch.randn(4, 2, 8), torch.randn(2, 10, 8), torch.randn(2, 50, 8)
+    lse, weight = retained_row_lse(query, key, 0.3, 8), row_weights(8, 2, 4, "cpu")
+    whole = archive_mass(query, archived, torch.ones(50, dtype=torch.bool), 0.3, lse, weight)
+    part = archive_mass(query, archived[:, :7], torch.ones(7, dtype=torch.bool), 0.3, lse, weight)
+    torch.testing.assert_close(whole[:7], part)
+
+
+def test_archive_mass_names_a_shape_mismatch():
+    with pytest.raises(ValueError, match="does not fit"):
+        archive_mass(torch.randn(3, 1, 8), torch.randn(2, 4, 8), torch.ones(4, dtype=torch.bool), 1.0,
+                     torch.zeros(3, 1), torch.ones(1))

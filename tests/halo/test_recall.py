@@ -1,0 +1,193 @@
+"""Recall (HaloConfig(recall=True), halo.recall): forgotten units come back whole, at their positions, in every
+layer, with the budget and the accounting exact at every step."""
+
+import io
+
+import pytest
+import torch
+
+from tiny import tiny_llama
+from halo import HaloConfig, Session, SourcePolicy, default_sources
+from halo.cli.chat import run_chat
+from halo.eval.runner import policy_setup
+from halo.recall import pick_units
+from halo.render import render_html
+
+TEXT = ("the quick brown fox jumps over the lazy dog and keeps running far away into the night while "
+        "seven small owls count 48213 stars above the quiet river bank. ")
+QUESTION = "how many stars did the owls count?"
+
+
+def recalling(model, tok, **changes):
+    """A per-layer session with recall on. Threshold 0 makes every forgotten unit a hit (a random tiny model's
+    attention is near uniform), so each user forward recalls: the machinery runs on every step."""
+    sources = {**default_sources(), "user": SourcePolicy(initial=128.0, decay=1.0, priority=320.0)}
+    config = HaloConfig(**{"budget": 40, "sink_tokens": 2, "recent_tokens": 6, "chunk_size": 4, "sources": sources,
+                           "granularity": "layer", "recall": True, "recall_threshold": 0.0, "recall_tokens": 6,
+                           "recall_context": 2, "recall_grace": 8, **changes})
+    return Session(model, tok, config)
+
+
+def check_accounting(session):
+    cache, stats = session.cache, session.stats()
+    for layer in range(cache.num_layers):
+        assert cache.layer_length(layer) <= cache.config.budget
+    assert stats["remembered"] - stats["markers"] + stats["evicted"] - stats["recalled"] == stats["tokens_fed"]
+
+
+def test_recall_holds_the_budget_and_the_accounting_at_every_step(tiny_tok):
+    session = recalling(tiny_llama(layers=3, vocab=len(tiny_tok)), tiny_tok)
+    for _ in range(3):
+        session.feed(TEXT, "user")
+        check_accounting(session)
+        session.feed("2026-11-22 worker 3 processed batch 7 ok\n" * 3, "tool")
+        check_accounting(session)
+    session.feed(QUESTION, "user")
+    session.generate(6, stop_on_eos=False)
+    check_accounting(session)
+    stats = session.stats()
+    assert stats["recalled"] > 0 and stats["archived"] > 0 and session.recall.events > 0
+    assert session.journal.count("recalled") == stats["recalled"] == session.recall.recalled
+
+
+def test_recalled_tokens_return_at_their_positions_with_their_layer0_keys(tiny_tok):
+    """Layer 0's K/V depend only on the token and its position: a recalled token's must match the original's."""
+    session = recalling(tiny_llama(layers=2, vocab=len(tiny_tok)), tiny_tok)
+    cache, first_k = session.cache, {}
+
+    def remember():
+        for slot in range(cache.layer_length(0)):
+            first_k.setdefault(int(cache.positions[0, slot]), cache.kv[0, 0, :, slot].clone())
+
+    for start in range(0, 3 * len(TEXT), 40):
+        session.feed((TEXT * 3)[start:start + 40], "user")
+        remember()
+    recalled_positions = {e.position for e in session.journal if e.kind == "recalled"}
+    assert recalled_positions
+    checked = 0
+    for slot in range(cache.layer_length(0)):
+        position = int(cache.positions[0, slot])
+        if position in recalled_positions:
+            torch.testing.assert_close(cache.kv[0, 0, :, slot], first_k[position], rtol=1e-4, atol=1e-5)
+            checked += 1
+    assert checked > 0
+    evicted = {e.position for e in session.journal.evicted}
+    assert recalled_positions <= evicted  # only what was forgotten comes back
+
+
+def test_recall_sources_choose_which_forwards_score_the_archive(tiny_tok):
+    session = recalling(tiny_llama(layers=2, vocab=len(tiny_tok)), tiny_tok, recall_sources=("tool",))
+    for _ in range(3):
+        session.feed(TEXT, "user")
+    assert session.stats()["recalled"] == 0 and session.stats()["archived"] > 0
+
+
+def test_memory_flags_and_html_outline_recalled_tokens(tiny_tok):
+    session = recalling(tiny_llama(layers=2, vocab=len(tiny_tok)), tiny_tok)
+    for _ in range(3):
+        session.feed(TEXT, "user")
+    mem = session.memory()
+    assert mem.recalled.dtype == torch.bool and bool(mem.recalled.any())
+    assert "t recalled" in render_html(session)
+
+
+def test_save_and_load_carry_the_archive_and_continue_identically(tiny_tok, tmp_path):
+    model = tiny_llama(layers=2, vocab=len(tiny_tok))
+    a = recalling(model, tiny_tok)
+    for _ in range(3):
+        a.feed(TEXT, "user")
+    path = a.save(tmp_path / "recall.halo")
+    b = Session.load(path, model, tiny_tok)
+    assert b.stats()["archived"] == a.stats()["archived"]
+    for session in (a, b):
+        session.feed(QUESTION, "user")
+    assert a.generate(6, stop_on_eos=False) == b.generate(6, stop_on_eos=False)
+    assert {k: v for k, v in a.stats().items() if "seconds" not in k} == \
+        {k: v for k, v in b.stats().items() if "seconds" not in k}
+
+
+def test_a_corrupted_archive_is_refused_and_the_session_stays_fresh(tiny_tok):
+    model = tiny_llama(layers=2, vocab=len(tiny_tok))
+    a = recalling(model, tiny_tok)
+    for _ in range(2):
+        a.feed(TEXT, "user")
+    state = a.state_dict()
+    fields = state["cache"]["recall"]["archive"]["fields"]
+    entry = int(torch.nonzero(fields["serials"][0] >= 0)[0])
+    fields["positions"][0, entry] = 10 ** 9
+    b = recalling(model, tiny_tok)
+    with pytest.raises(ValueError, match="never fed"):
+        b.load_state_dict(state)
+    assert b.cache.seen == 0 and b.cache.n_valid == 0 and len(b.cache.archive) == 0
+    plain = Session(model, tiny_tok, b.config.replace(recall=False))
+    with pytest.raises(ValueError, match="disagree on recall"):
+        plain.load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"granularity": "token"}, "per-layer memory"),
+    ({"recall_tokens": 40}, "recall_tokens"),
+    ({"recall_sources": ("nobody",)}, "recall_sources"),
+    ({"recall_layers": (1.5,)}, "recall_layers"),
+    ({"recall_threshold": float("nan")}, "recall_threshold"),
+])
+def test_bad_recall_settings_are_named(changes, match):
+    with pytest.raises(ValueError, match=match):
+        HaloConfig(**{"budget": 48, "sink_tokens": 2, "recent_tokens": 6, "recall": True, **changes})
+
+
+def test_recall_layers_are_fractions_of_the_depth():
+    assert HaloConfig(recall_layers=(0.0, 0.5, 1.0)).recall_layer_indices(30) == (0, 14, 29)
+    assert HaloConfig(recall_layers=(0.5, 0.5)).recall_layer_indices(2) == (0,)
+
+
+def _scores(serials, mass, units, floor=1.0):
+    s = torch.tensor(serials)
+    return {"mass": torch.tensor(mass, dtype=torch.float32), "floor": torch.full((len(serials),), floor),
+            "serials": s, "positions": s + 100, "token_ids": s + 1000, "sources": torch.ones_like(s),
+            "units": torch.tensor(units)}
+
+
+def _held(serials, layers, units):
+    s = torch.tensor(serials, dtype=torch.int64)
+    return {"serials": s, "positions": s + 100, "token_ids": s + 1000, "sources": torch.ones_like(s),
+            "units": torch.tensor(units, dtype=torch.int64), "layers": torch.tensor(layers, dtype=torch.int64)}
+
+
+def test_pick_units_takes_forgotten_hits_whole_then_their_neighbourhood():
+    # units: 7 = serials 0-2 (forgotten, one bright token), 8 = serials 3-4 (held by one of two layers),
+    # 9 = serials 10-11 (forgotten, far away, dim); serial 20 is held by every layer
+    scores = _scores([0, 1, 2, 3, 10, 11], [0.5, 5.0, 0.1, 9.0, 0.2, 0.2], [7, 7, 7, 8, 9, 9])
+    held = _held([3, 4, 20], [1, 1, 2], [8, 8, -1])
+    pick = pick_units(scores, held, num_layers=2, marker=5, threshold=3.0, most=8, context=2, alpha=1.0)
+    assert pick.serials.tolist() == [0, 1, 2, 3, 4]  # unit 7 (the hit), unit 8 (next to it, made whole)
+    assert pick.positions.tolist() == [100, 101, 102, 103, 104] and pick.token_ids.tolist()[0] == 1000
+    assert pick.brightness.tolist() == [5.0] * 5  # alpha * the hit's mass
+    # serial 3 scores 9 but some layer holds it: it is context, never a hit of its own
+    assert pick_units(_scores([3], [9.0], [8]), held, num_layers=2, marker=5, threshold=3.0, most=8, context=2,
+                      alpha=1.0) is None
+
+
+def test_pick_units_respects_the_threshold_and_the_token_limit():
+    scores = _scores([0, 1, 2, 3], [5.0, 5.0, 5.0, 4.0], [7, 7, 7, -1])
+    held = _held([20], [2], [-1])
+    kw = {"num_layers": 2, "marker": 5, "context": 0, "alpha": 1.0}
+    assert pick_units(scores, held, threshold=6.0, most=8, **kw) is None
+    assert pick_units(scores, held, threshold=3.0, most=2, **kw).serials.tolist() == [3]  # unit 7 is too big
+    assert pick_units(scores, held, threshold=3.0, most=4, **kw).serials.tolist() == [0, 1, 2, 3]
+
+
+def test_the_eval_row_switches_recall_on_per_layer():
+    base, config = policy_setup("halo+recall", HaloConfig())
+    assert base == "halo" and config.recall and config.granularity == "layer"
+    base, config = policy_setup("tova-layer+recall", HaloConfig())
+    assert base == "tova" and config.recall
+
+
+def test_chat_shows_what_was_recalled(tiny_tok):
+    session = recalling(tiny_llama(layers=2, vocab=len(tiny_tok)), tiny_tok, budget=64)
+    script = "\n".join([TEXT, TEXT, QUESTION, "/recalled", "/quit"]) + "\n"
+    out = io.StringIO()
+    run_chat(session, io.StringIO(script), out, system=None, max_new_tokens=4)
+    text = out.getvalue()
+    assert "tokens recalled in" in text and "| recalled " in text
