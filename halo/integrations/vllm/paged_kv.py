@@ -10,6 +10,7 @@ where every (slot offset, channel) of K and of V landed. A request's physical sl
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,22 @@ class BlockLayout:
     @property
     def block_size(self) -> int:
         return self.key.shape[0]
+
+    @functools.cached_property
+    def strided(self) -> tuple[bool, bool] | None:
+        """(keys transposed, values transposed) when K fills the first half of a chunk and V the second, each as
+        [block_size, D] rows or [D, block_size] columns (then strided views replace index gathers); else None."""
+        size, dim = self.key.shape
+        o, d = torch.arange(size)[:, None], torch.arange(dim)[None, :]
+        forms = []
+        for where, base in ((self.key, 0), (self.value, size * dim)):
+            if torch.equal(where, base + o * dim + d):
+                forms.append(False)
+            elif torch.equal(where, base + d * size + o):
+                forms.append(True)
+            else:
+                return None
+        return forms[0], forms[1]
 
 
 def probe_layout(impl, layer, kv_cache: torch.Tensor) -> BlockLayout:
@@ -91,15 +108,37 @@ def _chunks(kv_cache: torch.Tensor) -> torch.Tensor:
 
 
 def request_keys(kv_cache: torch.Tensor, layout: BlockLayout, block_ids: torch.Tensor, n: int) -> torch.Tensor:
-    """[Hkv, n, D] keys of a request's physical slots 0 .. n - 1 (a copy, the cache's dtype).
+    """[Hkv, n, D] keys of a request's physical slots 0 .. n - 1 (a copy, possibly strided; the cache's dtype).
 
     Args:
         block_ids: int [>= ceil(n / block_size)] the request's block table row.
     """
     chunks = _chunks(kv_cache)
     blocks = block_ids[: -(-n // layout.block_size)].long()
-    keys = chunks[blocks][:, :, layout.key]  # [nb, Hkv, bs, D]
+    halves = _halves(chunks, layout)
+    if halves is None:
+        keys = chunks[blocks][:, :, layout.key]  # [nb, Hkv, bs, D]
+    else:
+        (key_half, transposed), _ = halves
+        keys = key_half[blocks]
+        if transposed:  # [nb, Hkv, D, bs] -> a [Hkv, n, D] view of one [Hkv, D, nb * bs] copy (matmul-ready)
+            return keys.permute(1, 2, 0, 3).reshape(chunks.shape[1], keys.shape[2], -1)[:, :, :n].transpose(1, 2)
     return keys.permute(1, 0, 2, 3).reshape(chunks.shape[1], -1, layout.key.shape[1])[:, :n]
+
+
+def _halves(chunks: torch.Tensor, layout: BlockLayout):
+    """((K view, transposed), (V view, transposed)) of the cache when the layout is strided, else None.
+
+    Views are [num_blocks, Hkv, bs, D] (rows) or [num_blocks, Hkv, D, bs] (transposed)."""
+    strided = layout.strided
+    if strided is None:
+        return None
+    size, dim = layout.key.shape
+    out = []
+    for half, transposed in zip((chunks[:, :, : size * dim], chunks[:, :, size * dim:]), strided):
+        shape = (dim, size) if transposed else (size, dim)
+        out.append((half.unflatten(2, shape), transposed))
+    return out
 
 
 def move_slots(kv_cache: torch.Tensor, layout: BlockLayout, block_ids: torch.Tensor, src: torch.Tensor,
@@ -112,9 +151,18 @@ def move_slots(kv_cache: torch.Tensor, layout: BlockLayout, block_ids: torch.Ten
         return
     chunks = _chunks(kv_cache)
     ids, size = block_ids.long(), layout.block_size
-    src_block, dst_block = ids[src // size][:, None], ids[dst // size][:, None]
-    for where in (layout.key, layout.value):
-        chunks[dst_block, :, where[dst % size]] = chunks[src_block, :, where[src % size]]
+    halves = _halves(chunks, layout)
+    if halves is None:
+        src_block, dst_block = ids[src // size][:, None], ids[dst // size][:, None]
+        for where in (layout.key, layout.value):
+            chunks[dst_block, :, where[dst % size]] = chunks[src_block, :, where[src % size]]
+        return
+    src_block, dst_block, src_off, dst_off = ids[src // size], ids[dst // size], src % size, dst % size
+    for half, transposed in halves:
+        if transposed:  # [nb, H, D, bs]
+            half[dst_block, :, :, dst_off] = half[src_block, :, :, src_off]
+        else:  # [nb, H, bs, D]
+            half[dst_block, :, dst_off] = half[src_block, :, src_off]
 
 
 def blocks_of_slots(block_ids: torch.Tensor, slots: torch.Tensor, block_size: int) -> set[int]:
