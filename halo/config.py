@@ -148,7 +148,7 @@ class HaloConfig:
     recall_sources: tuple[str, ...] = ("user", "tool")
     recall_threshold: float = 3.0
     recall_tokens: int = 32
-    recall_context: int = 16
+    recall_context: int = 8
     recall_grace: int = 64
 
     def __post_init__(self):

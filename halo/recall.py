@@ -130,10 +130,8 @@ def recall_spec(cache, pick: RecallPick, patch_slots: torch.Tensor) -> ForwardSp
     visible = torch.zeros(rows, n + k, dtype=torch.bool, device=device)
     visible[:k, n:] = torch.tril(torch.ones(k, k, dtype=torch.bool, device=device))
     visible[k:, n:] = True
-    own = torch.cat([torch.zeros(k, dtype=torch.int64, device=device), patch_slots])
-    visible[:, :n] = cache.retained_visibility(positions, own_slots=None)
-    if patch_slots.numel():
-        visible[k:, :n] = cache.retained_visibility(patch_positions, own_slots=own[k:])
+    visible[:k, :n] = cache.retained_visibility(positions[:k])
+    visible[k:, :n] = cache.retained_visibility(patch_positions, own_slots=patch_slots)
     ids = torch.cat([pick.token_ids.to(device), view.token_ids[patch_slots]])
     return ForwardSpec(ids, positions, int(pick.sources[0]), k, n, pick.units.to(device), visible,
                        patch_slots if patch_slots.numel() else None, positions, streams=False)
