@@ -1,11 +1,18 @@
-"""Read Halo's per-request reports (counters, retained positions, journal) out of a vLLM engine's workers."""
+"""Read Halo's per-request reports (counters, retained positions, journal) out of a vLLM engine's workers.
+
+The worker side is `halo_reports`, a method the plugin adds to vLLM's worker class
+(`vllm.v1.worker.gpu_worker.Worker.halo_reports`, see worker_patch), so `collective_rpc("halo_reports")` reaches
+it by name in every executor (in-process, multiprocess) without sending a pickled function.
+"""
 
 from __future__ import annotations
 
+METHOD = "halo_reports"
+
 
 def worker_reports(worker) -> dict[str, dict]:
-    """Run on a vLLM worker (via collective_rpc): request id -> report of its running and finished requests."""
-    runner = getattr(worker, "model_runner", None) or getattr(getattr(worker, "worker", None), "model_runner", None)
+    """On a vLLM worker: request id -> report of its running and recently finished Halo requests."""
+    runner = getattr(worker, "model_runner", None)
     halo = None if runner is None else runner.__dict__.get("_halo_runner")
     return {} if not halo else halo.reports()
 
@@ -17,7 +24,7 @@ def reports(llm) -> dict[str, dict]:
     `report_for(reports, output.request_id)` finds one by its output id.
     """
     merged: dict[str, dict] = {}
-    for part in llm.collective_rpc(worker_reports):
+    for part in llm.collective_rpc(METHOD):
         merged.update(part)
     return merged
 

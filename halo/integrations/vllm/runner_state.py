@@ -189,23 +189,16 @@ class HaloRunner:
         del runner.requests[planned.request_id].block_ids[0][keep:]
 
     def _record_audit(self, planned: PlannedRow, block_ids: torch.Tensor, moves, table) -> None:
+        """Record the blocks this eviction read or wrote, the row's own blocks and every other live row's blocks."""
         touched = set()
         for row in range(moves.src.shape[0]):
             real = moves.src[row] != moves.dst[row]
             touched |= blocks_of_slots(block_ids, moves.src[row][real], self.block_size)
             touched |= blocks_of_slots(block_ids, moves.dst[row][real], self.block_size)
-        others = {}
-        for other in self.plan_rows_snapshot(table, exclude=planned.row):
-            others.update(other)
+        others = {row: set(table.block_table.np[row, :count].tolist())
+                  for row, count in enumerate(table.num_blocks_per_row.tolist()) if row != planned.row and count}
         self.audit.append({"request_id": planned.request_id, "step": planned.memory.steps, "touched": touched,
                            "own": set(block_ids.tolist()), "others": others})
-
-    def plan_rows_snapshot(self, table, exclude: int):
-        """Yield {row: set of block ids} for every other live row of the worker's block table."""
-        for row in range(len(table.num_blocks_per_row)):
-            count = int(table.num_blocks_per_row[row])
-            if row != exclude and count:
-                yield {row: set(table.block_table.np[row, :count].tolist())}
 
 
 def _layer_number(name: str) -> int:

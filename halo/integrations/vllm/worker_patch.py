@@ -11,6 +11,8 @@ Patched, each a wrapper that calls vLLM's own method first and is a no-op for en
   (column mass of each Halo request's query rows over its keys).
 
 CPUModelRunner (vllm.v1.worker.cpu_model_runner) subclasses GPUModelRunner without overriding these methods.
+Added (not wrapped): `vllm.v1.worker.gpu_worker.Worker.halo_reports`, which `halo.integrations.vllm.reports`
+reaches through `collective_rpc("halo_reports")`.
 """
 
 from __future__ import annotations
@@ -44,17 +46,21 @@ def halo_of(runner):
 
 
 def install() -> None:
-    """Wrap the four methods above (idempotent)."""
+    """Wrap the four methods above and add the worker's report method (idempotent)."""
     global _installed
     if _installed:
         return
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from .reports import METHOD, worker_reports
 
     _wrap(GPUModelRunner, "_update_states", _update_states)
     _wrap(GPUModelRunner, "_prepare_inputs", _prepare_inputs)
     _wrap(GPUModelRunner, "execute_model", _execute_model)
     _wrap(CPUAttentionBackendImpl, "forward", _attention_forward)
+    setattr(Worker, METHOD, worker_reports)
     _installed = True
 
 
