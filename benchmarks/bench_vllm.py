@@ -4,8 +4,8 @@ Runs in the vLLM venv only (`make bench-vllm`; skipped elsewhere). One engine se
 engine's requests opt out with `extra_args={"halo": False}`, so the model, the scheduler settings and the
 prompts are the same. Each case runs 8 prompts of 1024 tokens of the embedded text, 64 greedy tokens each
 (`ignore_eos`). Reported: generated tokens/s and all tokens (prompt + generated)/s per case, and the ratio
-halo / plain. With --benchmark-disable (`make test-vllm`) each body runs once on a small workload (8 x 256
-prompt tokens, 8 generated) as a smoke test.
+halo / plain. With --benchmark-disable (`make test-vllm`) each body runs once on a small workload (8 x 128
+prompt tokens, 4 generated) as a smoke test.
 """
 
 import os
@@ -45,7 +45,7 @@ def token_ids(engine):
 
 def run_case(benchmark, engine, token_ids, halo: bool) -> None:
     small = benchmark.disabled
-    prompt_len, generated = (256, 8) if small else (PROMPT, GENERATED)
+    prompt_len, generated = (128, 4) if small else (PROMPT, GENERATED)
     prompts = [TokensPrompt(prompt_token_ids=token_ids[i * prompt_len: (i + 1) * prompt_len])
                for i in range(REQUESTS)]
     params = SamplingParams(max_tokens=generated, temperature=0.0, ignore_eos=True,
