@@ -12,6 +12,9 @@ how many layers hold each (`layers`) and their brightness averaged over those la
 than `budget` slots for a while (a whole unit freed more than was needed): `layer_length(l)` is layer l's
 count, `n_valid` the largest. A layer's slots past its own count are free (position FREE_POSITION, serial and
 unit -1).
+
+With HaloConfig.recall, the retrieval layers' evicted keys go into an archive that every stream forward of a
+recall source scores (halo.recall_memory, halo.recall).
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from __future__ import annotations
 import torch
 
 from .cache import HaloCache
-from .recall_memory import RecallMemory
 from .cull import unit_runs
 from .forward import CullResult, Eviction, ForwardSpec, causal_visibility, visible_before
 from .layer_cull import (FREE_POSITION, pack_rows, position_order_layers, select_unit_victims_layers,
                          select_word_victims_layers)
+from .recall_memory import RecallMemory
 from .token_view import TokenView
 
 
