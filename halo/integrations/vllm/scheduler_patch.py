@@ -17,10 +17,9 @@ schedules, stops at max_tokens / max_model_len and streams as usual). Only the K
 
 from __future__ import annotations
 
-import functools
-
 from . import accounting
 from .settings import ServingConfig, engine_settings, request_settings
+from .wrapping import wrap
 
 _installed = False
 _ATTR = "_halo_engine"
@@ -34,21 +33,10 @@ def install() -> None:
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    _wrap(Scheduler, "__init__", _scheduler_init)
-    _wrap(Scheduler, "update_from_output", _update_from_output)
-    _wrap(KVCacheManager, "allocate_slots", _allocate_slots)
+    wrap(Scheduler, "__init__", _scheduler_init)
+    wrap(Scheduler, "update_from_output", _update_from_output)
+    wrap(KVCacheManager, "allocate_slots", _allocate_slots)
     _installed = True
-
-
-def _wrap(cls, name: str, wrapper) -> None:
-    original = getattr(cls, name)
-
-    @functools.wraps(original)
-    def patched(self, *args, **kwargs):
-        return wrapper(original, self, *args, **kwargs)
-
-    patched.__halo_original__ = original
-    setattr(cls, name, patched)
 
 
 def check_engine(vllm_config) -> None:

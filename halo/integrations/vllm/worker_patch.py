@@ -17,8 +17,9 @@ reaches through `collective_rpc("halo_reports")`.
 
 from __future__ import annotations
 
-import functools
 import threading
+
+from .wrapping import wrap
 
 _active = threading.local()
 _installed = False
@@ -56,23 +57,12 @@ def install() -> None:
 
     from .reports import METHOD, worker_reports
 
-    _wrap(GPUModelRunner, "_update_states", _update_states)
-    _wrap(GPUModelRunner, "_prepare_inputs", _prepare_inputs)
-    _wrap(GPUModelRunner, "execute_model", _execute_model)
-    _wrap(CPUAttentionBackendImpl, "forward", _attention_forward)
+    wrap(GPUModelRunner, "_update_states", _update_states)
+    wrap(GPUModelRunner, "_prepare_inputs", _prepare_inputs)
+    wrap(GPUModelRunner, "execute_model", _execute_model)
+    wrap(CPUAttentionBackendImpl, "forward", _attention_forward)
     setattr(Worker, METHOD, worker_reports)
     _installed = True
-
-
-def _wrap(cls, name: str, wrapper) -> None:
-    original = getattr(cls, name)
-
-    @functools.wraps(original)
-    def patched(self, *args, **kwargs):
-        return wrapper(original, self, *args, **kwargs)
-
-    patched.__halo_original__ = original
-    setattr(cls, name, patched)
 
 
 def _engine_on(runner) -> bool:
