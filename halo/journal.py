@@ -108,7 +108,8 @@ class Journal:
 
     @property
     def evicted(self) -> list[JournalEntry]:
-        """Entries of culled tokens only (each fed position appears here or in the cache, exactly once).
+        """Entries of culled tokens only (each fed position appears here or in the cache, exactly once; with recall,
+        a position evicted again after a recall appears once per eviction, and once per recall under "recalled").
 
         Kept as it grows: reading it costs only the materialisation of what was recorded since the last read.
         """
