@@ -5,15 +5,16 @@ forward of a recall source (user and tool text by default), scores the archive w
 the mass each archived token would draw were it alone put back, normalised like brightness (halo.archive_mass).
 After the forward has been culled and its markers placed, `Recall.after_step`:
 
-1. keeps the candidates no layer holds any more, averages their mass over the retrieval layers and scores each
-   unit (a word, a line) by its best token; units at `recall_threshold` times the bar or more are hits (the bar:
-   the 75th percentile of the mass the retained tokens drew in the same forward, so a hit out-shines them);
-2. takes the best hits, whole, then the dead units within `recall_context` positions of them (the sentence
-   around a hit), up to `recall_tokens` tokens;
+1. scores each forgotten token (no layer holds it) by its best retrieval layer's mass over that layer's bar (the
+   75th percentile of the mass the retained tokens drew in the same forward, so a hit out-shines them) and each
+   unit (a word, a line) by its best token; units at `recall_threshold` or more are hits;
+2. takes the best hits, whole, each with the units within `recall_context` positions of it (the sentence around
+   a hit), forgotten or held by only some layers (those copies are evicted first, so every picked token comes
+   back whole in every layer), up to `recall_tokens` tokens;
 3. runs one service forward that recomputes their K/V at their original positions against the retained tokens
    before them (each sees the recalled tokens before it too), and, as patch rows, recomputes the K/V of the
    forward that asked, so that its tokens, and the next token's logits, see what came back;
-4. gives the recalled tokens a brightness from their score (`alpha * score`, at most 255), protects them for
+4. gives the recalled tokens a brightness from their hit's mass (`alpha * mass`, at most 255), protects them for
    `recall_grace` fed positions, journals them as "recalled", and culls back to the budget (markers settled).
 """
 
