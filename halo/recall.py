@@ -161,6 +161,8 @@ class Recall:
         if scores is None or scores["serials"].numel() == 0:
             return None, CullResult()
         cfg = self.config
+        if not bool((scores["mass"] >= cfg.recall_threshold * scores["floor"]).any()):
+            return None, CullResult()  # nothing reaches the bar: skip reading the memory (most decode steps)
         pick = pick_units(scores, cache.snapshot(), num_layers=cache.num_layers, marker=cfg.source_code("marker"),
                           threshold=cfg.recall_threshold, most=cfg.recall_tokens, context=cfg.recall_context,
                           alpha=cfg.alpha)
