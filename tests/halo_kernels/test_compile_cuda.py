@@ -26,7 +26,7 @@ except Exception:  # pragma: no cover - other Triton layouts
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SCRIPT = textwrap.dedent('''
-    import sys, traceback
+    import importlib, sys, traceback
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -88,6 +88,17 @@ SCRIPT = textwrap.dedent('''
                  "slot_strides": tuple("i32" for _ in slots)}
         compile_(f"compact slots={len(slots)} d={d}", co._compact_kernel, lambda n, t=types: t.get(n, "i32"),
                  dict(D=d, BLOCK_K=32, BLOCK_D=d, NUM_SLOT=len(slots)))
+    am = importlib.import_module("halo_kernels.archive_mass")  # the package attribute is the op, not the module
+    # decode at TinyLlama's head dim on tensor cores (bf16; fp16 is the same code), and a chunk at head dim
+    # 96 -> 128 (masked) on the upcast IEEE fp32 path (fp32, or two different dtypes)
+    for q_dtype, k_dtype, d, block_a, block_m, upcast in [("bf16", "bf16", 64, 128, 16, False),
+                                                           ("fp16", "fp32", 96, 64, 64, True)]:
+        types = {"q_ptr": "*" + q_dtype, "k_ptr": "*" + k_dtype, "valid_ptr": "*u8", "lse_ptr": "*fp32",
+                 "w_ptr": "*fp32", "out_ptr": "*fp32", "qk_scale": "fp32"}
+        compile_(f"archive_mass q={q_dtype} k={k_dtype} d={d} ba={block_a} bm={block_m}", am._archive_mass_kernel,
+                 lambda n, t=types: t.get(n, "i32"),
+                 dict(D=d, BLOCK_M=block_m, BLOCK_A=block_a, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                      UPCAST=upcast, IEEE=upcast), 4 if d <= 64 else 8)
     sys.exit(1 if failures else 0)
 ''')
 
@@ -97,4 +108,4 @@ def test_every_kernel_compiles_for_sm90():
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
-    assert proc.stdout.count("ok ") == 18, proc.stdout
+    assert proc.stdout.count("ok ") == 20, proc.stdout
