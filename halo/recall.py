@@ -47,6 +47,10 @@ class RecallPick:
         return int(self.serials.numel())
 
 
+_PICK_FIELDS = ("serials", "positions", "token_ids", "sources", "units")
+"""The fields of a token recall can bring back (the archive's and the memory snapshot's)."""
+
+
 def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *, num_layers: int, marker: int,
                threshold: float, most: int, context: int, alpha: float) -> RecallPick | None:
     """Choose what comes back from one forward's archive scores (RecallArchive.take_scores()).
@@ -109,9 +113,6 @@ def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *
                       bright[order])
 
 
-_PICK_FIELDS = ("serials", "positions", "token_ids", "sources", "units")
-
-
 def _first_of(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted distinct values, the index of each one's first occurrence in `values`)."""
     distinct, inverse = torch.unique(values, return_inverse=True)
@@ -163,13 +164,14 @@ class Recall:
         cfg = self.config
         if not bool((scores["mass"] >= cfg.recall_threshold * scores["floor"]).any()):
             return None, CullResult()  # nothing reaches the bar: skip reading the memory (most decode steps)
-        pick = pick_units(scores, cache.snapshot(), num_layers=cache.num_layers, marker=cfg.source_code("marker"),
+        held = cache.snapshot()
+        pick = pick_units(scores, held, num_layers=cache.num_layers, marker=cfg.source_code("marker"),
                           threshold=cfg.recall_threshold, most=cfg.recall_tokens, context=cfg.recall_context,
                           alpha=cfg.alpha)
         if pick is None:
             return None, CullResult()
         done = CullResult()
-        if bool(torch.isin(pick.serials, cache.remembered_serials().cpu()).any()):
+        if bool(torch.isin(pick.serials, held["serials"]).any()):
             done.evictions.append(cache.evict_serials(pick.serials))  # copies some layers hold: all come back whole
         where = cache.slot_of_position()
         patch = [where[p] for p in new_positions.tolist() if p in where]

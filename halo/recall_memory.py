@@ -90,10 +90,6 @@ class RecallMemory:
         """bool [k]: which of these serials were born by recall."""
         return torch.isin(serials, self._recalled.to(serials.device))
 
-    def remembered_serials(self) -> torch.Tensor:
-        """int64 [m] the serials of the remembered tokens (held by some layer), sorted."""
-        return self._remembered()["serials"]
-
     # ---------------------------------------------------------- persistence
     def _recall_state(self) -> dict:
         return {"archive": self.archive.state_dict(), "grace": [list(g) for g in self._grace],

@@ -81,9 +81,7 @@ baselines run token-level, as published, and `halo` runs with the config's granu
 def policy_setup(name: str, config: HaloConfig) -> tuple[str, HaloConfig]:
     """(the cull policy's name, the config it runs with) for an evaluator row name such as `halo`, `tova-layer`,
     `halo-token`, `halo+repair` or `halo+recall` (suffixes stack: `halo+recall+repair`)."""
-    base, extras = name, {}
-    while suffix := next((s for s in EXTRA_SUFFIXES if base.endswith(s)), None):
-        base, extras = base.removesuffix(suffix), {**extras, **EXTRA_SUFFIXES[suffix]}
+    base, extras = _split_extras(name)
     for suffix, granularity in GRANULARITY_SUFFIXES.items():
         if base.endswith(suffix):
             return base.removesuffix(suffix), config.replace(**{**extras, "granularity": granularity})
@@ -94,9 +92,15 @@ def policy_setup(name: str, config: HaloConfig) -> tuple[str, HaloConfig]:
 
 def base_policy(name: str) -> str:
     """The row's cull policy (or `full` / `oracle`) without its extras: `halo+recall` -> `halo`."""
+    return _split_extras(name)[0]
+
+
+def _split_extras(name: str) -> tuple[str, dict]:
+    """(the name without its `+repair` / `+recall` suffixes, the config changes they ask for)."""
+    extras: dict = {}
     while suffix := next((s for s in EXTRA_SUFFIXES if name.endswith(s)), None):
-        name = name.removesuffix(suffix)
-    return name
+        name, extras = name.removesuffix(suffix), {**extras, **EXTRA_SUFFIXES[suffix]}
+    return name, extras
 
 
 def _check_policy(name: str) -> None:
