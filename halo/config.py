@@ -103,6 +103,14 @@ class HaloConfig:
         repair_radius: only tokens within this many positions of a token culled in the same step are targets.
         repairs_per_step: most targets per step, nearest to the new holes first.
         repair_window: retained tokens per repair window (at most 511), centred on the target.
+        repair_margin: the confidence gate: a suggestion replaces the current token only when the repair model
+            scores it at least this much above the current token (a difference of logits, i.e. of log
+            probabilities for the self backend: 2.0 asks for a suggestion e^2 = 7.4 times as likely).
+        repair_guidance: "hard" hides window context dimmer than `repair_threshold` from the repair model,
+            "soft" scales its input embeddings by brightness / 255, "none" shows the window as it is.
+        repair_rerank: None, or c >= 2: the self backend scores the current token and its c - 1 nearest
+            neighbours by their left and right context in one forward instead of reading the left context only
+            (`halo.repair.self_lm`; a masked LM reads both sides anyway, so it is refused there).
         repair_overlap: True runs each step's repair one step behind decoding (on CUDA on a side stream, so
             it overlaps the next decode step; its diffs are applied at the boundary after that step, and
             diffs whose target died or changed meanwhile are dropped); False applies each step's diffs to the
@@ -141,6 +149,9 @@ class HaloConfig:
     repair_radius: int = 8
     repairs_per_step: int = 4
     repair_window: int = 511
+    repair_margin: float = 0.0
+    repair_guidance: str = "hard"
+    repair_rerank: int | None = None
     repair_overlap: bool | None = None
     recall: bool = False
     recall_layers: tuple[float, ...] = (0.5, 0.75)
@@ -188,6 +199,16 @@ class HaloConfig:
             raise ValueError(f"repair_overlap must be None, True or False, got {self.repair_overlap!r}")
         if not (0.0 <= self.repair_threshold <= 255.0):
             raise ValueError(f"repair_threshold must be in [0, 255], got {self.repair_threshold!r}")
+        if not (self.repair_margin >= 0.0) or math.isinf(self.repair_margin):
+            raise ValueError(f"repair_margin must be finite and >= 0, got {self.repair_margin!r}")
+        if self.repair_guidance not in ("hard", "soft", "none"):
+            raise ValueError(f"repair_guidance must be 'hard', 'soft' or 'none', got {self.repair_guidance!r}")
+        if self.repair_rerank is not None:
+            if isinstance(self.repair_rerank, bool) or not isinstance(self.repair_rerank, int) or self.repair_rerank < 2:
+                raise ValueError(f"repair_rerank must be None or an int >= 2, got {self.repair_rerank!r}")
+            if self.repair not in (None, "self"):
+                raise ValueError(f"repair_rerank re-ranks the self backend's candidates; the masked LM "
+                                 f"{self.repair!r} reads both sides of its target already")
         for name, policy in self.sources.items():
             if not isinstance(policy, SourcePolicy):
                 raise ValueError(f"sources[{name!r}] must be a SourcePolicy, got {type(policy).__name__}")

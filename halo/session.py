@@ -57,8 +57,10 @@ class Session:
         self.vocab_size = int(model.config.vocab_size)
         self.markers = ElisionMarkers(tokenizer, self.config.marker_text, self.config.source_code("marker"))
         if repairer is None and self.config.repair:  # load now: a bad repair model fails before anything is fed
-            repairer = load_repairer(self.config.repair, model, tokenizer, device=self.device,
-                                     repair_threshold=self.config.repair_threshold)
+            cfg = self.config
+            repairer = load_repairer(cfg.repair, model, tokenizer, device=self.device,
+                                     repair_threshold=cfg.repair_threshold, min_margin=cfg.repair_margin,
+                                     guidance=cfg.repair_guidance, rerank_top=cfg.repair_rerank)
         self.repairs = RepairScheduler(repairer, self.config, self.vocab_size)
         self.recall = Recall(self.config) if self.config.recall else None
         self.diffs: list[tuple[int, int, int]] = []

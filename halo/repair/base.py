@@ -6,6 +6,7 @@ A backend implements `suggest(batch) -> Suggestions` with exactly one batched mo
 * `guidance="hard"`: real window positions with brightness below `repair_threshold` (other than the target)
   are masked too, so dim, possibly corrupted context cannot steer the prediction.
 * `guidance="soft"`: those positions' input embeddings are scaled by brightness / 255 instead.
+* `guidance="none"`: every real window position is read as it is.
 
 Gate: a suggestion becomes a diff only when it differs from the current token and its margin (backend score of
 the suggestion minus that of the current token) is at least `min_margin`.
@@ -21,7 +22,7 @@ import torch
 
 from .contract import Diff, RepairBatch, validate_contract_dicts
 
-GUIDANCE_MODES = ("hard", "soft")
+GUIDANCE_MODES = ("hard", "soft", "none")
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,11 @@ class Repairer(ABC):
         return [(int(pos[i]), int(orig[i]), int(new[i])) for i in keep.nonzero().flatten().tolist()]
 
     def dim_context(self, batch: RepairBatch) -> torch.Tensor:
-        """bool [K, W]: real, non-target positions with brightness below `repair_threshold`."""
+        """bool [K, W]: real, non-target positions with brightness below `repair_threshold` (none without
+        guidance)."""
         dim = batch.attention_mask & (batch.brightness < self.repair_threshold)
+        if self.guidance == "none":
+            dim.zero_()
         dim[torch.arange(batch.size, device=dim.device), batch.target_local] = False
         return dim
 

@@ -13,7 +13,8 @@ from .masked_lm import MaskedLMRepairer
 from .self_lm import SelfRepairer
 
 
-def load_repairer(spec: str, model, tokenizer, *, device=None, repair_threshold: float = 64.0) -> Repairer:
+def load_repairer(spec: str, model, tokenizer, *, device=None, repair_threshold: float = 64.0,
+                  min_margin: float = 0.0, guidance: str = "hard", rerank_top: int | None = None) -> Repairer:
     """The repair backend `spec` names.
 
     Args:
@@ -22,6 +23,8 @@ def load_repairer(spec: str, model, tokenizer, *, device=None, repair_threshold:
         tokenizer: the host tokenizer (kinds for "self", the vocabulary bridge for a masked LM).
         device: where a masked LM runs (default: where it loads, the CPU).
         repair_threshold: brightness below which window context counts as dim (`halo.repair.base`).
+        min_margin, guidance: the gate and the guidance (`halo.repair.base`).
+        rerank_top: right-context re-ranking of the self backend (`halo.repair.self_lm`); None for a masked LM.
 
     Returns:
         `SelfRepairer(model, tokenizer)` for "self", else a `MaskedLMRepairer` bridged to `tokenizer`.
@@ -33,5 +36,9 @@ def load_repairer(spec: str, model, tokenizer, *, device=None, repair_threshold:
     if not isinstance(spec, str) or not spec.strip():
         raise RepairModelError(str(spec), "the repair model must be 'self' or a masked LM's name or folder")
     if spec == "self":
-        return SelfRepairer(model, tokenizer, repair_threshold=repair_threshold)
-    return MaskedLMRepairer(spec, host_tokenizer=tokenizer, device=device, repair_threshold=repair_threshold)
+        return SelfRepairer(model, tokenizer, rerank_top=rerank_top, guidance=guidance,
+                            repair_threshold=repair_threshold, min_margin=min_margin)
+    if rerank_top is not None:
+        raise RepairModelError(spec, "right-context re-ranking is for the self backend; a masked LM reads both sides")
+    return MaskedLMRepairer(spec, host_tokenizer=tokenizer, device=device, guidance=guidance,
+                            repair_threshold=repair_threshold, min_margin=min_margin)

@@ -176,7 +176,7 @@ class MaskedLMRepairer(Repairer):
         ids = batch.token_ids.cpu().tolist()
         real = batch.attention_mask.cpu().tolist()
         local = batch.target_local.cpu().tolist()
-        masked = (self.dim_context(batch) if self.guidance == "hard" else torch.zeros_like(batch.attention_mask))
+        masked = (torch.zeros_like(batch.attention_mask) if self.guidance == "soft" else self.dim_context(batch))
         masked = masked.cpu().tolist()
         pieces = self.host_pieces
         texts, ordinals, owners = [], [], []

@@ -108,8 +108,8 @@ class SelfRepairer(Repairer):
         ids = torch.where(batch.attention_mask, batch.token_ids, self.pad_id).to(dev)
         attn = batch.attention_mask.clone()
         scale = None
-        if self.guidance == "hard":
-            attn &= ~self.dim_context(batch)
+        if self.guidance != "soft":
+            attn &= ~self.dim_context(batch)  # hard guidance; nothing is dim without guidance
         else:
             scale = self.soft_scale(batch).to(dev)
         return ids, attn.long().to(dev), scale

@@ -129,6 +129,14 @@ def test_config_validation_names_the_problem():
         SourcePolicy(initial=300)
     with pytest.raises(ValueError, match="cull_threshold"):
         HaloConfig(cull_threshold=float("nan"))
+    with pytest.raises(ValueError, match="repair_margin"):
+        HaloConfig(repair="self", repair_margin=float("nan"))
+    with pytest.raises(ValueError, match="repair_guidance"):
+        HaloConfig(repair="self", repair_guidance="gentle")
+    with pytest.raises(ValueError, match="repair_rerank must be None or an int >= 2"):
+        HaloConfig(repair="self", repair_rerank=1)
+    with pytest.raises(ValueError, match="reads both sides"):
+        HaloConfig(repair="distilbert-base-uncased", repair_rerank=4)
 
 
 def test_generate_needs_context_and_greedy_matches_hf(tiny_pair):

@@ -1,6 +1,6 @@
 """Property: every applied diff keeps the target's word shape, for both backends and every host vocabulary.
 
-Thousands of seeded random windows (slices of tokenised documentation text, and windows of uniformly random ids
+Over 10,000 seeded random windows per backend (slices of tokenised documentation text, and windows of uniformly random ids
 that reach byte, whitespace and special targets) go through `repair_batch` with the gate open
 (`min_margin=-inf`), so every suggestion that differs from its target becomes a diff. For every diff the new
 token must have the old token's shape (word start / continuation, word / symbol) read from the token spellings
@@ -19,7 +19,7 @@ from repair_helpers import contract_dict, tiny_llama, word_shape
 
 from halo.repair import MaskedLMRepairer, SelfRepairer, validate_contract_dicts
 
-WINDOWS = 1000  # per backend and host vocabulary
+WINDOWS = 3400  # per backend and host vocabulary: over 10,000 per backend with the three built-in vocabularies
 RERANK_WINDOWS = 240
 CHUNK = 200  # windows per repair call (keeps [K, V] logits small for 32k vocabularies)
 RERANK_CHUNK = 40  # the re-ranking forward holds K * c sequences

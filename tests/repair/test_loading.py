@@ -30,9 +30,9 @@ def no_network(monkeypatch):
     assert attempts == []
 
 
-def load_error(spec, host, model=None) -> RepairModelError:
+def load_error(spec, host, model=None, **kwargs) -> RepairModelError:
     with pytest.raises(RepairModelError) as info:
-        load_repairer(spec, model, host)
+        load_repairer(spec, model, host, **kwargs)
     err = info.value
     assert isinstance(err, ValueError)
     message = str(err)
@@ -46,6 +46,18 @@ def test_self_spec_returns_the_host_model_backend(sp_host_tokenizer):
     assert isinstance(rep, SelfRepairer) and rep.model is model and rep.repair_threshold == 80.0
     word = sp_host_tokenizer.convert_tokens_to_ids("\u2581the")
     assert int(rep.kinds[word]) == TokenKind.WORD_START
+
+
+def test_gate_guidance_and_rerank_reach_the_backend(tmp_path, sp_host_tokenizer, mlm_model, mlm_tokenizer):
+    model = tiny_llama(len(sp_host_tokenizer), seed=2)
+    rep = load_repairer("self", model, sp_host_tokenizer, min_margin=2.5, guidance="none", rerank_top=4)
+    assert (rep.min_margin, rep.guidance, rep.rerank_top) == (2.5, "none", 4)
+    mlm_model.save_pretrained(tmp_path)
+    mlm_tokenizer.save_pretrained(tmp_path)
+    mlm = load_repairer(str(tmp_path), None, sp_host_tokenizer, device="cpu", min_margin=1.0, guidance="soft")
+    assert (mlm.min_margin, mlm.guidance) == (1.0, "soft")
+    err = load_error(str(tmp_path), sp_host_tokenizer, rerank_top=4)
+    assert "re-ranking is for the self backend" in str(err)
 
 
 def test_masked_lm_folder_returns_a_bridged_backend(tmp_path, sp_host_tokenizer, mlm_model, mlm_tokenizer):

@@ -112,6 +112,17 @@ def test_hard_guidance_masks_dim_context(host, mlm_model, mlm_tokenizer, fill_ma
     assert int(top[0]) == _pipeline_best_allowed(fill_mask, text, allowed, ordinal)
 
 
+def test_no_guidance_reads_dim_context_as_it_is(host, mlm_model, mlm_tokenizer):
+    rep = MaskedLMRepairer(host_tokenizer=host, model=mlm_model, tokenizer=mlm_tokenizer, guidance="none",
+                           repair_threshold=100.0, min_margin=-math.inf)
+    ids = host(SENTENCES[1], add_special_tokens=False)["input_ids"]
+    j = next(j for j in range(4, len(ids)) if rep.host_pieces.kinds[ids[j]] != NO_PIECE)
+    bright = [30.0] * len(ids)  # all context dim: only the target is masked all the same
+    batch = validate_contract_dicts([contract_dict(ids, j, 9, brightness=bright)])
+    inputs = rep.build_inputs(batch)
+    assert inputs.texts[0].count("[MASK]") == 1 and inputs.scale is None
+
+
 def test_soft_guidance_scales_embeddings(host, mlm_model, mlm_tokenizer):
     rep = MaskedLMRepairer(host_tokenizer=host, model=mlm_model, tokenizer=mlm_tokenizer, guidance="soft",
                            repair_threshold=100.0, min_margin=-math.inf)

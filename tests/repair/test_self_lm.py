@@ -32,9 +32,9 @@ def _independent_left(model, d, threshold, guidance):
     """Logits for the target from its left context, one window at a time, straight through the full model."""
     ids, j = d["window_token_ids"], d["masked_position_local"]
     bright = d["window_brightness_map"]
-    dim = bright[:j] < threshold
+    dim = bright[:j] < threshold if guidance != "none" else torch.zeros(j, dtype=torch.bool)
     with torch.no_grad():
-        if guidance == "hard":
+        if guidance != "soft":
             out = model(input_ids=ids[None, :j], attention_mask=(~dim).long()[None])
         else:
             scale = torch.where(dim, bright[:j] / 255, 1.0)
@@ -42,7 +42,8 @@ def _independent_left(model, d, threshold, guidance):
     return out.logits[0, -1]
 
 
-@pytest.mark.parametrize("guidance,dim_fraction", [("hard", 0.0), ("hard", 0.4), ("soft", 0.4)])
+@pytest.mark.parametrize("guidance,dim_fraction", [("hard", 0.0), ("hard", 0.4), ("soft", 0.4),
+                                                     ("none", 0.4)])
 def test_prediction_equals_independent_argmax(model, guidance, dim_fraction):
     rep = SelfRepairer(model, guidance=guidance, repair_threshold=64.0, min_margin=-math.inf)
     dicts = _dicts(seed=1, dim_fraction=dim_fraction)
