@@ -6,6 +6,7 @@ of Halo's Hugging Face path); requests opt out with `extra_args={"halo": False}`
 `extra_args={"halo": {"budget": N}}`. In the main venv (no vLLM) the module is skipped.
 """
 
+import json
 import os
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process: tests read its state
@@ -155,3 +156,100 @@ def test_greedy_under_budget_matches_halo_hugging_face_path(engine, token_ids, g
     assert list(out.outputs[0].token_ids[:gen]) == hf_tokens[:gen]
     assert report["fed"] == len(prompt) + gen == cache.seen
     assert report["retained_positions"] == hf_positions
+
+
+PREEMPT_LENGTHS = (90, 100, 110, 120, 95, 105)  # within the budget: admission takes one 128-slot block each
+PREEMPT_GENERATED = 40  # every request passes the budget while decoding
+PREEMPT_FREE_BLOCKS = 6  # the pool the scheduler sees: a request at the budget needs 2 blocks during each step
+
+
+def test_preemption_by_recompute_restarts_halo_memory(engine, token_ids, tmp_path):
+    """A pool too small for the batch: vLLM preempts running requests (frees their blocks, num_computed_tokens = 0)
+    and later resumes them by recomputing prompt + sampled tokens from position 0; the worker must throw the
+    request's Halo memory away at the resume and rebuild it, and the scheduler's physical accounting must follow.
+
+    The pool is made tiny by taking all but PREEMPT_FREE_BLOCKS of the module engine's free blocks out of vLLM's
+    BlockPool for the run (the scheduler only reads `get_num_free_blocks`), instead of loading a second engine.
+    Preemption is proven from vLLM's own calls (`Scheduler._preempt_request`, and `resumed_req_ids` in the
+    SchedulerOutput handed to the worker); at least one request is preempted after its first evictions. Each
+    report counts exactly the steps since the request's last resume, and each journal_dir JSONL file holds
+    exactly the report's journal (not also the evictions of a memory thrown away at a resume).
+
+    Greedy output equals a run of the same requests in the full pool (no preemption) for requests never preempted
+    and for requests preempted before they reached the budget: nothing was evicted yet, each query row's column mass
+    does not depend on how the recompute chunks the tokens and the brightness update adds it per row, so the
+    memory rebuilt at the resume is the one thrown away. A request preempted after evictions is only compared up
+    to the tokens it had sampled when preempted: the first run culled one token per decode step, so later rows
+    never saw the victims, while the recompute feeds the same tokens in 64-token chunks and culls once per chunk
+    (Halo's choice depends on the step sizes, as with chunk_size on the Hugging Face path), so it may retain
+    other positions and its later tokens may differ (they do here, near the end).
+    """
+    scheduler = core(engine).scheduler
+    pool = scheduler.kv_cache_manager.block_pool
+    single = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    prompts = [token_ids[i * 700: i * 700 + n] for i, n in enumerate(PREEMPT_LENGTHS)]
+    reference = generate(engine, prompts, PREEMPT_GENERATED, halo={"journal_dir": str(tmp_path / "reference")})
+
+    preempted: dict[str, list[tuple[int, int]]] = {}  # id -> (logical tokens computed, tokens sampled) per preemption
+    resumed: set[str] = set()
+    steps_since_start: dict[str, int] = {}  # scheduled steps since the request started or was last resumed
+    held_max: dict[str, int] = {}
+    preempt, schedule, update = scheduler._preempt_request, scheduler.schedule, scheduler.update_from_output
+
+    def spy_preempt(request, *args, **kwargs):
+        preempted.setdefault(request.request_id, []).append((request.num_computed_tokens,
+                                                             len(request.output_token_ids)))
+        return preempt(request, *args, **kwargs)
+
+    def spy_schedule(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        resumed.update(out.scheduled_cached_reqs.resumed_req_ids)
+        for request_id in out.num_scheduled_tokens:
+            restart = request_id in out.scheduled_cached_reqs.resumed_req_ids
+            steps_since_start[request_id] = 1 if restart else steps_since_start.get(request_id, 0) + 1
+        return out
+
+    def watch(*args, **kwargs):
+        out = update(*args, **kwargs)
+        for request_id, blocks in single.req_to_blocks.items():
+            held_max[request_id] = max(held_max.get(request_id, 0), len(blocks))
+        return out
+
+    free_start = pool.get_num_free_blocks()
+    held = pool.get_new_blocks(free_start - PREEMPT_FREE_BLOCKS)
+    scheduler._preempt_request, scheduler.schedule, scheduler.update_from_output = spy_preempt, spy_schedule, watch
+    try:
+        outputs = generate(engine, prompts, PREEMPT_GENERATED, halo={"journal_dir": str(tmp_path / "preempted")})
+        free_end = pool.get_num_free_blocks()
+    finally:
+        del scheduler._preempt_request, scheduler.schedule, scheduler.update_from_output
+        pool.free_blocks(held)
+    all_reports = reports(engine)
+
+    assert preempted and set(preempted) <= resumed  # preempted, and every one came back through a recompute
+    assert any(computed > BUDGET for events in preempted.values() for computed, _ in events)  # after evictions
+    assert free_end == PREEMPT_FREE_BLOCKS and pool.get_num_free_blocks() == free_start
+    for request_id, blocks in held_max.items():
+        assert blocks <= blocks_needed(BUDGET + CHUNK, single.block_size), request_id
+
+    for out, ref in zip(outputs, reference):
+        request_id = next(rid for rid in steps_since_start if rid.startswith(f"{out.request_id}-"))
+        tokens, expected = list(out.outputs[0].token_ids), list(ref.outputs[0].token_ids)
+        assert out.finished and len(tokens) == PREEMPT_GENERATED
+        report = report_for(all_reports, out.request_id)
+        fed = len(out.prompt_token_ids) + PREEMPT_GENERATED - 1
+        assert fed > BUDGET and report["fed"] == fed and report["retained"] == min(fed, BUDGET)
+        assert all(len(row) == report["retained"] for row in report["retained_positions"])
+        assert report["remembered"] + report["evicted"] == fed
+        journal = {entry[0] for entry in report["journal"]}
+        remembered = set().union(*map(set, report["retained_positions"]))
+        assert len(journal) == report["evicted"] and not journal & remembered
+        assert journal | remembered == set(range(fed))
+        assert report["steps"] == steps_since_start[request_id]  # the memory restarted at the last resume
+        lines = (tmp_path / "preempted" / f"{request_id}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["position"] for line in lines] == [entry[0] for entry in report["journal"]]
+        after_evictions = [sampled for computed, sampled in preempted.get(request_id, []) if computed > BUDGET]
+        if after_evictions:
+            assert tokens[:min(after_evictions)] == expected[:min(after_evictions)], request_id
+        else:
+            assert tokens == expected, request_id

@@ -81,9 +81,11 @@ class RequestMemory:
         self.token_ids = torch.zeros(max(64, num_prompt_tokens + 1), dtype=torch.int64)
         self.held = torch.zeros_like(self.token_ids, dtype=torch.int32)  # rows holding each logical position
         self.journal = Journal(names)
+        self.journal_path = None
         if serving.journal_dir:
             os.makedirs(serving.journal_dir, exist_ok=True)
-            self.journal.open_sink(os.path.join(serving.journal_dir, f"{_safe(request_id)}.jsonl"))
+            self.journal_path = os.path.join(serving.journal_dir, f"{_safe(request_id)}.jsonl")
+            self.journal.open_sink(self.journal_path)
 
     # ------------------------------------------------------------ storage
     def _grow(self, capacity: int) -> None:
@@ -202,6 +204,13 @@ class RequestMemory:
     def close(self) -> None:
         """Close the journal's JSONL sink, if any."""
         self.journal.close()
+
+    def discard(self) -> None:
+        """Close the journal and empty its JSONL file, if any: vLLM recomputes a preempted request from token 0,
+        so the memory built next starts the file again (it would otherwise hold the evictions of both)."""
+        self.close()
+        if self.journal_path is not None:
+            open(self.journal_path, "w").close()
 
 
 def _safe(name: str) -> str:

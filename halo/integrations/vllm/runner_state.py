@@ -81,17 +81,20 @@ class HaloRunner:
         return self.settings[request_id]
 
     def forget(self, request_id: str, finished: bool) -> None:
-        """Drop a request's memory; a finished request leaves its report behind."""
+        """Drop a request's memory; a finished request leaves its report behind, a preempted one (resumed by a
+        recompute from token 0) its journal file emptied for the memory that replaces it."""
         memory = self.memories.pop(request_id, None)
         if finished:
             self.settings.pop(request_id, None)
         if memory is None:
             return
+        if not finished:
+            memory.discard()
+            return
         memory.close()
-        if finished:
-            self.finished[request_id] = memory.report()
-            while len(self.finished) > KEEP_FINISHED:
-                self.finished.popitem(last=False)
+        self.finished[request_id] = memory.report()
+        while len(self.finished) > KEEP_FINISHED:
+            self.finished.popitem(last=False)
 
     def reports(self) -> dict[str, dict]:
         """request id -> report (RequestMemory.report) of running and recently finished requests."""
