@@ -24,6 +24,34 @@ def _csv(kind):
     return parse
 
 
+EVAL_OWNED_FIELDS = ("budget", "sink_tokens", "recent_tokens", "chunk_size", "sources")
+"""HaloConfig fields `--set` may not change: the budget, protected set and chunking are the evaluator's (their own
+flags), sources go through `--decay`."""
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """`KEY=VALUE` -> (a HaloConfig field, its value read as TOML; `none` is None, other bare words strings)."""
+    import dataclasses
+    import tomllib
+
+    from ..config import HaloConfig
+
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    fields = {f.name for f in dataclasses.fields(HaloConfig)}
+    if not sep or key not in fields:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a HaloConfig field, got {text!r}")
+    if key in EVAL_OWNED_FIELDS:
+        raise argparse.ArgumentTypeError(f"{key} is set by the evaluator's own flags, not by --set")
+    if raw.lower() == "none":
+        return key, None
+    try:
+        value = tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, tuple(value) if isinstance(value, list) else value
+
+
 def add_parser(sub) -> None:
     from ..eval.conversation import FLOOD_SIZES
     from ..eval.conversation_runner import (CONVERSATION_BUDGETS, CONVERSATION_CHUNK, CONVERSATION_COUNT,
@@ -75,6 +103,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--dark-bias", type=float, default=None, help="override HaloConfig.dark_bias")
     parser.add_argument("--alpha", type=float, default=None, help="override HaloConfig.alpha")
     parser.add_argument("--decay", type=float, default=None, help="override the decay of user text (the source streamed)")
+    parser.add_argument("--set", dest="settings", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="set a HaloConfig field for every row (repeatable; VALUE read as TOML, `none` for None), "
+                        "e.g. --set repair_margin=1.0 --set repair_rerank=none")
     parser.add_argument("--json", type=Path, default=None, help="write every record to this JSON file")
     parser.add_argument("--plot", type=Path, default=None, help="essays: draw perplexity ratio and recall to this PNG")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -84,7 +115,7 @@ def add_parser(sub) -> None:
 def _overrides(args) -> dict:
     import dataclasses
 
-    from ..config import default_sources
+    from ..config import HaloConfig, default_sources
 
     out = {}
     if args.dark_bias is not None:
@@ -95,6 +126,11 @@ def _overrides(args) -> dict:
         sources = default_sources()
         sources["user"] = dataclasses.replace(sources["user"], decay=args.decay)  # keeps initial and priority
         out["sources"] = sources
+    out.update(dict(args.settings))
+    try:
+        HaloConfig(**out)  # a bad value fails here, before the model loads
+    except TypeError as err:
+        raise ValueError(f"--set: a value of the wrong type ({err})") from None
     return out
 
 
@@ -115,13 +151,14 @@ def conversation_main(args) -> int:
     for flag, value in (("--text", args.text), ("--plot", args.plot)):
         if value is not None:
             raise ValueError(f"{flag} belongs to --suite essays")
+    overrides = _overrides(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, device=args.device)
     records = run_conversations(model, tokenizer, count=args.conversations,
                                 budgets=args.budget or CONVERSATION_BUDGETS,
                                 policies=args.policies or CONVERSATION_POLICIES, seed=args.seed, sinks=args.sinks,
                                 recent=args.recent, chunk=args.chunk, flood_sizes=args.flood_chars,
-                                progress=not args.quiet, config_overrides=_overrides(args))
+                                progress=not args.quiet, config_overrides=overrides)
     print(format_conversation_table(records))
     if args.json is not None:
         args.json.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
@@ -145,12 +182,13 @@ def essays_main(args) -> int:
             if not path.is_file():
                 raise FileNotFoundError(f"no such text file: {path}")
         texts = [path.read_text(encoding="utf-8") for path in args.text]
+    overrides = _overrides(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model, device=args.device)
     records = evaluate(model, tokenizer, texts, budgets=args.budget or ESSAY_BUDGETS,
                        policies=args.policies or ESSAY_POLICIES, depths=args.depths,
                        seed=args.seed, max_tokens=args.max_tokens or None, recent=args.recent, sinks=args.sinks,
-                       recall_chunk=args.recall_chunk, progress=not args.quiet, config_overrides=_overrides(args))
+                       recall_chunk=args.recall_chunk, progress=not args.quiet, config_overrides=overrides)
     print(format_table(records))
     if args.json is not None:
         args.json.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")

@@ -19,7 +19,7 @@ from ..session import Session
 from .coherence import session_coherence
 from .plant import boundary_offsets, plant_fact, question_ids, recalled
 
-RECORD_KEYS = ("policy", "budget", "ppl", "ppl_ratio", "recall", "coherence", "halo_seconds", "model_seconds",
+RECORD_KEYS = ("policy", "budget", "ppl", "ppl_ratio", "recall", "coherence", "coherence_run", "halo_seconds", "model_seconds",
                "tokens")
 """The exact key set of one evaluation record (one per policy and budget)."""
 
@@ -29,7 +29,9 @@ ANSWER_TOKENS = 8
 @dataclass
 class StreamResult:
     """One token-by-token pass: `nll[i]` is -log p(ids[i + 1] | retained cache after feeding ids[: i + 1]);
-    `coherence` is the host model's perplexity of the memory left at the end (halo.eval.coherence)."""
+    `coherence` is the host model's perplexity of the memory left at the end (halo.eval.coherence);
+    `coherence_run` the geometric mean of that perplexity sampled every `COHERENCE_EVERY` fed tokens while the
+    cache is at its budget (for `full`, over the whole text): one end state is a noisy sample of how a memory reads."""
 
     nll: list[float]
     halo_seconds: float
@@ -37,6 +39,11 @@ class StreamResult:
     steps: int
     max_retained: int = 0
     coherence: float = float("nan")
+    coherence_run: float = float("nan")
+
+
+COHERENCE_EVERY = 25
+"""Fed tokens between two samples of `StreamResult.coherence_run`."""
 
 
 def parse_budget(spec: str | int) -> int | Fraction:
@@ -128,17 +135,21 @@ def stream_nll(model, tokenizer, ids: list[int], config: HaloConfig, policy_name
     session = _session(model, tokenizer, config, policy_name, seed)
     tokens = torch.tensor(ids, dtype=torch.int64)
     nll: list[float] = []
+    samples: list[float] = []  # log memory ppl every COHERENCE_EVERY tokens at the budget
     max_retained = 0
     for i in range(len(ids)):
         logits = session.step(tokens[i:i + 1], "user")
         max_retained = max(max_retained, session.cache.n_valid)
         if i + 1 < len(ids):
             nll.append(float(-torch.log_softmax(logits.float(), -1)[ids[i + 1]]))
+        if (i + 1) % COHERENCE_EVERY == 0 and i > 0 and (policy_name == "full" or session.cache.seen > config.budget):
+            samples.append(math.log(session_coherence(session)))
         if on_step is not None:
             on_step(session)
     stats = session.stats()
+    run = math.exp(sum(samples) / len(samples)) if samples else float("nan")
     return StreamResult(nll, stats["halo_seconds"], stats["model_seconds"], stats["steps"], max_retained,
-                        session_coherence(session))
+                        session_coherence(session), run)
 
 
 def perplexity(nll: list[float], skip: int) -> float:
@@ -174,6 +185,7 @@ class _Acc:
     steps: int = 0
     recall: dict = field(default_factory=dict)
     coherence: list = field(default_factory=list)
+    coherence_run: list = field(default_factory=list)
     budgets: set = field(default_factory=set)
 
 
@@ -191,6 +203,7 @@ def evaluate(model, tokenizer, texts: list[str], *, budgets=("1/4", "1/8"), poli
     ppl on the same tokens, recall maps each depth (as a string) to the fraction of texts whose key came back,
     coherence is the mean over texts of the host model's perplexity of the memory each perplexity pass ends with
     (read from scratch, holes and markers included: lower reads more fluently; for `full`, the whole text),
+    coherence_run the mean over texts of `StreamResult.coherence_run` (the same, sampled along the run),
     halo_seconds / model_seconds / tokens are the totals of the perplexity passes (per-step cost = s / tokens).
     """
     from tqdm import tqdm
@@ -256,6 +269,7 @@ def evaluate(model, tokenizer, texts: list[str], *, budgets=("1/4", "1/8"), poli
                 acc.nll += sum(tail)
                 acc.count += len(tail)
                 acc.coherence.append(run.coherence)
+                acc.coherence_run.append(run.coherence_run)
                 acc.halo += run.halo_seconds
                 acc.model += run.model_seconds
                 acc.steps += run.steps
@@ -282,6 +296,7 @@ def evaluate(model, tokenizer, texts: list[str], *, budgets=("1/4", "1/8"), poli
                 "ppl_ratio": ppl / full_ppl if full_ppl else float("nan"),
                 "recall": {k: sum(v) / len(v) for k, v in acc.recall.items()},
                 "coherence": sum(acc.coherence) / len(acc.coherence) if acc.coherence else float("nan"),
+                "coherence_run": sum(acc.coherence_run) / len(acc.coherence_run) if acc.coherence_run else float("nan"),
                 "halo_seconds": acc.halo,
                 "model_seconds": acc.model,
                 "tokens": acc.steps,
@@ -299,13 +314,14 @@ def format_table(records: list[dict]) -> str:
     """A Markdown table of the records."""
     depths = list(records[0]["recall"]) if records else []
     head = ["policy", "budget", "ppl", "ppl / full"] + [f"recall@{d}" for d in depths] + ["recall mean", "memory ppl",
-                                                                                     "halo ms/step", "model ms/step"]
+                                                                                     "memory ppl (run)", "halo ms/step",
+                                                                                     "model ms/step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in records:
         rec = [r["recall"][d] for d in depths]
         steps = max(1, r["tokens"])
         row = [r["policy"], str(r["budget"]), f"{r['ppl']:.3f}", f"{r['ppl_ratio']:.3f}"] + [f"{v:.2f}" for v in rec]
-        row += [f"{sum(rec) / len(rec):.2f}" if rec else "-", f"{r['coherence']:.2f}",
+        row += [f"{sum(rec) / len(rec):.2f}" if rec else "-", f"{r['coherence']:.2f}", f"{r['coherence_run']:.2f}",
                 f"{1000 * r['halo_seconds'] / steps:.1f}", f"{1000 * r['model_seconds'] / steps:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

@@ -55,6 +55,9 @@ def test_records_have_a_stable_schema(tiny_pair, tmp_path):
     ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"][:36])
     assert records[0]["coherence"] == pytest.approx(memory_perplexity(model, ids), rel=1e-5)
     assert records[1]["coherence"] != records[0]["coherence"]  # streaming's memory has a hole
+    # sampled along the run every 25 fed tokens (full: from the start; the others: once at the budget): here at 25
+    assert records[0]["coherence_run"] == pytest.approx(memory_perplexity(model, ids[:25]), rel=1e-5)
+    assert all(math.isfinite(r["coherence_run"]) and r["coherence_run"] > 1.0 for r in records)
     json.loads(json.dumps(records))
     assert "| streaming | 20 |" in format_table(records)
     plot(records, tmp_path / "p.png")
@@ -65,8 +68,24 @@ def test_eval_subcommand_is_registered(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--budget", "--policies", "--text", "--json", "--plot", "--seed", "--max-tokens", "--depths"):
+    for flag in ("--budget", "--policies", "--text", "--json", "--plot", "--seed", "--max-tokens", "--depths", "--set"):
         assert flag in out
+
+
+def test_set_reads_config_fields_as_toml_and_refuses_the_rest(capsys):
+    from halo.cli.eval import _overrides
+
+    args = build_parser().parse_args(["eval", "--set", "repair_margin=1.5", "--set", "repair_rerank=none",
+                                      "--set", "repair_guidance=hard", "--set", "recall_layers=[0.5]"])
+    assert _overrides(args) == {"repair_margin": 1.5, "repair_rerank": None, "repair_guidance": "hard",
+                                "recall_layers": (0.5,)}
+    for bad, why in (("nope=1", "HaloConfig field"), ("budget=9", "evaluator's own flags"), ("repair_margin", "KEY=VALUE")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["eval", "--set", bad])
+        assert why in capsys.readouterr().err
+    for bad, why in (("repair_margin=abc", "wrong type"), ("repair_guidance=loud", "repair_guidance")):
+        with pytest.raises(ValueError, match=why):
+            _overrides(build_parser().parse_args(["eval", "--set", bad]))
 
 
 @pytest.mark.real_model
