@@ -86,6 +86,8 @@ def config_from_dict(data: dict) -> HaloConfig:
     data = dict(data)
     data.setdefault("word_units", False)  # saved before word units existed: continue as that session did
     data.setdefault("granularity", "token")  # saved before per-layer memory existed: one token set
+    if "repair_margin" not in data:  # saved before the tuned repair targeting: repair as that session did
+        data.update(repair_margin=0.0, repair_guidance="hard", repair_rerank=None)
     if "sources" in data:
         data["sources"] = {name: SourcePolicy(**policy) for name, policy in data["sources"].items()}
     if "unit_sources" in data:

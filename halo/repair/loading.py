@@ -24,7 +24,8 @@ def load_repairer(spec: str, model, tokenizer, *, device=None, repair_threshold:
         device: where a masked LM runs (default: where it loads, the CPU).
         repair_threshold: brightness below which window context counts as dim (`halo.repair.base`).
         min_margin, guidance: the gate and the guidance (`halo.repair.base`).
-        rerank_top: right-context re-ranking of the self backend (`halo.repair.self_lm`); None for a masked LM.
+        rerank_top: right-context re-ranking of the self backend (`halo.repair.self_lm`); a masked LM reads both
+            sides of its target anyway and ignores it.
 
     Returns:
         `SelfRepairer(model, tokenizer)` for "self", else a `MaskedLMRepairer` bridged to `tokenizer`.
@@ -38,7 +39,5 @@ def load_repairer(spec: str, model, tokenizer, *, device=None, repair_threshold:
     if spec == "self":
         return SelfRepairer(model, tokenizer, rerank_top=rerank_top, guidance=guidance,
                             repair_threshold=repair_threshold, min_margin=min_margin)
-    if rerank_top is not None:
-        raise RepairModelError(spec, "right-context re-ranking is for the self backend; a masked LM reads both sides")
     return MaskedLMRepairer(spec, host_tokenizer=tokenizer, device=device, guidance=guidance,
                             repair_threshold=repair_threshold, min_margin=min_margin)

@@ -233,7 +233,7 @@ def test_repair_diffs_reach_every_layer_that_holds_the_token(tiny_pair):
 
 def test_self_repair_runs_on_per_layer_memory(tiny_pair):
     model, tok = tiny_pair
-    session = layered(model, tok, repair="self", repair_threshold=200.0, repair_radius=16)
+    session = layered(model, tok, repair="self", repair_threshold=200.0, repair_radius=16, repair_margin=0.0)
     for word in TEXT.split():
         session.feed(" " + word)
     check_accounting(session, session.cache.seen)

@@ -342,13 +342,13 @@ def test_manual_patches_keep_the_invariants_and_are_exact(pair, budget, sinks, r
 
 @settings(max_examples=15, **SETTINGS)
 @given(budget=st.integers(24, 40), chunk=st.integers(1, 6), overlap=st.booleans(),
-       ops=st.lists(op, min_size=1, max_size=8))
-def test_self_repair_with_manual_patches_keeps_the_invariants(pair, budget, chunk, overlap, ops):
+       rerank=st.sampled_from([None, 3]), ops=st.lists(op, min_size=1, max_size=8))
+def test_self_repair_with_manual_patches_keeps_the_invariants(pair, budget, chunk, overlap, rerank, ops):
     """Automatic self-repair (now, or one step behind) interleaved with manual diffs, evictions and flushes."""
     model, tok = pair
     config = HaloConfig(granularity="token", budget=budget, sink_tokens=2, recent_tokens=4, chunk_size=chunk, repair="self",
                         repair_threshold=255.0, repair_radius=6, repairs_per_step=3, repair_window=24,
-                        repair_overlap=overlap)
+                        repair_overlap=overlap, repair_margin=0.0, repair_rerank=rerank)
     Driver(model, tok, config).run(ops)
 
 

@@ -145,3 +145,14 @@ def test_a_failed_save_leaves_the_old_file(tiny_pair, tmp_path, monkeypatch):
         session.save(path)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["s.halo"]
+
+
+def test_configs_saved_before_the_tuned_repair_targeting_repair_as_they_did():
+    from halo.persist import config_from_dict, config_to_dict
+
+    saved = config_to_dict(HaloConfig(repair="self"))
+    assert config_from_dict(saved) == HaloConfig(repair="self")  # today's files: as saved
+    for field in ("repair_margin", "repair_guidance", "repair_rerank"):
+        del saved[field]
+    old = config_from_dict(saved)
+    assert (old.repair_margin, old.repair_guidance, old.repair_rerank) == (0.0, "hard", None)

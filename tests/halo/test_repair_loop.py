@@ -11,8 +11,9 @@ TEXT = "the quick brown fox jumps over the lazy dog while the cat sleeps on the 
 
 
 def repair_config(**kw):
+    """Left-context repair with the gate open (every differing suggestion applies): the loop's mechanics."""
     base = dict(budget=40, sink_tokens=2, recent_tokens=6, chunk_size=4, repair="self", repair_threshold=255.0,
-                repair_radius=6, repairs_per_step=3, repair_window=32)
+                repair_radius=6, repairs_per_step=3, repair_window=32, repair_margin=0.0, repair_rerank=None)
     base.update(kw)
     return HaloConfig(granularity="token", **base)
 
@@ -69,6 +70,21 @@ def test_repair_off_by_default_makes_no_diffs(tiny_pair):
     session = Session(model, tok, repair_config(repair=None))
     session.feed(TEXT)
     assert session.diffs == [] and session.repairer is None
+
+
+def test_default_repair_reranks_with_both_contexts_behind_the_gate(tiny_pair):
+    model, tok = tiny_pair
+    config = HaloConfig(repair="self", budget=40, sink_tokens=2, recent_tokens=6, chunk_size=4)
+    rep = Session(model, tok, config).repairer
+    assert (rep.rerank_top, rep.guidance, rep.min_margin) == (8, "none", 2.0)
+    # the same loop with the gate open: re-ranked suggestions are applied and everything stays accounted for
+    session = Session(model, tok, repair_config(repair_rerank=8))
+    session.feed(TEXT)
+    assert session.diffs and session.repairer.rerank_top == 8
+    mem = session.memory()
+    retained = [p for p, s in zip(mem.positions.tolist(), mem.sources) if s != "marker"]
+    evicted = [e.position for e in session.journal.evicted]
+    assert sorted(evicted + retained) == list(range(session.cache.seen))
 
 
 @pytest.mark.real_model
