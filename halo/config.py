@@ -205,8 +205,9 @@ class HaloConfig:
             raise ValueError(f"repair_margin must be finite and >= 0, got {self.repair_margin!r}")
         if self.repair_guidance not in ("hard", "soft", "none"):
             raise ValueError(f"repair_guidance must be 'hard', 'soft' or 'none', got {self.repair_guidance!r}")
-        if self.repair_rerank is not None:
-            if isinstance(self.repair_rerank, bool) or not isinstance(self.repair_rerank, int) or self.repair_rerank < 2:
+        rerank = self.repair_rerank
+        if rerank is not None:
+            if isinstance(rerank, bool) or not isinstance(rerank, int) or rerank < 2:
                 raise ValueError(f"repair_rerank must be None or an int >= 2, got {self.repair_rerank!r}")
         for name, policy in self.sources.items():
             if not isinstance(policy, SourcePolicy):

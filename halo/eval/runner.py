@@ -19,8 +19,8 @@ from ..session import Session
 from .coherence import session_coherence
 from .plant import boundary_offsets, plant_fact, question_ids, recalled
 
-RECORD_KEYS = ("policy", "budget", "ppl", "ppl_ratio", "recall", "coherence", "coherence_run", "halo_seconds", "model_seconds",
-               "tokens")
+RECORD_KEYS = ("policy", "budget", "ppl", "ppl_ratio", "recall", "coherence", "coherence_run", "halo_seconds",
+               "model_seconds", "tokens")
 """The exact key set of one evaluation record (one per policy and budget)."""
 
 ANSWER_TOKENS = 8

@@ -79,7 +79,8 @@ def test_set_reads_config_fields_as_toml_and_refuses_the_rest(capsys):
                                       "--set", "repair_guidance=hard", "--set", "recall_layers=[0.5]"])
     assert _overrides(args) == {"repair_margin": 1.5, "repair_rerank": None, "repair_guidance": "hard",
                                 "recall_layers": (0.5,)}
-    for bad, why in (("nope=1", "HaloConfig field"), ("budget=9", "evaluator's own flags"), ("repair_margin", "KEY=VALUE")):
+    refused = (("nope=1", "HaloConfig field"), ("budget=9", "evaluator's own flags"), ("repair_margin", "KEY=VALUE"))
+    for bad, why in refused:
         with pytest.raises(SystemExit):
             build_parser().parse_args(["eval", "--set", bad])
         assert why in capsys.readouterr().err
