@@ -253,3 +253,90 @@ def test_preemption_by_recompute_restarts_halo_memory(engine, token_ids, tmp_pat
             assert tokens[:min(after_evictions)] == expected[:min(after_evictions)], request_id
         else:
             assert tokens == expected, request_id
+
+
+LONG_PROMPT = 1000  # 8 blocks of 128 slots: more than the free pool below
+LONG_GENERATED = 8
+LONG_FREE_BLOCKS = 3  # the pool the scheduler sees: the Halo peak (budget + one 64-token chunk) is 2 blocks
+
+
+def test_prompt_longer_than_the_free_pool_is_admitted_by_its_halo_peak(engine, token_ids):
+    """A prompt whose whole length does not fit the free pool, served under Halo at a small budget.
+
+    vLLM's admission gate (`full_sequence_must_fit`, on while `scheduler_reserve_full_isl` is, the default)
+    reserves a waiting request's whole length; the plugin caps a Halo request's reservation at its peak,
+    ceil((budget + largest chunk) / block_size) blocks, through vLLM's own per-request admission cap. Shown on
+    the module engine with its free pool cut to LONG_FREE_BLOCKS (blocks taken out of vLLM's BlockPool, as in the
+    preemption test): the same prompt served plainly (`extra_args={"halo": False}`) keeps vLLM's gate and is not
+    admitted (it waits, nothing scheduled, until aborted), while the Halo request is admitted with the gate on,
+    prefilled chunk by chunk (culled to the budget after each), finishes at the budget with exact accounting and
+    gives every block back.
+    """
+    scheduler = core(engine).scheduler
+    manager = scheduler.kv_cache_manager
+    pool = manager.block_pool
+    single = manager.coordinator.single_type_managers[0]
+    prompt = token_ids[2000: 2000 + LONG_PROMPT]
+    peak_blocks = blocks_needed(BUDGET + CHUNK, single.block_size)
+    assert peak_blocks <= LONG_FREE_BLOCKS < blocks_needed(LONG_PROMPT, single.block_size)
+    assert scheduler.scheduler_reserve_full_isl  # vLLM's gate stays on
+
+    admissions: list[tuple[str, bool]] = []  # (request id, admitted) of each call through vLLM's admission gate
+    held_max: dict[str, int] = {}
+    update = scheduler.update_from_output
+
+    def spy_allocate(request, *args, **kwargs):
+        out = manager.__class__.allocate_slots(manager, request, *args, **kwargs)
+        if kwargs.get("full_sequence_must_fit"):
+            admissions.append((request.request_id, out is not None))
+        return out
+
+    def watch(*args, **kwargs):
+        out = update(*args, **kwargs)
+        for request_id, blocks in single.req_to_blocks.items():
+            held_max[request_id] = max(held_max.get(request_id, 0), len(blocks))
+        return out
+
+    free_start = pool.get_num_free_blocks()
+    held = pool.get_new_blocks(free_start - LONG_FREE_BLOCKS)
+    manager.allocate_slots, scheduler.update_from_output = spy_allocate, watch
+    try:
+        plain = SamplingParams(max_tokens=LONG_GENERATED, temperature=0.0, ignore_eos=True,
+                               extra_args={"halo": False})
+        engine.llm_engine.add_request("plain-long", TokensPrompt(prompt_token_ids=prompt), plain)
+        for _ in range(3):
+            assert not engine.llm_engine.step()
+        assert [r.request_id for r in scheduler.running] == [] and len(scheduler.waiting) == 1
+        assert admissions and not any(admitted for _, admitted in admissions)  # refused at every step
+        assert pool.get_num_free_blocks() == LONG_FREE_BLOCKS
+        engine.llm_engine.abort_request(["plain-long"])
+        assert not scheduler.has_unfinished_requests()
+
+        admissions.clear()  # the same prompt under Halo, stepped by hand so that a refusal fails instead of hanging
+        params = SamplingParams(max_tokens=LONG_GENERATED, temperature=0.0, ignore_eos=True)
+        engine.llm_engine.add_request("halo-long", TokensPrompt(prompt_token_ids=prompt), params)
+        steps = -(-LONG_PROMPT // CHUNK) + LONG_GENERATED - 1  # 64-token chunks, then one step per new token
+        finished = [o for _ in range(steps) for o in engine.llm_engine.step() if o.finished]
+        assert len(finished) == 1, f"not finished in {steps} steps; admissions {admissions}"
+        out = finished[0]
+        free_end = pool.get_num_free_blocks()
+    finally:
+        engine.llm_engine.abort_request(["plain-long", "halo-long"])  # no-op for finished ones; keeps a failure local
+        del manager.allocate_slots, scheduler.update_from_output
+        pool.free_blocks(held)
+
+    assert [admitted for _, admitted in admissions] == [True]  # through vLLM's gate, at its first try
+    assert free_end == LONG_FREE_BLOCKS and pool.get_num_free_blocks() == free_start
+    assert held_max and all(blocks <= peak_blocks for blocks in held_max.values())
+    tokens = list(out.outputs[0].token_ids)
+    assert out.finished and len(tokens) == LONG_GENERATED
+    report = report_for(reports(engine), out.request_id)
+    fed = LONG_PROMPT + LONG_GENERATED - 1
+    assert report["fed"] == fed and report["retained"] == BUDGET
+    assert report["steps"] == steps
+    assert all(len(row) == BUDGET for row in report["retained_positions"])
+    assert report["remembered"] + report["evicted"] == fed
+    journal = {entry[0] for entry in report["journal"]}
+    remembered = set().union(*map(set, report["retained_positions"]))
+    assert len(journal) == report["evicted"] and not journal & remembered
+    assert journal | remembered == set(range(fed))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from halo.integrations.vllm import PINNED_VLLM, check_version
-from halo.integrations.vllm.accounting import blocks_needed, physical_length, shift
+from halo.integrations.vllm.accounting import blocks_needed, peak_slots, physical_length, shift
 from halo.integrations.vllm.paged_kv import BlockLayout, move_slots, request_keys
 from halo.integrations.vllm.request_memory import RequestMemory
 from halo.integrations.vllm.settings import parse, request_settings, to_dict
@@ -57,6 +57,9 @@ def test_accounting_rule():
     assert [physical_length(n, 100) for n in (0, 99, 100, 101, 5000)] == [0, 99, 100, 100, 100]
     assert [shift(n, 100) for n in (0, 100, 101, 5000)] == [0, 0, 1, 4900]
     assert [blocks_needed(n, 16) for n in (0, 1, 16, 17)] == [0, 1, 1, 2]
+    assert peak_slots(128, 64) == 192 and blocks_needed(peak_slots(128, 64), 128) == 2
+    with pytest.raises(ValueError):
+        peak_slots(128, 0)
 
 
 def transposed_layout(block_size: int, dim: int) -> BlockLayout:

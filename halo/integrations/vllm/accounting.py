@@ -8,8 +8,9 @@ the same number of slots, so the physical length is a function of the logical on
     shift    = logical - physical              tokens evicted so far (RoPE positions are slot + shift only
                                                before the first eviction; afterwards they are stored per slot)
 
-The scheduler sizes block allocations from `physical + new tokens` and frees blocks past
-`ceil(physical / block_size)`; the worker computes slot mappings and sequence lengths from `physical`, and the
+The scheduler sizes block allocations from `physical + new tokens`, frees blocks past `ceil(physical /
+block_size)` and admits a request by its peak, `min(its length, budget + the largest chunk one step schedules)`
+slots, instead of its whole prompt; the worker computes slot mappings and sequence lengths from `physical`, and the
 model's positions from `logical`. Neither side needs a message from the other.
 """
 
@@ -31,3 +32,12 @@ def shift(logical: int, budget: int) -> int:
 def blocks_needed(slots: int, block_size: int) -> int:
     """Blocks that hold `slots` slots."""
     return -(-slots // block_size)
+
+
+def peak_slots(budget: int, chunk: int) -> int:
+    """The most slots a request ever holds during a step: `budget` retained plus at most `chunk` new tokens (the
+    largest number of tokens one step schedules for it; a decode step adds one). A request shorter than this
+    holds at most its own length."""
+    if budget <= 0 or chunk <= 0:
+        raise ValueError(f"need budget > 0 and chunk > 0, got budget={budget}, chunk={chunk}")
+    return budget + chunk

@@ -9,7 +9,12 @@ schedules, stops at max_tokens / max_model_len and streams as usual). Only the K
   a non-CPU platform, more than one KV cache group) and hands the settings to its KVCacheManager.
 * `vllm.v1.core.kv_cache_manager.KVCacheManager.allocate_slots`: for a Halo request, allocates for
   `physical + new tokens` instead of `logical + new tokens` (num_computed_tokens is lowered by the shift for
-  the duration of the call only).
+  the duration of the call only). At admission (the scheduler's `full_sequence_must_fit` gate, on while
+  `scheduler_reserve_full_isl` is, vLLM's default) a Halo request is admitted by its peak, not its whole
+  length: for the duration of the call, the request's `FullAttentionManager.max_admission_blocks_per_request`
+  (vLLM's own per-request admission cap, the one sliding-window layers use; None for full attention) is set
+  to ceil((budget + largest chunk) / block_size), so vLLM's gate reserves
+  min(ceil(length / block_size), that cap) blocks. Requests served plainly keep vLLM's gate untouched.
 * `Scheduler.update_from_output`: after vLLM's bookkeeping, frees each Halo request's blocks past
   ceil(min(logical, budget) / block_size) back to the block pool (the worker cut the same blocks from its
   block table when it compacted).
@@ -70,6 +75,9 @@ def _scheduler_init(original, scheduler, vllm_config, *args, **kwargs):
         managers = scheduler.kv_cache_manager.coordinator.single_type_managers
         if len(managers) != 1:
             raise ValueError(f"Halo serves models with one KV cache group; this one has {len(managers)}")
+        # the most tokens one step schedules for a request (long_prefill_token_threshold is lifted when a
+        # request runs alone, so the step's token budget is the bound): a Halo request's peak is budget + this
+        scheduler.kv_cache_manager._halo_chunk = scheduler.max_num_scheduled_tokens
     setattr(scheduler.kv_cache_manager, _ATTR, engine)
 
 
@@ -85,14 +93,24 @@ def _settings(manager, request) -> ServingConfig | None:
 
 def _allocate_slots(original, manager, request, num_new_tokens, *args, **kwargs):
     serving = _settings(manager, request)
-    shift = 0 if serving is None else accounting.shift(request.num_computed_tokens, serving.budget)
-    if shift == 0:
+    if serving is None:
         return original(manager, request, num_new_tokens, *args, **kwargs)
+    shift = accounting.shift(request.num_computed_tokens, serving.budget)
+    # vLLM 0.32's scheduler passes full_sequence_must_fit by keyword (its admission gate for waiting requests)
+    admission = bool(kwargs.get("full_sequence_must_fit"))
+    if admission:
+        single = manager.coordinator.single_type_managers[0]
+        cap = single.max_admission_blocks_per_request
+        peak = accounting.blocks_needed(accounting.peak_slots(serving.budget, manager._halo_chunk),
+                                        single.block_size)
+        single.max_admission_blocks_per_request = peak if cap is None else min(cap, peak)
     request.num_computed_tokens -= shift
     try:
         return original(manager, request, num_new_tokens, *args, **kwargs)
     finally:
         request.num_computed_tokens += shift
+        if admission:
+            single.max_admission_blocks_per_request = cap
 
 
 def _update_from_output(original, scheduler, scheduler_output, model_runner_output, *args, **kwargs):
