@@ -24,6 +24,7 @@ from halo import HaloConfig, Session, load_model  # noqa: E402
 from halo.integrations.vllm import reports  # noqa: E402
 from halo.integrations.vllm.accounting import blocks_needed  # noqa: E402
 from halo.integrations.vllm.reports import report_for  # noqa: E402
+from halo.integrations.vllm.worker_patch import halo_of  # noqa: E402
 from halo.models import embedded_model_dir  # noqa: E402
 from halo.text import embedded_text  # noqa: E402
 
@@ -53,7 +54,7 @@ def core(llm):
 
 
 def halo_runner(llm):
-    return core(llm).model_executor.driver_worker.worker.model_runner._halo_runner
+    return halo_of(core(llm).model_executor.driver_worker.worker.model_runner)
 
 
 def generate(llm, prompts, max_tokens, halo=None):
