@@ -57,6 +57,22 @@ def halo_runner(llm):
     return halo_of(core(llm).model_executor.driver_worker.worker.model_runner)
 
 
+def block_watch(scheduler):
+    """(held_max, watch): `watch` wraps the scheduler's `update_from_output` (install it on the instance) and
+    records in `held_max` the most blocks each request held after any step, read from vLLM's own bookkeeping."""
+    update = scheduler.update_from_output
+    single = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    held_max: dict[str, int] = {}
+
+    def watch(*args, **kwargs):
+        out = update(*args, **kwargs)
+        for request_id, blocks in single.req_to_blocks.items():
+            held_max[request_id] = max(held_max.get(request_id, 0), len(blocks))
+        return out
+
+    return held_max, watch
+
+
 def generate(llm, prompts, max_tokens, halo=None):
     extra = None if halo is None else {"halo": halo}
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=extra)
@@ -82,15 +98,7 @@ def concurrent(engine, token_ids):
     pool = scheduler.kv_cache_manager.block_pool
     single = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
     halo = halo_runner(engine)
-    held_max: dict[str, int] = {}
-    update = scheduler.update_from_output
-
-    def watch(*args, **kwargs):  # each request's blocks after every step, read from vLLM's own bookkeeping
-        out = update(*args, **kwargs)
-        for request_id, blocks in single.req_to_blocks.items():
-            held_max[request_id] = max(held_max.get(request_id, 0), len(blocks))
-        return out
-
+    held_max, watch = block_watch(scheduler)
     free_before = pool.get_num_free_blocks()
     scheduler.update_from_output, halo.audit = watch, []
     try:
@@ -194,8 +202,8 @@ def test_preemption_by_recompute_restarts_halo_memory(engine, token_ids, tmp_pat
     preempted: dict[str, list[tuple[int, int]]] = {}  # id -> (logical tokens computed, tokens sampled) per preemption
     resumed: set[str] = set()
     steps_since_start: dict[str, int] = {}  # scheduled steps since the request started or was last resumed
-    held_max: dict[str, int] = {}
-    preempt, schedule, update = scheduler._preempt_request, scheduler.schedule, scheduler.update_from_output
+    held_max, watch = block_watch(scheduler)
+    preempt, schedule = scheduler._preempt_request, scheduler.schedule
 
     def spy_preempt(request, *args, **kwargs):
         preempted.setdefault(request.request_id, []).append((request.num_computed_tokens,
@@ -208,12 +216,6 @@ def test_preemption_by_recompute_restarts_halo_memory(engine, token_ids, tmp_pat
         for request_id in out.num_scheduled_tokens:
             restart = request_id in out.scheduled_cached_reqs.resumed_req_ids
             steps_since_start[request_id] = 1 if restart else steps_since_start.get(request_id, 0) + 1
-        return out
-
-    def watch(*args, **kwargs):
-        out = update(*args, **kwargs)
-        for request_id, blocks in single.req_to_blocks.items():
-            held_max[request_id] = max(held_max.get(request_id, 0), len(blocks))
         return out
 
     free_start = pool.get_num_free_blocks()
@@ -283,19 +285,12 @@ def test_prompt_longer_than_the_free_pool_is_admitted_by_its_halo_peak(engine, t
     assert scheduler.scheduler_reserve_full_isl  # vLLM's gate stays on
 
     admissions: list[tuple[str, bool]] = []  # (request id, admitted) of each call through vLLM's admission gate
-    held_max: dict[str, int] = {}
-    update = scheduler.update_from_output
+    held_max, watch = block_watch(scheduler)
 
     def spy_allocate(request, *args, **kwargs):
         out = manager.__class__.allocate_slots(manager, request, *args, **kwargs)
         if kwargs.get("full_sequence_must_fit"):
             admissions.append((request.request_id, out is not None))
-        return out
-
-    def watch(*args, **kwargs):
-        out = update(*args, **kwargs)
-        for request_id, blocks in single.req_to_blocks.items():
-            held_max[request_id] = max(held_max.get(request_id, 0), len(blocks))
         return out
 
     free_start = pool.get_num_free_blocks()
