@@ -68,6 +68,8 @@ def default_sources() -> dict[str, SourcePolicy]:
 
 GRANULARITIES = ("token", "layer")
 """HaloConfig.granularity values: one retained token set for all layers, or one per layer."""
+REPAIR_GUIDANCE = ("hard", "soft", "none")
+"""HaloConfig.repair_guidance values: what a repair model sees of dim window context (`halo.repair.base`)."""
 
 
 @dataclass
@@ -203,8 +205,8 @@ class HaloConfig:
             raise ValueError(f"repair_threshold must be in [0, 255], got {self.repair_threshold!r}")
         if not (self.repair_margin >= 0.0) or math.isinf(self.repair_margin):
             raise ValueError(f"repair_margin must be finite and >= 0, got {self.repair_margin!r}")
-        if self.repair_guidance not in ("hard", "soft", "none"):
-            raise ValueError(f"repair_guidance must be 'hard', 'soft' or 'none', got {self.repair_guidance!r}")
+        if self.repair_guidance not in REPAIR_GUIDANCE:
+            raise ValueError(f"repair_guidance must be one of {REPAIR_GUIDANCE}, got {self.repair_guidance!r}")
         rerank = self.repair_rerank
         if rerank is not None:
             if isinstance(rerank, bool) or not isinstance(rerank, int) or rerank < 2:

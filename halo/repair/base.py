@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import REPAIR_GUIDANCE as GUIDANCE_MODES
 from .contract import Diff, RepairBatch, validate_contract_dicts
-
-GUIDANCE_MODES = ("hard", "soft", "none")
 
 
 @dataclass(frozen=True)
@@ -89,9 +88,9 @@ class Repairer(ABC):
     def dim_context(self, batch: RepairBatch) -> torch.Tensor:
         """bool [K, W]: real, non-target positions with brightness below `repair_threshold` (none without
         guidance)."""
-        dim = batch.attention_mask & (batch.brightness < self.repair_threshold)
         if self.guidance == "none":
-            dim.zero_()
+            return torch.zeros_like(batch.attention_mask)
+        dim = batch.attention_mask & (batch.brightness < self.repair_threshold)
         dim[torch.arange(batch.size, device=dim.device), batch.target_local] = False
         return dim
 
