@@ -262,8 +262,8 @@ def _archive_state(a, t, seed=3):
     retained = torch.randn(HKV, n_past + t, D, generator=gen, device=DEVICE, dtype=DTYPE)
     keys = torch.randn(HKV, a, D, generator=gen, device=DEVICE, dtype=DTYPE)
     valid = torch.rand(a, generator=gen, device=DEVICE) >= 0.1
-    row_lse = ref_archive.retained_row_lse(query, retained, D ** -0.5, n_past)
-    weight = ref_archive.row_weights(n_past, t, HQ, DEVICE)
+    row_lse = ref_archive.retained_rows(query, retained, D ** -0.5, n_past)[0]
+    weight = ref_archive.row_weights(n_past, t, DEVICE)
     return query, keys, valid, D ** -0.5, row_lse, weight
 
 

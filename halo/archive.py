@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .archive_mass import retained_row_lse, row_weights
+from .archive_mass import BAR_QUANTILE, pooled_ratio, retained_rows, row_weights
 
-FLOOR_QUANTILE = 0.75
-"""A scored forward's bar: this quantile of the mass the retained tokens drew (per retrieval layer)."""
 FIELDS = ("serials", "positions", "token_ids", "sources", "units")
 """Per-entry fields of every ring (int64 [R, A]; serial -1: an empty entry)."""
 
@@ -82,24 +80,28 @@ class RecallArchive:
         for name in FIELDS:
             self.fields[name].masked_fill_(gone, -1)
 
-    def score(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float, n_past: int,
-              retained_mass: torch.Tensor, archive_mass) -> None:
+    def score(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float, n_past: int, heads: str,
+              archive_mass) -> None:
         """Score ring `layer` against one forward's query rows (see halo.archive_mass) into `step_mass`.
 
-        query: [Hq, T, D]; key: [Hkv, >= n_past + T, D] the layer's keys; retained_mass: float32 [n_past] the mass
-        the retained tokens drew in this forward at this layer (its 75th percentile is the bar a recalled token
-        must clear, `floor`); archive_mass: the backend's op.
+        query: [Hq, T, D]; key: [Hkv, >= n_past + T, D] the layer's keys (the first n_past retained); heads: how
+        heads read a hit (HaloConfig.recall_heads, `pooled_ratio`); archive_mass: the backend's op. An entry's
+        `mass` is its ratio over the bar times `floor`, the head-mean bar (the `BAR_QUANTILE` quantile of the
+        head-mean mass the retained tokens drew): the score in brightness's currency, exactly the head-mean mass
+        with heads "mean".
         """
         ring = self.ring_of[layer]
         width = self._filled[ring]
         if width == 0 or n_past == 0:
             return
-        lse = retained_row_lse(query, key, scaling, n_past)
-        weight = row_weights(n_past, query.shape[1], query.shape[0], query.device)
+        lse, retained = retained_rows(query, key, scaling, n_past)
         valid = self.fields["serials"][ring, :width] >= 0
-        mass = archive_mass(query, self.keys[ring, :, :width], valid, scaling, lse, weight)
+        head_mass = archive_mass(query, self.keys[ring, :, :width], valid, scaling, lse,
+                                 row_weights(n_past, query.shape[1], query.device))
+        floor = torch.quantile(retained.mean(0), BAR_QUANTILE).clamp(min=1e-6)
+        mass = pooled_ratio(head_mass, retained, heads, key.shape[0]).mul_(floor).masked_fill_(~valid, 0.0)
         # the entries as scored: the cull that closes this forward may overwrite some before they are read
-        self.step_mass[ring] = {"mass": mass, "floor": torch.quantile(retained_mass, FLOOR_QUANTILE).expand(width),
+        self.step_mass[ring] = {"mass": mass, "floor": floor.expand(width),
                                 **{name: self.fields[name][ring, :width].clone() for name in FIELDS}}
 
     def take_scores(self) -> dict[str, torch.Tensor] | None:

@@ -70,6 +70,8 @@ GRANULARITIES = ("token", "layer")
 """HaloConfig.granularity values: one retained token set for all layers, or one per layer."""
 REPAIR_GUIDANCE = ("hard", "soft", "none")
 """HaloConfig.repair_guidance values: what a repair model sees of dim window context (`halo.repair.base`)."""
+RECALL_HEADS = ("mean", "group", "each")
+"""HaloConfig.recall_heads values: how recall reads a hit from the attention heads (`halo.archive_mass`)."""
 
 
 @dataclass
@@ -128,7 +130,12 @@ class HaloConfig:
         recall_sources: sources whose stream forwards score the archive (add "assistant" to score every decode
             step: one host read per step).
         recall_threshold: a unit is recalled when its best token's archive mass in a forward reaches this times the
-            bar: the 75th percentile of the mass the retained tokens drew in the same forward (retrieval layers).
+            bar: the 75th percentile of the mass the retained tokens drew in the same forward (retrieval layers),
+            both read at the same pool of heads (`recall_heads`).
+        recall_heads: how heads read a hit: "mean" (the head-mean mass against the head-mean bar, as brightness
+            pools heads), "group" (default: each head's mass against its own bar, averaged over each KV head's
+            query group; the best group counts) or "each" (the best single head). A few heads retrieve; the
+            mean over all heads drowns them (README, Recall).
         recall_tokens: most tokens recalled per forward (hit units first, then their neighbours).
         recall_context: dead units within this many positions of a hit come back with it (a sentence around it).
         recall_grace: recalled tokens are protected from the cull for this many fed positions.
@@ -162,6 +169,7 @@ class HaloConfig:
     recall_capacity: int = 16384
     recall_sources: tuple[str, ...] = ("user", "tool")
     recall_threshold: float = 3.0
+    recall_heads: str = "group"
     recall_tokens: int = 32
     recall_context: int = 8
     recall_grace: int = 64
@@ -244,6 +252,8 @@ class HaloConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if self.recall_heads not in RECALL_HEADS:
+            raise ValueError(f"recall_heads must be one of {RECALL_HEADS}, got {self.recall_heads!r}")
         if not (self.recall_threshold >= 0) or math.isinf(self.recall_threshold):
             raise ValueError(f"recall_threshold must be finite and >= 0, got {self.recall_threshold!r}")
         room = self.budget - self.sink_tokens - self.recent_tokens

@@ -127,8 +127,7 @@ class LayeredHaloCache(RecallMemory, HaloCache):
         self.backend.attention_column_mass(query, key, scaling, self._counts[layer_idx], fields["mass"][layer_idx],
                                            fields["last_mass"][layer_idx])
         if self.scores_recall(self._flight.spec.source, layer_idx):
-            n_past = self._counts[layer_idx]
-            self.archive.score(layer_idx, query, key, scaling, n_past, fields["mass"][layer_idx, :n_past],
+            self.archive.score(layer_idx, query, key, scaling, self._counts[layer_idx], self.config.recall_heads,
                                self.backend.archive_mass)
         if last:
             width = self._n_valid + query.shape[1]

@@ -1,15 +1,15 @@
 """Archive mass: the attention mass each archived key would earn if it alone were put back in the cache.
 
-Twin of `halo.archive_mass.archive_mass` (same signature, same semantics). For archived entry `a`,
+Twin of `halo.archive_mass.archive_mass` (same signature, same semantics). For query head `h` and archived
+entry `a`,
 
-    mass[a] = sum_t row_weight[t] * sum_h sigmoid(scaling * q_{h,t} . k_{h // G, a} - row_lse[h, t])
+    mass[h, a] = sum_t row_weight[t] * sigmoid(scaling * q_{h,t} . k_{h // G, a} - row_lse[h, t])
 
 and 0 where `valid[a]` is False. One launch, grid (archive blocks,): each program owns BLOCK_A entries, loops
-over the KV heads (loading its [BLOCK_A, D] key block of that head once) and over the query rows that share
-the head (GQA: the `G = Hq / Hkv` heads of a group and all T rows, flattened t-major into `M = G * T` rows) in
-blocks of BLOCK_M, computes the [BLOCK_M, BLOCK_A] logits with `tl.dot`, and accumulates
-`sum_rows w_r * sigmoid(s_ra - lse_r)` in registers. Each entry is written once (plain store, no atomics,
-deterministic); invalid entries are neither read nor scored and are written as 0.
+over the KV heads (loading its [BLOCK_A, D] key block of that head once), over the `G = Hq / Hkv` query heads
+that share it (GQA) and over their T rows in blocks of BLOCK_M, computes the [BLOCK_M, BLOCK_A] logits with
+`tl.dot`, and accumulates `sum_t w_t * sigmoid(s_ta - lse_t)` in registers. Each (head, entry) is written once
+(plain store, no atomics, deterministic); invalid entries are neither read nor scored and are written as 0.
 
 The sigmoid is `1 / (1 + exp2((lse - s) * log2 e))` with the logits pre-scaled by `scaling * log2 e`: exp2 of a
 large argument gives +inf and the probability 0, of a very negative one 0 and the probability 1 (no NaN).
@@ -38,8 +38,8 @@ def _archive_mass_kernel(
     q_ptr, k_ptr, valid_ptr, lse_ptr, w_ptr, out_ptr,
     stride_qh, stride_qt, stride_qd,
     stride_kh, stride_ka, stride_kd,
-    stride_lh, stride_lt, stride_w, stride_v,
-    A, GROUP, M, HKV,
+    stride_lh, stride_lt, stride_w, stride_v, stride_oh,
+    A, GROUP, T, HKV,
     qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -50,9 +50,8 @@ def _archive_mass_kernel(
     valid = tl.load(valid_ptr + cols.to(tl.int64) * stride_v, mask=col_ok, other=0) != 0
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims < D
-    n_rb = tl.cdiv(M, BLOCK_M)
+    n_rb = tl.cdiv(T, BLOCK_M)
 
-    acc = tl.zeros([BLOCK_A], tl.float32)
     k_head = k_ptr  # advanced by one head per iteration (pointer arithmetic stays 64-bit)
     for kvh in range(HKV):
         k_ptrs = k_head + cols[:, None].to(tl.int64) * stride_ka + dims[None, :] * stride_kd
@@ -61,27 +60,27 @@ def _archive_mass_kernel(
         if UPCAST:
             k = k.to(tl.float32)
         kt = tl.trans(k)
-        for rb in range(n_rb):
-            rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_ok = rows < M
-            t = rows // GROUP
-            head = kvh * GROUP + rows % GROUP
-            q_ptrs = q_ptr + head[:, None].to(tl.int64) * stride_qh + t[:, None].to(tl.int64) * stride_qt + dims[None, :] * stride_qd
-            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-            lse = tl.load(lse_ptr + head.to(tl.int64) * stride_lh + t.to(tl.int64) * stride_lt, mask=row_ok, other=0.0)
-            lse = lse * _LOG2E_K
-            w = tl.load(w_ptr + t.to(tl.int64) * stride_w, mask=row_ok, other=0.0)
-            if IEEE:
-                s = tl.dot(q, kt, input_precision="ieee")
-            else:
-                s = tl.dot(q, kt)
-            # sigmoid(scaling * q.k - lse) in base 2; padded rows have weight 0 and a finite probability
-            p = 1.0 / (1.0 + tl.exp2(lse[:, None] - s * qk_scale))
-            acc += tl.sum(p * w[:, None], axis=0)
-
-    tl.store(out_ptr + cols, tl.where(valid, acc, 0.0), mask=col_ok)
+        for g in range(GROUP):
+            head = kvh * GROUP + g
+            acc = tl.zeros([BLOCK_A], tl.float32)
+            for rb in range(n_rb):
+                t = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+                row_ok = t < T
+                q_ptrs = q_ptr + head.to(tl.int64) * stride_qh + t[:, None].to(tl.int64) * stride_qt + dims[None, :] * stride_qd
+                q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+                lse = tl.load(lse_ptr + head.to(tl.int64) * stride_lh + t.to(tl.int64) * stride_lt, mask=row_ok, other=0.0)
+                lse = lse * _LOG2E_K
+                w = tl.load(w_ptr + t.to(tl.int64) * stride_w, mask=row_ok, other=0.0)
+                if IEEE:
+                    s = tl.dot(q, kt, input_precision="ieee")
+                else:
+                    s = tl.dot(q, kt)
+                # sigmoid(scaling * q.k - lse) in base 2; padded rows have weight 0 and a finite probability
+                p = 1.0 / (1.0 + tl.exp2(lse[:, None] - s * qk_scale))
+                acc += tl.sum(p * w[:, None], axis=0)
+            tl.store(out_ptr + head.to(tl.int64) * stride_oh + cols, tl.where(valid, acc, 0.0), mask=col_ok)
 
 
 def _check(op, query, keys, valid, scaling, row_lse, row_weight) -> None:
@@ -111,7 +110,7 @@ def _check(op, query, keys, valid, scaling, row_lse, row_weight) -> None:
 
 
 def _config(d: int, rows: int, entries: int, block_a: int | None = None):
-    """(BLOCK_M, BLOCK_A, BLOCK_D, num_warps) for head dim `d`, `rows` query rows per KV head and `entries`."""
+    """(BLOCK_M, BLOCK_A, BLOCK_D, num_warps) for head dim `d`, `rows` query rows per head and `entries`."""
     block_d = max(16, next_power_of_2(d))
     block_m = min(64, max(16, next_power_of_2(rows)))  # tl.dot needs >= 16 on every side
     if block_a is None:
@@ -128,14 +127,13 @@ def _launch(query, keys, valid, scaling, row_lse, row_weight, block_a: int | Non
     """The one launch; `block_a` overrides the heuristic (tests)."""
     hq, t_rows, d = query.shape
     hkv, entries, _ = keys.shape
-    out = torch.empty(entries, dtype=torch.float32, device=keys.device)
+    out = torch.empty(hq, entries, dtype=torch.float32, device=keys.device)
     if entries == 0:
         return out
     if t_rows == 0:
         return out.zero_()
     group = hq // hkv
-    rows = group * t_rows  # rows per KV head
-    block_m, block_a, block_d, num_warps = _config(d, rows, entries, block_a)
+    block_m, block_a, block_d, num_warps = _config(d, t_rows, entries, block_a)
     same = query.dtype == keys.dtype
     upcast = interpreting() or not same or query.dtype == torch.float32
     ieee = upcast  # fp32 operands: IEEE fp32 dot, not TF32
@@ -144,8 +142,8 @@ def _launch(query, keys, valid, scaling, row_lse, row_weight, block_a: int | Non
         query, keys, valid_bytes, row_lse, row_weight, out,
         query.stride(0), query.stride(1), query.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2),
-        row_lse.stride(0), row_lse.stride(1), row_weight.stride(0), valid_bytes.stride(0),
-        entries, group, rows, hkv,
+        row_lse.stride(0), row_lse.stride(1), row_weight.stride(0), valid_bytes.stride(0), out.stride(0),
+        entries, group, t_rows, hkv,
         float(scaling) * _LOG2E,
         D=d, BLOCK_M=block_m, BLOCK_A=block_a, BLOCK_D=block_d,
         UPCAST=upcast, IEEE=ieee, num_warps=num_warps,
@@ -155,7 +153,7 @@ def _launch(query, keys, valid, scaling, row_lse, row_weight, block_a: int | Non
 
 def archive_mass(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float,
                  row_lse: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
-    """float32 [A]: `sum_t row_weight[t] * sum_h sigmoid(scaling * q_{h,t} . k_{h//G, a} - row_lse[h, t])`, 0 where invalid.
+    """float32 [Hq, A]: `sum_t row_weight[t] * sigmoid(scaling * q_{h,t} . k_{h//G, a} - row_lse[h, t])`, 0 where invalid.
 
     One launch, no host sync; the result is a new tensor on the keys' device.
 
@@ -165,7 +163,7 @@ def archive_mass(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, s
             head h // (Hq / Hkv)). Keys of invalid entries are not read.
         valid: bool [A] which archive entries hold a token.
         scaling: softmax scale (host float).
-        row_lse: float32 [Hq, T] (`halo.archive_mass.retained_row_lse`); row_weight: float32 [T]
+        row_lse: float32 [Hq, T] (`halo.archive_mass.retained_rows`); row_weight: float32 [T]
             (`halo.archive_mass.row_weights`); any strides.
     Raises ValueError naming the problem (shape, dtype, device).
     """

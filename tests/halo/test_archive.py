@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from halo.archive import RecallArchive
-from halo.archive_mass import archive_mass, retained_row_lse, row_weights
+from halo.archive_mass import archive_mass, pooled_ratio, retained_rows, row_weights
 
 
 def _archive(capacity=5, layers=(1, 3)):
@@ -70,31 +70,66 @@ def test_archive_mass_is_the_probability_each_key_would_get_if_put_back_alone(hq
     query, key = torch.randn(hq, t_rows, d), torch.randn(hkv, n_past + t_rows, d)
     archived = torch.randn(hkv, entries, d)
     valid = torch.tensor([True, True, False, True, True, True])
-    got = archive_mass(query, archived, valid, scaling, retained_row_lse(query, key, scaling, n_past),
-                       row_weights(n_past, t_rows, hq, "cpu"))
+    got = archive_mass(query, archived, valid, scaling, retained_rows(query, key, scaling, n_past)[0],
+                       row_weights(n_past, t_rows, "cpu"))
     group = hq // hkv
-    want = torch.zeros(entries)
+    want = torch.zeros(hq, entries)
     for a in range(entries):
         for t in range(t_rows):
             seen = n_past + t + 1  # row t sees the retained slots and the new rows up to itself
             for h in range(hq):
                 keys = torch.cat([key[h // group, :seen], archived[h // group, a:a + 1]])
                 p = torch.softmax(keys @ query[h, t] * scaling, 0)[-1]
-                want[a] += seen * p / hq
-    want[~valid] = 0
+                want[h, a] += seen * p
+    want[:, ~valid] = 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_archive_mass_does_not_depend_on_the_archive_size():
     torch.manual_seed(1)
     query, key, archived = torch.randn(4, 2, 8), torch.randn(2, 10, 8), torch.randn(2, 50, 8)
-    lse, weight = retained_row_lse(query, key, 0.3, 8), row_weights(8, 2, 4, "cpu")
+    lse, weight = retained_rows(query, key, 0.3, 8)[0], row_weights(8, 2, "cpu")
     whole = archive_mass(query, archived, torch.ones(50, dtype=torch.bool), 0.3, lse, weight)
     part = archive_mass(query, archived[:, :7], torch.ones(7, dtype=torch.bool), 0.3, lse, weight)
-    torch.testing.assert_close(whole[:7], part)
+    torch.testing.assert_close(whole[:, :7], part)
 
 
 def test_archive_mass_names_a_shape_mismatch():
     with pytest.raises(ValueError, match="does not fit"):
         archive_mass(torch.randn(3, 1, 8), torch.randn(2, 4, 8), torch.ones(4, dtype=torch.bool), 1.0,
                      torch.zeros(3, 1), torch.ones(1))
+
+
+@pytest.mark.parametrize("hq,hkv,t_rows,n_past", [(4, 2, 1, 9), (6, 3, 5, 7)])
+def test_retained_mass_per_head_is_brightness_column_mass_before_the_head_mean(hq, hkv, t_rows, n_past):
+    from halo.brightness import attention_column_mass
+
+    torch.manual_seed(2)
+    query, key = torch.randn(hq, t_rows, 8), torch.randn(hkv, n_past + t_rows, 8)
+    _, retained = retained_rows(query, key, 0.4, n_past)
+    column = torch.zeros(n_past + t_rows)
+    attention_column_mass(query, key, 0.4, n_past, column)
+    assert retained.shape == (hq, n_past)
+    torch.testing.assert_close(retained.mean(0), column[:n_past], rtol=1e-5, atol=1e-6)
+
+
+def test_pooled_ratio_reads_a_head_the_mean_drowns():
+    """One head of four looks hard at entry 0: the head mean dilutes it, reading heads apart does not."""
+    retained = torch.ones(4, 10)  # every head's bar is 1
+    head_mass = torch.full((4, 3), 0.5)
+    head_mass[2, 0] = 8.0
+    torch.testing.assert_close(pooled_ratio(head_mass, retained, "mean", 2), torch.tensor([(8.0 + 1.5) / 4, 0.5, 0.5]))
+    torch.testing.assert_close(pooled_ratio(head_mass, retained, "each", 2), torch.tensor([8.0, 0.5, 0.5]))
+    torch.testing.assert_close(pooled_ratio(head_mass, retained, "group", 2), torch.tensor([4.25, 0.5, 0.5]))
+
+
+def test_pooled_ratio_reads_each_head_against_its_own_bar():
+    retained = torch.stack([torch.full((8,), 4.0), torch.full((8,), 0.5)])  # head 0 spreads mass, head 1 not
+    head_mass = torch.tensor([[4.0], [1.5]])
+    torch.testing.assert_close(pooled_ratio(head_mass, retained, "each", 1), torch.tensor([3.0]))  # head 1
+    torch.testing.assert_close(pooled_ratio(head_mass, retained, "group", 1), torch.tensor([(1.0 + 3.0) / 2]))
+    torch.testing.assert_close(pooled_ratio(head_mass, retained, "mean", 1), torch.tensor([2.75 / 2.25]))
+    with pytest.raises(ValueError, match="KV heads"):
+        pooled_ratio(head_mass, retained, "group", 3)
+    with pytest.raises(ValueError, match="heads must be"):
+        pooled_ratio(head_mass, retained, "max", 1)

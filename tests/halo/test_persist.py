@@ -156,3 +156,12 @@ def test_configs_saved_before_the_tuned_repair_targeting_repair_as_they_did():
         del saved[field]
     old = config_from_dict(saved)
     assert (old.repair_margin, old.repair_guidance, old.repair_rerank) == (0.0, "hard", None)
+
+
+def test_configs_saved_before_recall_read_heads_apart_recall_by_the_head_mean():
+    from halo.persist import config_from_dict, config_to_dict
+
+    saved = config_to_dict(HaloConfig(recall=True))
+    assert config_from_dict(saved).recall_heads == HaloConfig().recall_heads  # today's files: as saved
+    del saved["recall_heads"]
+    assert config_from_dict(saved).recall_heads == "mean"

@@ -130,6 +130,7 @@ def test_a_corrupted_archive_is_refused_and_the_session_stays_fresh(tiny_tok):
     ({"recall_sources": ("nobody",)}, "recall_sources"),
     ({"recall_layers": (1.5,)}, "recall_layers"),
     ({"recall_threshold": float("nan")}, "recall_threshold"),
+    ({"recall_heads": "max"}, "recall_heads"),
 ])
 def test_bad_recall_settings_are_named(changes, match):
     with pytest.raises(ValueError, match=match):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from halo.archive_mass import archive_mass as reference
-from halo.archive_mass import retained_row_lse, row_weights
+from halo.archive_mass import retained_rows, row_weights
 from halo_kernels import archive_mass
 from halo_kernels.archive_mass import _launch
 
@@ -35,8 +35,8 @@ def _inputs(hq, hkv, t, a, d, dtype, device, seed=0, peak=1.0, n_past=20, invali
     if a > 1:
         valid[0] = True
     scaling = d ** -0.5
-    row_lse = retained_row_lse(query, retained, scaling, n_past)
-    weight = row_weights(n_past, t, hq, device)
+    row_lse = retained_rows(query, retained, scaling, n_past)[0]
+    weight = row_weights(n_past, t, device)
     return query, keys, valid, scaling, row_lse, weight
 
 
@@ -49,11 +49,11 @@ def test_matches_reference(device, hq, hkv, t, a, d, dtype):
     args = _inputs(hq, hkv, t, a, d, dtype, device)
     got = archive_mass(*args)
     want = reference(*args)
-    assert got.dtype == torch.float32 and got.shape == (a,) and got.device == want.device
+    assert got.dtype == torch.float32 and got.shape == (hq, a) and got.device == want.device
     torch.testing.assert_close(got, want, **TOL[dtype])
     valid = args[2]
-    assert torch.all(got[~valid] == 0)
-    assert torch.all(got[valid] > 0)
+    assert torch.all(got[:, ~valid] == 0)
+    assert torch.all(got[:, valid] > 0)
 
 
 @pytest.mark.parametrize("block_a", [16, 32])
@@ -89,7 +89,7 @@ def test_invalid_entries_are_not_read(device):
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, **TOL[torch.float16])
     none = torch.zeros_like(valid)
-    assert torch.equal(archive_mass(query, keys, none, scaling, row_lse, weight).cpu(), torch.zeros(90))
+    assert torch.equal(archive_mass(query, keys, none, scaling, row_lse, weight).cpu(), torch.zeros(6, 90))
 
 
 def test_strided_views(device):
@@ -102,8 +102,8 @@ def test_strided_views(device):
     keys = store[1, :, ::2]
     assert not keys.is_contiguous() and not query.is_contiguous()
     retained = torch.randn(hkv, n_past + t, d, generator=gen).to(device)
-    row_lse = retained_row_lse(query, retained, d ** -0.5, n_past).t().contiguous().t()
-    weight = row_weights(n_past, 2 * t, hq, device)[::2]
+    row_lse = retained_rows(query, retained, d ** -0.5, n_past)[0].t().contiguous().t()
+    weight = row_weights(n_past, 2 * t, device)[::2]
     valid = (torch.rand(2 * a, generator=gen) > 0.3).to(device)[1::2]
     assert row_lse.stride(0) == 1 and weight.stride(0) == 2 and valid.stride(0) == 2
     got = archive_mass(query, keys, valid, d ** -0.5, row_lse, weight)
@@ -119,7 +119,7 @@ def test_mixed_dtypes(device):
 
 
 def test_one_row_unit_lse_reads_sigmoid(device):
-    """Orthogonal keys, lse 0, weight 1: each entry's mass is Hq * sigmoid(0) = Hq / 2."""
+    """Orthogonal keys, lse 0, weight 1: each entry's mass at every head is sigmoid(0) = 1 / 2."""
     hq, hkv, d, a = 4, 2, 64, 33
     query = torch.zeros(hq, 1, d, device=device)
     query[:, 0, 0] = 1.0
@@ -127,16 +127,17 @@ def test_one_row_unit_lse_reads_sigmoid(device):
     keys[:, :, 1] = 1.0
     valid = torch.ones(a, dtype=torch.bool, device=device)
     got = archive_mass(query, keys, valid, 0.125, torch.zeros(hq, 1, device=device), torch.ones(1, device=device))
-    torch.testing.assert_close(got.cpu(), torch.full((a,), hq / 2.0))
+    torch.testing.assert_close(got.cpu(), torch.full((hq, a), 0.5))
 
 
 def test_empty(device):
     query, keys, valid, scaling, row_lse, weight = _inputs(4, 2, 1, 5, 64, torch.float32, device)
     got = archive_mass(query, keys[:, :0], valid[:0], scaling, row_lse, weight)
-    assert got.shape == (0,) and got.dtype == torch.float32
+    assert got.shape == (4, 0) and got.dtype == torch.float32
     got = archive_mass(query[:, :0], keys, valid, scaling, row_lse[:, :0], weight[:0])
-    assert torch.equal(got.cpu(), torch.zeros(5))
-    assert torch.equal(reference(query[:, :0], keys, valid, scaling, row_lse[:, :0], weight[:0]).cpu(), torch.zeros(5))
+    assert torch.equal(got.cpu(), torch.zeros(4, 5))
+    assert torch.equal(reference(query[:, :0], keys, valid, scaling, row_lse[:, :0], weight[:0]).cpu(),
+                       torch.zeros(4, 5))
 
 
 def test_errors(device):
