@@ -45,5 +45,6 @@ def test_default_multiprocess_engine_with_env_config():
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     for row in json.loads(lines[-1][len("HALO-RESULT "):]):
         fed = row["prompt"] + row["generated"] - 1
-        assert row["fed"] == fed and row["retained"] == min(fed, 64)
+        # words die whole: a layer count may stay below the budget by less than the longest word (24 tokens)
+        assert row["fed"] == fed and min(fed, 64) - 24 < row["retained"] <= min(fed, 64)
         assert row["remembered"] + row["evicted"] == fed

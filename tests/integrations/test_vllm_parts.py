@@ -1,5 +1,7 @@
-"""The vLLM integration's parts that need no vLLM: settings, the accounting rule, RequestMemory, paged K/V moves."""
+"""The vLLM integration's parts that need no vLLM: settings, the accounting rule, units, the equal-count cull,
+RequestMemory, paged K/V moves."""
 
+import itertools
 import json
 
 import pytest
@@ -7,9 +9,31 @@ import torch
 
 from halo.integrations.vllm import PINNED_VLLM, check_version
 from halo.integrations.vllm.accounting import blocks_needed, peak_slots, physical_length, shift
-from halo.integrations.vllm.paged_kv import BlockLayout, move_slots, request_keys
+from halo.brightness import attention_column_mass
+from halo.integrations.vllm.column_mass import causal_column_mass, column_mass, decode_column_mass_batch
+from halo.integrations.vllm.paged_kv import BlockLayout, batch_key_blocks, batch_keys, move_slots, request_keys
 from halo.integrations.vllm.request_memory import RequestMemory
+from halo.integrations.vllm.request_units import RequestUnits
 from halo.integrations.vllm.settings import parse, request_settings, to_dict
+from halo.integrations.vllm.unit_cull import equal_unit_victims, first_fit
+from halo.layer_cull import position_order_layers
+from halo.models import embedded_model_dir
+from halo.text import embedded_text
+from halo.units import WordTracker, tokenize_lines
+
+VOCAB = 49152  # the embedded SmolLM2's vocabulary
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+
+
+@pytest.fixture(scope="module")
+def text_ids(tokenizer):
+    return tokenizer(embedded_text(), add_special_tokens=False)["input_ids"]
 
 
 class Params:
@@ -37,6 +61,12 @@ def test_settings_parse_round_trip_and_errors():
         parse({"repair": "self"})
     with pytest.raises(ValueError, match="cull_threshold"):
         parse({"cull_threshold": 10.0})
+    with pytest.raises(ValueError, match="recall"):
+        parse({"recall": True})
+    with pytest.raises(ValueError, match="marker"):
+        parse({"marker_text": "<cut>\n"})
+    with pytest.raises(ValueError, match="triton"):
+        parse({"kernels": "triton"})
     with pytest.raises(ValueError, match="pinned"):
         parse({"prompt_source": "system"})
     with pytest.raises(ValueError, match="budget"):
@@ -104,17 +134,79 @@ def test_paged_keys_and_moves_stay_in_the_request_blocks(make_layout):
     assert torch.equal(cache[theirs], before_theirs)
 
 
+def partition(units: list[int]) -> list[int]:
+    """Unit ids renumbered by first appearance (-1 kept), so two unit lists compare by grouping only."""
+    seen: dict[int, int] = {}
+    return [-1 if u < 0 else seen.setdefault(u, len(seen)) for u in units]
+
+
+def test_line_units_are_tokenize_lines_of_the_text(tokenizer):
+    text = "".join(f"12:00:{i:02d} worker {i} done\n\n" if i % 3 == 0 else f"job {52445 + i} ok\n"
+                   for i in range(12))
+    ids, lines = tokenize_lines(tokenizer, text, add_special_tokens=False)
+    units = RequestUnits(parse({"budget": 128, "prompt_source": "log"}), len(ids), tokenizer, VOCAB)
+    cuts = [0, 5, 6, 23, len(ids)]  # chunk boundaries, one inside a line
+    got = torch.cat([units.units(a, torch.tensor(ids[a:b])) for a, b in zip(cuts, cuts[1:])]).tolist()
+    assert partition(got) == partition(lines)
+    output = units.units(len(ids), torch.tensor(ids[:6]))  # generated tokens ("assistant"): words, fresh ones
+    assert min(output.tolist()) > max(got)
+
+
+def test_word_units_continue_across_chunks_and_into_generated_tokens(tokenizer, text_ids):
+    ids = torch.tensor(text_ids[:200])
+    fresh = itertools.count()
+    expected = WordTracker(tokenizer, VOCAB).units(ids, lambda n: torch.tensor([next(fresh) for _ in range(n)]))
+    units = RequestUnits(parse({"budget": 128}), 150, tokenizer, VOCAB)
+    cuts = [0, 64, 128, 150, 151, 200]  # prompt chunks, then decode steps past the prompt
+    got = torch.cat([units.units(a, ids[a:b]) for a, b in zip(cuts, cuts[1:])])
+    assert partition(got.tolist()) == partition(expected.tolist())
+    assert (got >= 0).all() and len(set(got.tolist())) < 200  # every token in a word, some words longer than one
+    plain = RequestUnits(parse({"budget": 128, "word_units": False}), 150, None, 0)
+    assert plain.units(0, ids[:10]).tolist() == [-1] * 10
+
+
+def test_first_fit_takes_units_in_order_while_they_fit():
+    assert first_fit(torch.tensor([2, 3, 1, 1]), 4) == [0, 2, 3]
+    assert first_fit(torch.tensor([2, 1]), 3) == [0, 1]
+    assert first_fit(torch.tensor([3, 3]), 2) is None
+    assert first_fit(torch.tensor([5]), 0) == []
+
+
+def test_equal_unit_victims_frees_the_same_whole_units_count_in_every_row():
+    """Units (slots): 0 (0-2), 1 (3), 2 (4), 3 (5-6), 4 (7), the same in both rows. Row 0's dimmest unit is the
+    2-token word 3, row 1's the single token 1: both rows free 2; row 1 then skips its 3-token word 0 (it does
+    not fit) and takes word 2, its next unit that fits."""
+    units = torch.tensor([0, 0, 0, 1, 2, 3, 3, 4]).repeat(2, 1)
+    order = position_order_layers(torch.arange(8).repeat(2, 1))
+    scores = torch.tensor([[5.0, 5, 5, 6, 7, 1, 1, 9], [2.0, 2, 2, 1, 3, 9, 9, 4]])
+    protected = torch.zeros(2, 8, dtype=torch.bool)
+    victims = equal_unit_victims(scores, order, scores, protected, units, need=1)
+    assert victims.tolist() == [[5, 6], [3, 4]]
+    protected[1, 4] = True  # row 1's word 2 protected: its next unit that fits is word 4
+    assert equal_unit_victims(scores, order, scores, protected, units, need=1).tolist() == [[5, 6], [3, 7]]
+    protected[1] = True
+    protected[1, 3] = False  # row 1 can free one slot only, row 0 needs two for a whole unit: no common count
+    assert equal_unit_victims(scores, order, scores, protected, units, need=1) is None
+
+
 @pytest.mark.parametrize("granularity", ["layer", "token"])
-def test_request_memory_keeps_budget_and_exact_accounting(granularity):
+@pytest.mark.parametrize("word_units", [True, False])
+def test_request_memory_keeps_budget_and_exact_accounting(granularity, word_units, tokenizer, text_ids):
+    """Chunks then decode steps over real text: every row holds the same count, at most the budget (exactly it
+    without units), never part of a word; sinks and the recent window stay; the slot moves, applied to a stand-in
+    K cache whose keys carry their position, leave every slot's key at that slot's position."""
     torch.manual_seed(0)
-    serving = parse({"budget": 24, "recent_tokens": 4, "sink_tokens": 2, "granularity": granularity})
+    serving = parse({"budget": 24, "recent_tokens": 4, "sink_tokens": 2, "granularity": granularity,
+                     "word_units": word_units})
     layers, heads, kv_heads, dim = 3, 4, 2, 8
-    memory = RequestMemory("r", serving, layers, num_prompt_tokens=40)
+    memory = RequestMemory("r", serving, layers, num_prompt_tokens=40, tokenizer=tokenizer, vocab_size=VOCAB)
     keys = torch.randn(layers, kv_heads, 0, dim)
-    fed = 0
-    for chunk in [16, 16, 8, 1, 1, 1, 1, 1]:
-        memory.begin_step(fed, torch.arange(fed, fed + chunk))
-        keys = torch.cat([keys, torch.randn(layers, kv_heads, chunk, dim)], dim=2)
+    fed, shortfalls = 0, []
+    for chunk in [16, 16, 8] + [1] * 20:
+        memory.begin_step(fed, torch.tensor(text_ids[fed:fed + chunk]))
+        new = torch.randn(layers, kv_heads, chunk, dim)
+        new[..., 0] = torch.arange(fed, fed + chunk, dtype=torch.float32)
+        keys = torch.cat([keys, new], dim=2)
         for layer in range(layers):
             memory.accumulate(layer, torch.randn(heads, chunk, dim), keys[layer], dim ** -0.5)
         moves = memory.end_step()
@@ -125,17 +217,74 @@ def test_request_memory_keeps_budget_and_exact_accounting(granularity):
                 real = moves.src[row] != moves.dst[row]
                 keys[layer][:, moves.dst[row][real]] = keys[layer][:, moves.src[row][real]]
             keys = keys[:, :, : memory.count]
+        for layer in range(layers):
+            row = layer if memory.per_layer else 0
+            assert keys[layer, 0, :, 0].tolist() == memory.positions[row, : memory.count].float().tolist()
         report = memory.report()
-        assert report["retained"] == memory.count == min(fed, 24)
+        shortfalls.append(min(fed, 24) - memory.count)
+        assert 0 <= shortfalls[-1] < (24 if word_units else 1)
+        assert report["retained"] == memory.count and memory.partial_units() == []
         assert report["remembered"] + report["evicted"] == fed
         rows = report["retained_positions"]
         assert all(len(r) == memory.count and len(set(r)) == memory.count for r in rows)
         assert all(p in r for r in rows for p in (0, 1, fed - 1, fed - 4))  # sinks and the recent window
+    assert any(shortfalls) == word_units  # whole words did leave rows short
     for position, _, source, _, _ in memory.report()["journal"]:
         assert source == ("user" if position < 40 else "assistant")  # prompt_source, then output_source
 
 
 def test_request_memory_refuses_a_position_gap():
-    memory = RequestMemory("r", parse({"budget": 16, "recent_tokens": 2}), 1, 8)
+    memory = RequestMemory("r", parse({"budget": 16, "recent_tokens": 2, "word_units": False}), 1, 8)
     with pytest.raises(RuntimeError, match="disagree"):
         memory.begin_step(3, torch.arange(3, 5))
+
+
+def test_units_without_a_tokenizer_are_refused():
+    with pytest.raises(ValueError, match="tokenizer"):
+        RequestMemory("r", parse({"budget": 16, "recent_tokens": 2}), 1, 8)
+    with pytest.raises(ValueError, match="tokenizer"):
+        RequestMemory("r", parse({"budget": 16, "recent_tokens": 2, "word_units": False, "prompt_source": "log"}),
+                      1, 8)
+
+
+@pytest.mark.parametrize("t_rows, n_past, dtype", [(1, 0, torch.float32), (1, 200, torch.float32),
+                                                   (7, 100, torch.float32), (300, 0, torch.float32),
+                                                   (129, 40, torch.bfloat16)])
+def test_column_mass_equals_the_reference(t_rows, n_past, dtype):
+    """Causal query blocks (several blocks, a partial last one, GQA, a bf16 cache) and the decode operator agree
+    with halo.brightness.attention_column_mass; slots past n_past + T are left alone."""
+    torch.manual_seed(0)
+    query, key = torch.randn(6, t_rows, 16).to(dtype), torch.randn(2, n_past + t_rows + 5, 16).to(dtype)
+    expected = torch.full((n_past + t_rows + 8,), 0.5)
+    attention_column_mass(query, key, 0.25, n_past, expected)
+    for compute in (column_mass, lambda *args: causal_column_mass(*args, rows_per_block=64)):
+        got = torch.full_like(expected, 0.5)
+        compute(query, key, 0.25, n_past, got)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make_layout", [transposed_layout, scrambled_layout])
+def test_batched_decode_mass_equals_one_request_at_a_time(make_layout):
+    """Decode rows of requests holding different counts, their keys read from the paged cache in one gather
+    (rows padded with whatever the cache holds, here NaN): each row equals the reference on the request's own
+    keys, and is 0 past its length."""
+    torch.manual_seed(0)
+    blocks, kv_heads, size, dim = 9, 2, 4, 8
+    layout = make_layout(size, dim)
+    cache = torch.full((blocks, kv_heads, size, 2 * dim), float("nan"))
+    rows = torch.tensor([[3, 5, 0], [1, 0, 0], [7, 2, 8]])  # block table rows (padding entries name block 0)
+    lengths = torch.tensor([6, 3, 12])
+    for r in range(3):
+        for slot in range(int(lengths[r])):
+            write_slot(cache, layout, rows[r], slot, torch.randn(kv_heads, dim), torch.randn(kv_heads, dim))
+    query = torch.randn(3, 6, dim)
+    keys = batch_keys(cache, layout, rows, 12)
+    got = decode_column_mass_batch(query, batch_key_blocks(cache, layout, rows, 12), 0.3, lengths)
+    assert got.shape == (3, 12)
+    for r in range(3):
+        n = int(lengths[r])
+        own = request_keys(cache, layout, rows[r], n)
+        torch.testing.assert_close(keys[r, :, :n], own)
+        expected = torch.zeros(12)
+        attention_column_mass(query[r][:, None], own, 0.3, n - 1, expected)
+        torch.testing.assert_close(got[r], expected, rtol=1e-5, atol=1e-6)

@@ -113,17 +113,41 @@ def request_keys(kv_cache: torch.Tensor, layout: BlockLayout, block_ids: torch.T
     Args:
         block_ids: int [>= ceil(n / block_size)] the request's block table row.
     """
+    return batch_keys(kv_cache, layout, block_ids[None], n)[0]
+
+
+def batch_keys(kv_cache: torch.Tensor, layout: BlockLayout, block_rows: torch.Tensor, n: int) -> torch.Tensor:
+    """[R, Hkv, n, D] keys of physical slots 0 .. n - 1 of R requests, gathered at once (a copy, possibly strided).
+
+    Args:
+        block_rows: int [R, >= ceil(n / block_size)] the requests' block table rows (see `batch_key_blocks`).
+    """
+    blocks = batch_key_blocks(kv_cache, layout, block_rows, n)  # [R, nb, Hkv, D, bs]
+    count, nb, heads, dim, size = blocks.shape
+    return blocks.permute(0, 2, 3, 1, 4).reshape(count, heads, dim, nb * size)[..., :n].transpose(2, 3)
+
+
+def batch_key_blocks(kv_cache: torch.Tensor, layout: BlockLayout, block_rows: torch.Tensor, n: int) -> torch.Tensor:
+    """[R, nb, Hkv, D, block_size] keys of the first nb = ceil(n / block_size) blocks of R requests, each block's
+    keys as columns (slot s of a request: block s // block_size, column s % block_size); one index_select of
+    the cache's blocks (a copy), the columns a strided view where the layout stores keys as rows.
+
+    Args:
+        block_rows: int [R, >= nb] the requests' block table rows. A request holding fewer than n slots reads
+            whatever its row names past its own blocks (a padding entry of the block table, possibly another
+            request's block): only read, never written; callers mask those slots.
+    """
     chunks = _chunks(kv_cache)
-    blocks = block_ids[: -(-n // layout.block_size)].long()
+    count, size = block_rows.shape[0], layout.block_size
+    blocks = block_rows[:, : -(-n // size)].reshape(-1).long()  # [R * nb]
     halves = _halves(chunks, layout)
     if halves is None:
-        keys = chunks[blocks][:, :, layout.key]  # [nb, Hkv, bs, D]
+        keys = chunks.index_select(0, blocks)[..., layout.key].transpose(-1, -2)  # [R * nb, Hkv, D, bs]
     else:
         (key_half, transposed), _ = halves
-        keys = key_half[blocks]
-        if transposed:  # [nb, Hkv, D, bs] -> a [Hkv, n, D] view of one [Hkv, D, nb * bs] copy (matmul-ready)
-            return keys.permute(1, 2, 0, 3).reshape(chunks.shape[1], keys.shape[2], -1)[:, :, :n].transpose(1, 2)
-    return keys.permute(1, 0, 2, 3).reshape(chunks.shape[1], -1, layout.key.shape[1])[:, :n]
+        keys = key_half.index_select(0, blocks)
+        keys = keys if transposed else keys.transpose(-1, -2)
+    return keys.unflatten(0, (count, -1))
 
 
 def _halves(chunks: torch.Tensor, layout: BlockLayout):

@@ -2,17 +2,19 @@
 
 Per step (all on the worker, in vLLM's V1 `GPUModelRunner` that the CPU runner subclasses):
 
-1. `plan_step`, right after vLLM's `_prepare_inputs`: for each Halo request in the batch, physical length =
-   min(logical, budget) (halo.integrations.vllm.accounting). vLLM computed positions, sequence lengths and slot
-   mappings from the logical `num_computed_tokens`; positions stay logical (RoPE counts from the true length),
-   while `seq_lens`, `optimistic_seq_lens_cpu` and the slot mapping are recomputed from physical slots, so new
-   K/V land right after the request's retained slots and attention reads exactly those.
-2. `observe`, after each layer's CPU attention: the layer's column mass for each Halo request from its query rows
-   and its keys gathered from its own blocks (halo.brightness.attention_column_mass: chunked softmax(qK^T), no
-   full matrix over the batch).
+1. `plan_step`, right after vLLM's `_prepare_inputs`: for each Halo request in the batch, the physical length
+   is the slots its memory holds (`RequestMemory.count`, at most min(logical, budget), the scheduler's reservation:
+   halo.integrations.vllm.accounting), and the step's token ids go to the memory (units need them). vLLM
+   computed positions, sequence lengths and slot mappings from the logical `num_computed_tokens`; positions stay
+   logical (RoPE counts from the true length), while `seq_lens`, `optimistic_seq_lens_cpu` and the slot mapping
+   are recomputed from physical slots, so new K/V land right after the request's retained slots and attention
+   reads exactly those.
+2. `observe`, before each layer's CPU attention kernel: the layer's column mass for each Halo request from its
+   query rows and its keys gathered from its own blocks (column_mass: the step's decode rows in one batch, each
+   prefill chunk by causal query blocks; no matrix over the whole batch).
 3. `finish_step`, after the forward: brightness update, cull to budget, compaction of the paged K/V inside the
-   request's own blocks (every layer), and the block table row cut to ceil(budget / block_size) blocks (the
-   scheduler frees the same blocks back to the pool by the same rule).
+   request's own blocks (every layer), and the block table row cut to ceil(min(logical, budget) / block_size)
+   blocks (the scheduler frees the same blocks back to the pool by the same rule).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ import numpy as np
 import torch
 
 from . import accounting
-from .paged_kv import BlockLayout, blocks_of_slots, move_slots, probe_layout, request_keys
+from .column_mass import decode_column_mass_batch
+from .paged_kv import BlockLayout, batch_key_blocks, blocks_of_slots, move_slots, probe_layout, request_keys
 from .request_memory import RequestMemory
+from .request_units import needs_tokenizer
 from .settings import ServingConfig, request_settings
 
 KEEP_FINISHED = 4096
@@ -44,6 +48,36 @@ class PlannedRow:
     memory: RequestMemory
     new_tokens: int
     query_start: int
+    batched: bool = False  # a decode row whose column mass runs in the step's DecodeBatch
+
+
+@dataclass
+class DecodeBatch:
+    """The step's decode rows whose column mass runs batched (column_mass.decode_column_mass_batch).
+
+    Attributes:
+        planned: the PlannedRows, in batch order; rows: int64 [R] their batch rows (block table rows);
+        query_rows: int64 [R] their query rows; lengths: int64 [R] slots each attends (held + 1);
+        width: the largest length.
+    """
+
+    planned: list[PlannedRow]
+    rows: torch.Tensor
+    query_rows: torch.Tensor
+    lengths: torch.Tensor
+    width: int
+
+    @classmethod
+    def of(cls, plan: list[PlannedRow]) -> "DecodeBatch | None":
+        """The batch of the plan's batched rows, or None when fewer than two (one runs on its own)."""
+        rows = [p for p in plan if p.batched]
+        if len(rows) < 2:
+            for planned in rows:
+                planned.batched = False
+            return None
+        lengths = torch.tensor([p.memory.count + 1 for p in rows], dtype=torch.int64)
+        return cls(rows, torch.tensor([p.row for p in rows], dtype=torch.int64),
+                   torch.tensor([p.query_start for p in rows], dtype=torch.int64), lengths, int(lengths.max()))
 
 
 class HaloRunner:
@@ -71,7 +105,10 @@ class HaloRunner:
         self.settings: dict[str, ServingConfig | None] = {}
         self.finished: OrderedDict[str, dict] = OrderedDict()
         self.plan: list[PlannedRow] = []
+        self.decode: DecodeBatch | None = None  # the plan's decode rows, batched
         self.layout: BlockLayout | None = None  # probed on the first attention call
+        self.model_config = runner.model_config
+        self._tokenizer = None  # loaded when the first request with word or line units arrives
         self.audit: list[dict] | None = None  # set to [] to record every eviction's blocks (tests)
 
     # ------------------------------------------------------------ requests
@@ -79,6 +116,20 @@ class HaloRunner:
         if request_id not in self.settings:
             self.settings[request_id] = request_settings(self.engine, request_state.sampling_params)
         return self.settings[request_id]
+
+    def tokenizer(self, serving: ServingConfig):
+        """The model's tokenizer when `serving` gives its requests units (loaded once, with vLLM's own loader),
+        else None."""
+        if self._tokenizer is None and needs_tokenizer(serving):
+            from vllm.tokenizers import cached_tokenizer_from_config
+
+            self._tokenizer = cached_tokenizer_from_config(self.model_config)
+        return self._tokenizer
+
+    def new_memory(self, request_id: str, serving: ServingConfig, num_prompt_tokens: int) -> RequestMemory:
+        """A fresh RequestMemory for a request (its first step, or its first step after a resume)."""
+        return RequestMemory(request_id, serving, self.num_layers, num_prompt_tokens, self.tokenizer(serving),
+                             self.model_config.get_vocab_size())
 
     def forget(self, request_id: str, finished: bool) -> None:
         """Drop a request's memory; a finished request leaves its report behind, a preempted one (resumed by a
@@ -117,17 +168,19 @@ class HaloRunner:
             if serving is None:
                 continue
             logical, new = int(computed[row]), int(num_scheduled_tokens[row])
-            shifts[row] = accounting.shift(logical, serving.budget)
             memory = self.memories.get(request_id)
             if memory is None:
-                memory = RequestMemory(request_id, serving, self.num_layers, len(state.prompt_token_ids))
+                memory = self.new_memory(request_id, serving, len(state.prompt_token_ids))
                 self.memories[request_id] = memory
-            if memory.count != logical - shifts[row]:
-                raise RuntimeError(f"request {request_id}: Halo holds {memory.count} slots but the accounting rule "
-                                   f"gives {logical - shifts[row]} for {logical} tokens at budget {serving.budget}")
+            reserved = accounting.physical_length(logical, serving.budget)
+            if memory.count > reserved:
+                raise RuntimeError(f"request {request_id}: Halo holds {memory.count} slots but the scheduler "
+                                   f"reserves {reserved} for {logical} tokens at budget {serving.budget}")
+            shifts[row] = logical - memory.count
             start = int(query_start[row])
             memory.begin_step(logical, runner.input_ids.cpu[start:start + new])
-            self.plan.append(PlannedRow(row, request_id, memory, new, start))
+            self.plan.append(PlannedRow(row, request_id, memory, new, start, new == 1 and not memory.reference))
+        self.decode = DecodeBatch.of(self.plan)
         if not shifts.any():
             return
         total = int(query_start[num_reqs])
@@ -151,28 +204,47 @@ class HaloRunner:
             return
         if self.layout is None:
             self.layout = probe_layout(impl, layer, kv_cache)
+        if self.decode is not None:
+            self._observe_decode(index, impl.scale, query, kv_cache, attn_metadata.block_table)
         for planned in self.plan:
+            if planned.batched:  # done above
+                continue
             n = planned.memory.count + planned.new_tokens
             rows = query[planned.query_start:planned.query_start + planned.new_tokens].transpose(0, 1)
             keys = request_keys(kv_cache, self.layout, attn_metadata.block_table[planned.row], n)
             planned.memory.accumulate(index, rows, keys, impl.scale)
 
+    def _observe_decode(self, index: int, scale: float, query: torch.Tensor, kv_cache: torch.Tensor,
+                        block_table: torch.Tensor) -> None:
+        """One layer's column mass of every batched decode row at once (one key gather, one softmax)."""
+        batch = self.decode
+        keys = batch_key_blocks(kv_cache, self.layout, block_table[batch.rows], batch.width)
+        mass = decode_column_mass_batch(query[batch.query_rows], keys, scale, batch.lengths)  # [R, >= width]
+        for planned, row, n in zip(batch.planned, mass, batch.lengths.tolist()):
+            planned.memory.add_mass(index, row[:n])
+
+    def clear_plan(self) -> None:
+        """Forget the step's plan (before a forward, and once its cull is done)."""
+        self.plan, self.decode = [], None
+
     def finish_step(self, runner) -> None:
         """After the forward: brightness, cull, compaction in the paged cache, block table rows cut."""
-        plan, self.plan = self.plan, []
+        plan = self.plan
+        self.clear_plan()
         if not plan:
             return
         table = runner.input_batch.block_table[0]
         layer_caches = [runner.compilation_config.static_forward_context[name].kv_cache for name in self.layer_names]
         for planned in plan:
             moves = planned.memory.end_step()
-            if moves is None:
-                continue
-            block_ids = torch.from_numpy(table.block_table.np[planned.row, : table.num_blocks_per_row[planned.row]]
-                                         .copy())
-            self._move(layer_caches, block_ids, moves)
-            if self.audit is not None:
-                self._record_audit(planned, block_ids, moves, table)
+            if moves is not None:
+                block_ids = torch.from_numpy(
+                    table.block_table.np[planned.row, : table.num_blocks_per_row[planned.row]].copy())
+                self._move(layer_caches, block_ids, moves)
+                if self.audit is not None:
+                    self._record_audit(planned, block_ids, moves, table)
+            # every step, evictions or not: under a whole unit's shortfall a step may evict nothing while the
+            # scheduler reserved min(logical, budget) + new slots for it and frees the surplus block afterwards
             self._cut_row(runner, planned, table)
 
     def _move(self, layer_caches, block_ids: torch.Tensor, moves) -> None:
@@ -183,8 +255,11 @@ class HaloRunner:
             move_slots(cache, self.layout, block_ids, src[real], dst[real])
 
     def _cut_row(self, runner, planned: PlannedRow, table) -> None:
-        """Drop the row's blocks past ceil(count / block_size) from the worker's block table and request state."""
-        keep = accounting.blocks_needed(planned.memory.count, self.block_size)
+        """Drop the row's blocks past ceil(min(logical, budget) / block_size) from the worker's block table and
+        request state: the scheduler keeps exactly those (its rule, not the memory's count, which may be lower)."""
+        memory = planned.memory
+        keep = accounting.blocks_needed(accounting.physical_length(memory.seen, memory.config.budget),
+                                        self.block_size)
         held = int(table.num_blocks_per_row[planned.row])
         if held > keep:
             table.block_table.np[planned.row, keep:held] = 0

@@ -24,6 +24,7 @@ ENV_VAR = "HALO_VLLM_CONFIG"
 CONFIG_KEY = "halo"
 SERVING_KEYS = ("prompt_source", "output_source", "journal_dir")
 _HALO_FIELDS = {f.name for f in dataclasses.fields(HaloConfig)}
+_DEFAULT = HaloConfig()
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,11 @@ class ServingConfig:
     """What Halo keeps for one request served by vLLM.
 
     Attributes:
-        halo: the HaloConfig (budget, sink_tokens, recent_tokens, alpha, sources, dark_bias, dark_radius,
-            granularity are read; see `check_servable` for the settings serving refuses).
+        halo: the HaloConfig. Read: budget, sink_tokens, recent_tokens, alpha, sources, dark_bias, dark_radius,
+            granularity, unit_sources and word_units (words and lines, request_units), kernels ("auto" or
+            "reference"). Not read: chunk_size (vLLM's scheduler chunks prefill: max_num_batched_tokens) and
+            the repair_* tuning fields while repair is off. Refused (`check_servable`): repair, cull_threshold,
+            recall, kernels="triton" and a marker_text of its own (no elision marker is written inside vLLM).
         prompt_source: source name of prompt tokens (its SourcePolicy sets their initial brightness, decay and
             cull priority).
         output_source: source name of generated tokens.
@@ -59,6 +63,15 @@ def check_servable(serving: ServingConfig) -> ServingConfig:
     if cfg.cull_threshold is not None:
         raise ValueError("cull_threshold lets layers hold different counts, but one vLLM block table serves every "
                          "layer of a request; set cull_threshold to null")
+    if cfg.recall:
+        raise ValueError("halo recall re-runs the model on archived text and is not available inside vLLM; set "
+                         "recall to false")
+    if cfg.marker_text != _DEFAULT.marker_text:
+        raise ValueError("elision markers are not written inside vLLM (a culled line leaves no marker), so "
+                         "marker_text cannot be honoured; leave it at its default")
+    if cfg.kernels == "triton":
+        raise ValueError('kernels="triton" needs CUDA; the vLLM integration runs on the CPU attention backend '
+                         '(use "auto" or "reference")')
     for key in ("prompt_source", "output_source"):
         name = getattr(serving, key)
         policy = cfg.sources.get(name)

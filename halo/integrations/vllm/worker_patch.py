@@ -7,7 +7,7 @@ Patched, each a wrapper that calls vLLM's own method first and is a no-op for en
 * `GPUModelRunner._prepare_inputs`: `HaloRunner.plan_step` (physical seq_lens and slot mapping, logical positions).
 * `GPUModelRunner.execute_model`: marks the runner active for the attention wrapper during the forward, then
   `HaloRunner.finish_step` (brightness, cull, paged compaction, block table rows cut).
-* `vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward`: after the attention, `HaloRunner.observe`
+* `vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward`: before vLLM's kernel, `HaloRunner.observe`
   (column mass of each Halo request's query rows over its keys).
 
 CPUModelRunner (vllm.v1.worker.cpu_model_runner) subclasses GPUModelRunner without overriding these methods.
@@ -91,7 +91,7 @@ def _execute_model(original, runner, scheduler_output, *args, **kwargs):
     if not _engine_on(runner):
         return original(runner, scheduler_output, *args, **kwargs)
     halo = halo_of(runner)
-    halo.plan = []
+    halo.clear_plan()
     _active.runner = runner
     try:
         result = original(runner, scheduler_output, *args, **kwargs)
