@@ -6,10 +6,9 @@ the last layer, brightness is updated, the cache is culled back to the budget an
 buffers are the cache's own: read them through the properties, change them through the methods.
 
 A driver describes each forward with a `ForwardSpec` and runs it with `run(spec, forward)`, which returns a
-`StepResult` (see halo.forward). Without a driver (plain `model.generate`) the cache makes the default spec
-itself and closes each forward when the last layer's attention has run.
-
-Positions keep counting (RoPE sees true positions); `get_seq_length()` counts them. Batch size 1.
+`StepResult` (see halo.forward); without one (plain `model.generate`) the cache makes the default spec itself
+and closes each forward when the last layer's attention has run. Positions keep counting and RoPE sees them
+(or, with rope_positions="memory", ranks: halo.memory_positions); `get_seq_length()` counts them. Batch size 1.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from .config import HaloConfig
 from .cull import select_unit_victims, unit_runs
 from .forward import CullResult, Eviction, ForwardSpec, StepResult, causal_visibility, default_spec
 from .journal import Journal
+from .memory_positions import MemoryPositions
 from .policy import CullPolicy, HaloPolicy
 from .retained import RetainedReader
 from .slots import SlotStore
@@ -45,7 +45,7 @@ def _slot_property(name: str, doc: str):
     return property(lambda self: self._store.fields[name], doc=doc)
 
 
-class HaloCache(RetainedReader, Cache):
+class HaloCache(MemoryPositions, RetainedReader, Cache):
     """Fixed-budget KV cache with brightness, cull, compaction and a journal, one token set for every layer.
     `HaloCache(model, config)` with `config.granularity == "layer"` builds a `halo.layered_cache.LayeredHaloCache`
     (one token set per layer) instead.
@@ -79,8 +79,7 @@ class HaloCache(RetainedReader, Cache):
         return super().__new__(cls)
 
     def __init__(self, model=None, config: HaloConfig | None = None, *, policy: CullPolicy | None = None,
-                 num_layers=None, num_kv_heads=None, head_dim=None, dtype=None, device=None,
-                 default_source: str = "user"):
+                 num_layers=None, num_kv_heads=None, head_dim=None, dtype=None, device=None, default_source="user"):
         self.config = config or HaloConfig()
         self.config.validate()
         if model is not None:
@@ -106,6 +105,7 @@ class HaloCache(RetainedReader, Cache):
         self._store = SlotStore(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device,
                                 self.config.budget + self.config.chunk_size,
                                 groups=self.num_layers if self.per_layer else None)
+        self._init_memory_positions(model)
         policies = list(self.config.sources.values())
         self._initial = torch.tensor([p.initial for p in policies], dtype=torch.float32, device=self.device)
         self._decay = torch.tensor([0.0 if p.pinned else p.decay for p in policies], dtype=torch.float32,
@@ -210,6 +210,7 @@ class HaloCache(RetainedReader, Cache):
         slots["units"][new] = spec.units if spec.units is not None else -1
         slots["serials"][new] = torch.arange(self._next_serial, self._next_serial + t_rows, device=self.device)
         slots["brightness"][new] = self._initial[spec.source]
+        self._store_new_rope(new, t_rows)
         slots["mass"][: n + t_rows].zero_()
         slots["last_mass"][: n + t_rows].zero_()
 
@@ -282,7 +283,7 @@ class HaloCache(RetainedReader, Cache):
 
     def abort_forward(self) -> None:
         """Drop the forward in flight (or prepared) without committing it."""
-        self._flight = self._spec = None
+        self._flight = self._spec = self._rope_rows = None
         capture.clear_active()
 
     def _commit(self) -> StepResult:

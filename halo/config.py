@@ -66,6 +66,8 @@ def default_sources() -> dict[str, SourcePolicy]:
     }
 
 
+ROPE_POSITIONS = ("text", "memory")
+"""HaloConfig.rope_positions values: RoPE sees the text positions, or the ranks in the remembered memory."""
 GRANULARITIES = ("token", "layer")
 """HaloConfig.granularity values: one retained token set for all layers, or one per layer."""
 REPAIR_GUIDANCE = ("hard", "soft", "none")
@@ -139,6 +141,9 @@ class HaloConfig:
         recall_tokens: most tokens recalled per forward (hit units first, then their neighbours).
         recall_context: dead units within this many positions of a hit come back with it (a sentence around it).
         recall_grace: recalled tokens are protected from the cull for this many fed positions.
+        rope_positions: "text" (default, DESIGN.md): RoPE sees each token's position in the text; "memory": RoPE
+            sees its rank among the remembered tokens, so the holes the cull leaves close (halo.memory_positions;
+            models with rotary embeddings only).
     """
 
     budget: int = 512
@@ -173,6 +178,7 @@ class HaloConfig:
     recall_tokens: int = 32
     recall_context: int = 8
     recall_grace: int = 64
+    rope_positions: str = "text"
 
     def __post_init__(self):
         self.sources = dict(self.sources)
@@ -232,6 +238,8 @@ class HaloConfig:
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         self._validate_recall()
+        if self.rope_positions not in ROPE_POSITIONS:
+            raise ValueError(f"rope_positions must be one of {ROPE_POSITIONS}, got {self.rope_positions!r}")
         if self.kernels not in ("auto", "reference", "triton"):
             raise ValueError(f"kernels must be 'auto', 'reference' or 'triton', got {self.kernels!r}")
 

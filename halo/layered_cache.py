@@ -85,6 +85,9 @@ class LayeredHaloCache(RecallMemory, HaloCache):
         values = {"positions": spec.position_ids[:t_rows], "token_ids": spec.input_ids[:t_rows],
                   "sources": torch.full((t_rows,), spec.source, device=self.device), "units": units,
                   "serials": serials, "brightness": self._initial[spec.source].expand(t_rows)}
+        rope = self._new_rope(t_rows)
+        if rope is not None:
+            values["rope"] = rope
         fields = self._store.fields
         for name, value in values.items():
             fields[name].scatter_(1, idx, value.to(fields[name].dtype)[None, :].expand(layers, t_rows))
@@ -266,6 +269,8 @@ class LayeredHaloCache(RecallMemory, HaloCache):
     def _held(self) -> torch.Tensor:
         """bool [L, n_valid]: the slots each layer holds."""
         return torch.arange(self._n_valid, device=self.device)[None, :] < self._counts_t[:, None]
+
+    _held_slots = _held
 
     def _remembered(self) -> dict[str, torch.Tensor]:
         """Each remembered token once, ordered by birth (device tensors, read-only): its slot fields, `brightness`

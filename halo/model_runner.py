@@ -2,7 +2,7 @@
 
 Every forward a session makes goes through here: the stream forwards of fed and generated tokens (pending repair
 patches riding along), the elision markers' service forwards, and the flush of pending patches. The runner calls
-the model with the spec's rows and positions and the cache as `past_key_values`, inside `HaloCache.run`, and
+the model with the spec's rows at their RoPE positions (HaloCache.model_positions) and the cache as `past_key_values`, inside `HaloCache.run`, and
 counts the model's share of the time (the cache's own step work, `cache.halo_seconds`, left out).
 """
 
@@ -38,10 +38,11 @@ class ModelRunner:
         """
         halo_before = self.cache.halo_seconds
         t0 = time.perf_counter()
+        positions = self.cache.model_positions(spec)  # RoPE's view: the text positions or the memory ranks
 
         def forward():
             with torch.inference_mode():
-                return self.model(input_ids=spec.input_ids[None], position_ids=spec.position_ids[None],
+                return self.model(input_ids=spec.input_ids[None], position_ids=positions[None],
                                   past_key_values=self.cache, use_cache=True, logits_to_keep=logits_to_keep).logits
 
         out = self.cache.run(spec, forward)

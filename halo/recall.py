@@ -52,7 +52,8 @@ _PICK_FIELDS = ("serials", "positions", "token_ids", "sources", "units")
 
 
 def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *, num_layers: int, marker: int,
-               threshold: float, most: int, context: int, alpha: float) -> RecallPick | None:
+               threshold: float, most: int, context: int, alpha: float, priority: torch.Tensor | None = None,
+               displaced: torch.Tensor | None = None) -> RecallPick | None:
     """Choose what comes back from one forward's archive scores (RecallArchive.take_scores()).
 
     Args:
@@ -61,6 +62,12 @@ def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *
         held: the remembered tokens (cache.snapshot(): serials, positions, token_ids, sources, units, layers).
         num_layers: L (a token every layer holds is whole already); marker: the marker source code (never picked).
         threshold, most, context, alpha: HaloConfig.recall_threshold, recall_tokens, recall_context, alpha.
+        priority, displaced: recall never pushes out text that outranks it. A unit comes back only when its
+            source's priority (`priority`: float32 per source code) is at least that of what its tokens would push
+            out (`displaced[j]`: the priority of the j-th token the cull after a recall evicts, ascending,
+            LayeredHaloCache.displaced_priority; past its end only protected text is left, and the cull
+            falls back on it as it does without recall).
+            None: no check (tool output recalled during a flood may then push out what the user said).
     Returns:
         The tokens to make whole in every layer, or None: the hit units (forgotten: no layer holds them) by score,
         then the units within `context` positions of each, forgotten or held by some layers only.
@@ -94,16 +101,29 @@ def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *
     sizes = torch.bincount(unit_of, minlength=units)
     lo = torch.full((units,), 2 ** 62).scatter_reduce(0, unit_of, pool["positions"], "amin")
     hi = torch.full((units,), -1).scatter_reduce(0, unit_of, pool["positions"], "amax")
+    rank = torch.zeros(units).scatter_reduce_(0, unit_of, pool["sources"].float(), "amax").long()
+    outranks = None if priority is None or displaced is None else (priority.cpu()[rank], displaced.cpu())
+
+    def fits(unit: int, total: int) -> bool:
+        """Whether `unit` fits after `total` tokens and outranks (or ties) what it would push out."""
+        end = total + int(sizes[unit]) - 1
+        if end >= most:
+            return False
+        own, pushed = outranks if outranks is not None else (None, torch.zeros(0))
+        return end >= pushed.numel() or bool(own[unit] >= pushed[end])
+
     chosen: dict[int, float] = {}  # unit -> the gain it comes back with
     total = 0
     for hit in hits.tolist():
-        if total + int(sizes[hit]) > most:
+        if not fits(hit, total):
             continue
         near = torch.nonzero((hi >= lo[hit] - context) & (lo <= hi[hit] + context)).flatten().tolist()
         for other in [hit] + sorted(near, key=lambda u: abs(int(lo[u]) - int(lo[hit]))):
-            if other not in chosen and total + int(sizes[other]) <= most:
+            if other not in chosen and fits(other, total):
                 chosen[other] = float(best_gain[hit])
                 total += int(sizes[other])
+    if not chosen:
+        return None
     take = torch.isin(unit_of, torch.tensor(list(chosen)))
     order = torch.argsort(pool["positions"][take])
     gains = torch.tensor([chosen[u] for u in unit_of[take].tolist()])
@@ -148,26 +168,35 @@ class Recall:
 
     def __init__(self, config):
         self.config = config
+        self.priority = torch.tensor([p.priority for p in config.sources.values()], dtype=torch.float32)
+        self.line_codes = torch.tensor([config.source_code(name) for name in config.unit_sources], dtype=torch.int64)
         self.events = 0
         self.recalled = 0
 
-    def after_step(self, cache, runner, markers, new_positions: torch.Tensor) -> tuple[torch.Tensor | None, CullResult]:
-        """Recall what the last stream forward's rows (at `new_positions`, int64 [T]) point at, if anything.
+    def after_step(self, cache, runner, markers, new_positions: torch.Tensor,
+                   source: int | None = None) -> tuple[torch.Tensor | None, CullResult]:
+        """Recall what the last stream forward's rows (at `new_positions`, int64 [T]; of source code `source`)
+        point at, if anything. A forward of tool or log text (`unit_sources`) recalls no tool or log lines: output
+        read once does not bring back older output (during a flood it would keep re-reading itself).
 
         Returns (logits [V] of the last of those rows recomputed after the recall, or None when nothing came
         back; what the cull back to budget evicted).
         """
         archive = cache.archive
         scores = None if archive is None else archive.take_scores()
+        cfg = self.config
+        if scores is not None and source in self.line_codes.tolist():
+            keep = ~torch.isin(scores["sources"], self.line_codes.to(scores["sources"].device))
+            scores = {name: value[keep] for name, value in scores.items()}
         if scores is None or scores["serials"].numel() == 0:
             return None, CullResult()
-        cfg = self.config
         if not bool((scores["mass"] >= cfg.recall_threshold * scores["floor"]).any()):
             return None, CullResult()  # nothing reaches the bar: skip reading the memory (most decode steps)
         held = cache.snapshot()
         pick = pick_units(scores, held, num_layers=cache.num_layers, marker=cfg.source_code("marker"),
                           threshold=cfg.recall_threshold, most=cfg.recall_tokens, context=cfg.recall_context,
-                          alpha=cfg.alpha)
+                          alpha=cfg.alpha, priority=self.priority,
+                          displaced=cache.displaced_priority(cfg.recall_tokens))
         if pick is None:
             return None, CullResult()
         done = CullResult()

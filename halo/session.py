@@ -148,7 +148,7 @@ class Session:
         result.extend(self.markers.settle(cache, result.culled_runs, self.runner))
         if self.recall is not None:
             logits, recalled = self.recall.after_step(cache, self.runner, self.markers,
-                                                      spec.position_ids[:spec.new_rows])
+                                                      spec.position_ids[:spec.new_rows], spec.source)
             result.extend(recalled)
             if logits is not None:
                 self._last_logits = logits

@@ -39,12 +39,16 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recall", action="store_true", default=None,
                         help="bring forgotten text back when the conversation points at it (needs --granularity "
                         "layer, the default; default: off)")
+    parser.add_argument("--rope-positions", choices=("text", "memory"), default=None,
+                        help="what RoPE sees: each token's position in the text, or its rank in the remembered "
+                        f"memory, so culled stretches leave no gap (default {d.rope_positions})")
     parser.add_argument("--reference", action="store_true", help="force the plain-PyTorch reference path (no fused kernels)")
 
 
 _FLAG_FIELDS = {"budget": "budget", "sinks": "sink_tokens", "recent": "recent_tokens", "chunk": "chunk_size",
                 "dark_bias": "dark_bias", "cull_threshold": "cull_threshold", "repair": "repair",
-                "repair_threshold": "repair_threshold", "granularity": "granularity", "recall": "recall"}
+                "repair_threshold": "repair_threshold", "granularity": "granularity", "recall": "recall",
+                "rope_positions": "rope_positions"}
 
 
 def read_config_file(path: Path) -> dict:

@@ -192,3 +192,31 @@ def test_chat_shows_what_was_recalled(tiny_tok):
     run_chat(session, io.StringIO(script), out, system=None, max_new_tokens=4)
     text = out.getvalue()
     assert "tokens recalled in" in text and "| recalled " in text
+
+
+def test_pick_units_never_pushes_out_text_that_outranks_it():
+    # source 1 (the test's) has priority 0, source 2 priority 320: the unit comes back only where what its
+    # tokens would push out does not outrank it; past the end of `displaced` only protected text is left
+    scores = _scores([0, 1, 2], [5.0, 5.0, 5.0], [7, 7, 7])
+    held = _held([20], [2], [-1])
+    kw = {"num_layers": 2, "marker": 5, "threshold": 3.0, "most": 8, "context": 0, "alpha": 1.0,
+          "priority": torch.tensor([0.0, 0.0, 320.0])}
+    assert pick_units(scores, held, displaced=torch.tensor([0.0, 0.0, 320.0]), **kw) is None
+    assert pick_units(scores, held, displaced=torch.tensor([0.0, 0.0, 0.0, 320.0]), **kw).serials.tolist() == [0, 1, 2]
+    assert pick_units(scores, held, displaced=torch.tensor([0.0]), **kw).serials.tolist() == [0, 1, 2]
+    outranked = dict(kw, priority=torch.tensor([0.0, 320.0, 320.0]))  # ties come back
+    assert len(pick_units(scores, held, displaced=torch.full((3,), 320.0), **outranked)) == 3
+
+
+def test_tool_output_never_recalls_older_tool_output(tiny_tok):
+    """A forward of tool text scores the archive but brings back no tool or log line (a flood would keep re-reading
+    itself): at threshold 0 everything forgotten is a hit, and only user text comes back."""
+    sources = {**default_sources(), "user": SourcePolicy(initial=128.0, decay=1.0),
+               "tool": SourcePolicy(initial=128.0, decay=1.0)}  # equal priorities: tool lines could come back
+    session = recalling(tiny_llama(layers=2, vocab=len(tiny_tok)), tiny_tok, sources=sources)
+    session.feed(TEXT, "user")
+    for batch in range(6):
+        session.feed(f"w{batch} ok\n" * 4, "tool")  # lines of 5 tokens: each fits recall_tokens
+        check_accounting(session)
+    recalled = [e for e in session.journal if e.kind == "recalled"]
+    assert recalled and all(e.source != "tool" for e in recalled)  # the user text came back, no tool line

@@ -63,6 +63,8 @@ def test_settings_parse_round_trip_and_errors():
         parse({"cull_threshold": 10.0})
     with pytest.raises(ValueError, match="recall"):
         parse({"recall": True})
+    with pytest.raises(ValueError, match="rope_positions"):
+        parse({"rope_positions": "memory"})
     with pytest.raises(ValueError, match="marker"):
         parse({"marker_text": "<cut>\n"})
     with pytest.raises(ValueError, match="triton"):

@@ -36,7 +36,7 @@ class ServingConfig:
             granularity, unit_sources and word_units (words and lines, request_units), kernels ("auto" or
             "reference"). Not read: chunk_size (vLLM's scheduler chunks prefill: max_num_batched_tokens) and
             the repair_* tuning fields while repair is off. Refused (`check_servable`): repair, cull_threshold,
-            recall, kernels="triton" and a marker_text of its own (no elision marker is written inside vLLM).
+            recall, rope_positions="memory", kernels="triton" and a marker_text of its own (no elision marker is written inside vLLM).
         prompt_source: source name of prompt tokens (its SourcePolicy sets their initial brightness, decay and
             cull priority).
         output_source: source name of generated tokens.
@@ -66,6 +66,9 @@ def check_servable(serving: ServingConfig) -> ServingConfig:
     if cfg.recall:
         raise ValueError("halo recall re-runs the model on archived text and is not available inside vLLM; set "
                          "recall to false")
+    if cfg.rope_positions != "text":
+        raise ValueError("vLLM computes RoPE from each request's token count, so rope_positions='memory' "
+                         "(ranks in the remembered memory) is not available inside vLLM; leave it at 'text'")
     if cfg.marker_text != _DEFAULT.marker_text:
         raise ValueError("elision markers are not written inside vLLM (a culled line leaves no marker), so "
                          "marker_text cannot be honoured; leave it at its default")

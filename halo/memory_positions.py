@@ -1,0 +1,111 @@
+"""Memory positions: RoPE that reads the remembered text without its holes (HaloConfig.rope_positions="memory").
+
+With text positions (the default, DESIGN.md step 4) every slot keeps its token's absolute position. Once a long
+flood of tool output has been culled, what is left of the conversation sits thousands of positions before the
+question with nothing in between, a gap no model saw in training. Measured with the embedded SmolLM2 on the
+long-flood conversations (README, Recall): the same remembered tokens, run afresh at their text positions,
+answer wrong; run at contiguous positions, right. StreamingLLM places its cache the same way (positions within
+the cache, not in the text).
+
+With memory positions a token's RoPE position is its rank among the remembered positions (a position some layer
+holds; every layer uses the same numbering, so a query row has one position for all layers): the sinks sit at
+0, 1, ..., and the newest token right after the last remembered one. The slot field `positions` still holds the
+text position (journal, masks, markers, recall and diffs read that); the slot field `rope` holds the position
+whose rotation is baked into the slot's cached key. Before each forward, `MemoryPositions.model_positions`
+re-ranks the remembered tokens together with the forward's new rows and rotates each key whose rank moved by the
+difference (RoPE rotations compose: R(a) R(b) = R(a + b)), so the holes left by the last cull close and a row
+recalled into the middle finds its place.
+
+Exact in float32. In fp16/bf16 every re-rank of a key rounds it once more. Archived keys (recall) keep the
+rotation they died with. Models without a rotate-half rotary embedding over the whole head are refused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .forward import ForwardSpec
+
+
+def rope_inv_freq(model, head_dim: int) -> torch.Tensor:
+    """float32 [head_dim / 2]: the inverse frequencies of `model`'s rotary embedding (its `inv_freq` buffer, any
+    scaling already folded in). ValueError when the model has none, or one that does not rotate the whole head."""
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor):
+            if 2 * inv_freq.numel() != head_dim:
+                raise ValueError(f"rope_positions='memory' needs RoPE over the whole head; {type(module).__name__} "
+                                 f"rotates {2 * inv_freq.numel()} of {head_dim} dims")
+            return inv_freq.detach().float()
+    raise ValueError(f"rope_positions='memory' needs a model with rotary position embeddings; "
+                     f"{type(model).__name__} has no module with an `inv_freq` buffer")
+
+
+def rotate_keys_(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> None:
+    """Rotate cached keys in place by `delta` positions (the rotate-half RoPE convention of transformers).
+
+    keys: [..., n, D] (fp32/fp16/bf16; rotated in float32); delta: int64 broadcastable to keys.shape[:-1];
+    inv_freq: float32 [D / 2] on the keys' device.
+    """
+    angle = delta.to(torch.float32)[..., None] * inv_freq
+    cos, sin = torch.cat([angle.cos(), angle.cos()], -1), torch.cat([angle.sin(), angle.sin()], -1)
+    k = keys.float()
+    half = k.shape[-1] // 2
+    rotated = torch.cat([-k[..., half:], k[..., :half]], -1)
+    keys.copy_(k * cos + rotated * sin)
+
+
+class MemoryPositions:
+    """Mixin of HaloCache: the RoPE positions of its forwards (uses its slot store, `config` and `_held_slots`)."""
+
+    _inv_freq: torch.Tensor | None = None
+    _rope_rows: torch.Tensor | None = None
+
+    def _init_memory_positions(self, model) -> None:
+        """With rope_positions "memory": read the model's rotary frequencies and add the `rope` slot field."""
+        if self.config.rope_positions != "memory":
+            return
+        if model is None:
+            raise ValueError("rope_positions='memory' needs the model (its rotary embedding) to build the cache")
+        self._inv_freq = rope_inv_freq(model, self.head_dim).to(self.device)
+        self.add_slot_field("rope", torch.int64, 0)
+
+    def model_positions(self, spec: ForwardSpec) -> torch.Tensor:
+        """int64 [R]: the positions the model's RoPE sees for `spec`'s rows: the text positions, or with memory
+        positions each row's rank among the remembered positions and the rows' own, after the cached keys have
+        been rotated to their ranks in the same numbering."""
+        if self._inv_freq is None:
+            return spec.position_ids
+        n, fields = self._n_valid, self._store.fields
+        held = self._held_slots()
+        positions, rope = fields["positions"][..., :n], fields["rope"][..., :n]
+        numbering = torch.unique(torch.cat([positions[held], spec.position_ids[:spec.new_rows]]))
+        ranks = torch.searchsorted(numbering, positions.contiguous())
+        delta = (ranks - rope).masked_fill_(~held, 0)
+        if delta.is_cuda or bool(delta.any()):  # on the CPU the check costs less than rotating nothing
+            keys = self._store.kv[:, 0, :, :n]  # [L, Hkv, n, D]
+            rotate_keys_(keys, delta[:, None, :] if delta.dim() == 2 else delta, self._inv_freq)
+            rope.copy_(torch.where(held, ranks, rope))
+        rows = torch.searchsorted(numbering, spec.position_ids)
+        self._rope_rows = rows[:spec.new_rows]
+        return rows
+
+    def _held_slots(self) -> torch.Tensor:
+        """bool [n_valid]: the retained slots (every one; LayeredHaloCache: [L, n_valid], each layer's own)."""
+        return torch.ones(self._n_valid, dtype=torch.bool, device=self.device)
+
+    def _store_new_rope(self, new: slice, t_rows: int) -> None:
+        """Write the `rope` field of a forward's new slots `new` (fields [C]) with memory positions."""
+        rope = self._new_rope(t_rows)
+        if rope is not None:
+            self._store.fields["rope"][new] = rope
+
+    def _new_rope(self, t_rows: int) -> torch.Tensor | None:
+        """The `rope` values of a forward's new slots (int64 [T]), or None with text positions."""
+        if self._inv_freq is None:
+            return None
+        rows, self._rope_rows = self._rope_rows, None
+        if rows is None or rows.numel() != t_rows:
+            raise RuntimeError("rope_positions='memory': a forward must be driven by a Session (ModelRunner), "
+                               "which gives the model its memory positions")
+        return rows

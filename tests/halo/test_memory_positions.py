@@ -1,0 +1,125 @@
+"""Memory positions (HaloConfig(rope_positions="memory"), halo.memory_positions): RoPE reads the remembered
+tokens at their ranks, with the cached keys rotated exactly to them after every cull, recall and marker."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from tiny import tiny_llama
+from halo import HaloConfig, Session, SourcePolicy, default_sources
+from halo.memory_positions import rope_inv_freq, rotate_keys_
+
+TEXT = ("the quick brown fox jumps over the lazy dog and keeps running far away into the night while "
+        "seven small owls count 48213 stars above the quiet river bank. ")
+
+
+def memory_session(model, tok, **changes):
+    sources = {**default_sources(), "user": SourcePolicy(initial=128.0, decay=1.0, priority=320.0)}
+    config = HaloConfig(**{"budget": 40, "sink_tokens": 2, "recent_tokens": 6, "chunk_size": 4, "sources": sources,
+                           "rope_positions": "memory", **changes})
+    return Session(model, tok, config)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1023, 64), (3, 2, 7, 32), (2, 5, 16)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
+def test_rotate_keys_matches_transformers_rope_and_composes(shape, dtype, tol):
+    torch.manual_seed(0)
+    head_dim = shape[-1]
+    config = tiny_llama(hidden=4 * head_dim, heads=4, kv_heads=2).config
+    rotary = LlamaRotaryEmbedding(config)
+    keys = torch.randn(shape)
+    delta = torch.randint(-40, 400, shape[:-1])
+    cos, sin = rotary(keys, delta.reshape(1, -1))
+    expected = apply_rotary_pos_emb(keys.reshape(1, 1, -1, head_dim), keys.reshape(1, 1, -1, head_dim),
+                                    cos, sin)[0].reshape(shape)
+    got = keys.clone().to(dtype)
+    rotate_keys_(got, delta, rotary.inv_freq)
+    torch.testing.assert_close(got.float(), expected, atol=tol * 8, rtol=tol)
+    twice = keys.clone()  # R(a) R(b) = R(a + b)
+    rotate_keys_(twice, delta // 3, rotary.inv_freq)
+    rotate_keys_(twice, delta - delta // 3, rotary.inv_freq)
+    torch.testing.assert_close(twice, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_models_without_whole_head_rope_are_refused():
+    with pytest.raises(ValueError, match="rotary"):
+        rope_inv_freq(torch.nn.Linear(4, 4), 4)
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="whole head"):
+        rope_inv_freq(model, 2 * model.config.hidden_size)
+    with pytest.raises(ValueError, match="rope_positions"):
+        HaloConfig(rope_positions="slots")
+
+
+def _layer0_keys_match_a_fresh_run(model, session):
+    """Layer 0's keys depend only on the token and its RoPE position: every layer-0 slot's key must equal the key
+    a fresh run of the same tokens at their `rope` positions computes. Those positions keep the text order and
+    are the ranks among what was remembered when the last forward began (the holes its cull left close at the
+    next forward), so they stay far below the text positions."""
+    cache = session.cache
+    per_layer = cache.positions.dim() == 2
+    count = cache.layer_length(0)
+    positions = (cache.positions[0] if per_layer else cache.positions)[:count]
+    rope = (cache.slot_field("rope")[0] if per_layer else cache.slot_field("rope"))[:count]
+    tokens = (cache.token_ids[0] if per_layer else cache.token_ids)[:count]
+    assert torch.equal(torch.sort(rope).indices, torch.sort(positions).indices)
+    assert len(torch.unique(rope)) == count and int(rope.max()) < 2 * cache.config.budget < int(positions.max())
+    fresh = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=tokens[None], position_ids=rope[None], past_key_values=fresh, use_cache=True)
+    torch.testing.assert_close(cache.kv[0, 0, :, :count], fresh.layers[0].keys[0], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["token", "layer"])
+def test_keys_sit_at_their_memory_ranks_after_culls_markers_and_recall(tiny_tok, granularity):
+    model = tiny_llama(layers=2, vocab=len(tiny_tok))
+    recall = {"recall": True, "recall_threshold": 0.0, "recall_tokens": 6, "recall_context": 2,
+              "recall_grace": 8} if granularity == "layer" else {}
+    session = memory_session(model, tiny_tok, granularity=granularity, **recall)
+    markers = 0
+    for _ in range(3):
+        session.feed(TEXT, "user")
+        session.feed("2026-11-22 worker 3 processed batch 7 ok\n" * 3, "tool")
+        _layer0_keys_match_a_fresh_run(model, session)
+        markers = max(markers, session.stats()["markers"])
+    session.generate(5, stop_on_eos=False)
+    _layer0_keys_match_a_fresh_run(model, session)
+    stats = session.stats()
+    assert stats["evicted"] > 0 and (markers > 0 or recall)  # with recall at threshold 0 every line comes back
+    if recall:
+        assert stats["recalled"] > 0
+
+
+@pytest.mark.parametrize("granularity", ["token", "layer"])
+def test_memory_positions_change_nothing_before_the_first_cull(tiny_tok, granularity):
+    model = tiny_llama(layers=2, vocab=len(tiny_tok))
+    logits = {}
+    for mode in ("text", "memory"):
+        session = memory_session(model, tiny_tok, granularity=granularity, rope_positions=mode, budget=400)
+        session.feed(TEXT * 2, "user")
+        logits[mode] = session.last_logits
+        assert session.stats()["evicted"] == 0
+    torch.testing.assert_close(logits["memory"], logits["text"], atol=1e-5, rtol=1e-5)
+
+
+def test_a_saved_memory_session_continues_exactly(tiny_tok, tmp_path):
+    model = tiny_llama(layers=2, vocab=len(tiny_tok))
+    original = memory_session(model, tiny_tok, granularity="layer")
+    original.feed(TEXT * 2, "user")
+    restored = Session.load(original.save(tmp_path / "s.halo"), model, tiny_tok)
+    n = original.cache.n_valid
+    assert torch.equal(restored.cache.slot_field("rope")[..., :n], original.cache.slot_field("rope")[..., :n])
+    for session in (original, restored):
+        session.feed(TEXT, "user")
+    torch.testing.assert_close(restored.last_logits, original.last_logits)
+
+
+def test_cli_flag_sets_memory_positions():
+    from halo.cli import build_parser
+    from halo.cli.common import config_from_args
+
+    for command in ("run", "chat"):
+        args = build_parser().parse_args([command, "--rope-positions", "memory"])
+        assert config_from_args(args).rope_positions == "memory"
+    assert config_from_args(build_parser().parse_args(["run"])).rope_positions == "text"
