@@ -140,25 +140,29 @@ def bench_default_cache_generate_step(benchmark, smollm, record_ratio):
             cache.crop(-1)
 
         benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=3)
-    for granularity in GRANULARITIES:
-        record_ratio(benchmark, _session_group(granularity), "reference")
+    for granularity, positions in VARIANTS:
+        record_ratio(benchmark, _session_group(granularity, positions), "reference")
 
 
-GRANULARITIES = ("token", "layer")
+VARIANTS = (("token", "text"), ("layer", "text"), ("layer", "memory"))
+"""(granularity, rope_positions) of the Halo sessions timed against DynamicCache."""
 
 
-def _session_group(granularity: str) -> str:
-    return SESSION_GROUP if granularity == "token" else f"{SESSION_GROUP}-{granularity}"
+def _session_group(granularity: str, positions: str) -> str:
+    suffix = ("" if granularity == "token" else f"-{granularity}") + ("" if positions == "text" else f"-{positions}")
+    return SESSION_GROUP + suffix
 
 
-@pytest.mark.parametrize("granularity", GRANULARITIES)
-def bench_session_generate_step(benchmark, smollm_pair, record_ratio, granularity):
+@pytest.mark.parametrize("granularity,positions", VARIANTS)
+def bench_session_generate_step(benchmark, smollm_pair, record_ratio, granularity, positions):
     """One `Session.generate` token at budget BUDGET after FED tokens were fed: every step evicts one token
-    (with granularity "layer": one per layer, each layer by its own brightness)."""
+    (with granularity "layer": one per layer, each layer by its own brightness; with memory positions the keys
+    after each hole are rotated to their new ranks before the next step)."""
     from halo import Session
 
     model, tokenizer = smollm_pair
-    config = HaloConfig(budget=BUDGET, recent_tokens=64, chunk_size=64, granularity=granularity)
+    config = HaloConfig(budget=BUDGET, recent_tokens=64, chunk_size=64, granularity=granularity,
+                        rope_positions=positions)
     session = Session(model, tokenizer, config)
     session.feed_ids(_fed_ids(model))
     evicted = session.stats()["evicted"]
@@ -171,4 +175,4 @@ def bench_session_generate_step(benchmark, smollm_pair, record_ratio, granularit
     assert stats["retained"] <= BUDGET
     if granularity == "token":  # at least one token a step (a whole word can take more)
         assert stats["evicted"] >= evicted + (1 if benchmark.disabled else ROUNDS + 3)
-    record_ratio(benchmark, _session_group(granularity), "halo")
+    record_ratio(benchmark, _session_group(granularity, positions), "halo")

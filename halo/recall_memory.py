@@ -50,12 +50,18 @@ class RecallMemory:
         return ranks[torch.isfinite(ranks)]
 
     def _protect_graced(self, protected: torch.Tensor) -> torch.Tensor:
-        """`protected` [L, n] with the recalled tokens still in their grace period added."""
+        """`protected` [L, n] with the recalled tokens still in their grace period added, unless that would leave
+        some layer fewer unprotected slots than it must free to reach the budget: the budget wins over a grace
+        period (a recall near the protected set's size, with markers being placed, could otherwise block the cull)."""
         n = protected.shape[1]
         self._grace = [grace for grace in self._grace if self._seen < grace[2]]
+        graced = protected.clone()
         for first, stop, _ in self._grace:
-            protected |= (self.serials[:, :n] >= first) & (self.serials[:, :n] < stop)
-        return protected
+            graced |= (self.serials[:, :n] >= first) & (self.serials[:, :n] < stop)
+        if not self._grace:
+            return graced
+        need = (self._counts_t - self.config.budget).clamp(min=0)
+        return protected if bool(((~graced).sum(1) < need).any()) else graced
 
     def _archive_victims(self, victims: torch.Tensor) -> None:
         """Put the keys of the retrieval layers' victims (int64 [L, k], -1 padded; text tokens, not markers) into

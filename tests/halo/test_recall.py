@@ -220,3 +220,17 @@ def test_tool_output_never_recalls_older_tool_output(tiny_tok):
         check_accounting(session)
     recalled = [e for e in session.journal if e.kind == "recalled"]
     assert recalled and all(e.source != "tool" for e in recalled)  # the user text came back, no tool line
+
+
+def test_a_grace_period_never_blocks_the_cull(tiny_tok):
+    """recall_tokens near the room left by the protected set: recalled lines under grace plus the markers being
+    placed once left a layer nothing to cull (RuntimeError); the budget now wins over the grace period."""
+    sources = {**default_sources(), "user": SourcePolicy(initial=128.0, decay=1.0),
+               "tool": SourcePolicy(initial=128.0, decay=1.0)}
+    session = recalling(tiny_llama(layers=2, vocab=len(tiny_tok)), tiny_tok, sources=sources, recall_tokens=30)
+    session.feed(TEXT, "user")
+    for batch in range(6):
+        session.feed(f"2026-11-22 worker {batch} processed batch 7 ok\n" * 3, "tool")
+        session.feed(QUESTION, "user")
+        check_accounting(session)
+    assert session.stats()["recalled"] > 0
