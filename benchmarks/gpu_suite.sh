@@ -449,6 +449,7 @@ CUDA_TESTS=(
     tests/halo_kernels/test_pipeline_cuda.py
     tests/repair/test_graphs.py
     tests/halo/test_repair_loop.py
+    tests/halo/test_memory_positions.py
 )
 if [ "${SKIP_TESTS:-0}" = 1 ]; then
     skip_phase tests "SKIP_TESTS=1"

@@ -13,8 +13,9 @@ holds; every layer uses the same numbering, so a query row has one position for 
 text position (journal, masks, markers, recall and diffs read that); the slot field `rope` holds the position
 whose rotation is baked into the slot's cached key. Before each forward, `MemoryPositions.model_positions`
 re-ranks the remembered tokens together with the forward's new rows and rotates each key whose rank moved by the
-difference (RoPE rotations compose: R(a) R(b) = R(a + b)), so the holes left by the last cull close and a row
-recalled into the middle finds its place.
+difference (RoPE rotations compose: R(a) R(b) = R(a + b)), so the holes left by the culls close and a row
+recalled into the middle finds its place; a stream forward after the memory skips that until the holes add up to
+more than `RERANK_SLACK` positions.
 
 Exact in float32. In fp16/bf16 every re-rank of a key rounds it once more. Archived keys (recall) keep the
 rotation they died with. Models without a rotate-half rotary embedding over the whole head are refused.
@@ -55,8 +56,16 @@ def rotate_keys_(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor
     keys.copy_(k * cos + rotated * sin)
 
 
+RERANK_SLACK = 32
+"""Holes of up to this many positions in all may stay open between re-ranks: a stream forward whose rows all come
+after the memory continues from the newest key unless the holes closed since the last re-rank exceed it (then
+every moved key is rotated). Re-ranking every step cost a per-layer SmolLM2 step at budget 512 about 12 ms of
+rotation on CPU; a few positions of slack read as no gap at all."""
+
+
 class MemoryPositions:
-    """Mixin of HaloCache: the RoPE positions of its forwards (uses its slot store, `config` and `_held_slots`)."""
+    """Mixin of HaloCache: the RoPE positions of its forwards (uses its slot store, `config` and `n_valid`;
+    LayeredHaloCache overrides `_held_slots`)."""
 
     _inv_freq: torch.Tensor | None = None
     _rope_rows: torch.Tensor | None = None
@@ -79,13 +88,19 @@ class MemoryPositions:
         n, fields = self._n_valid, self._store.fields
         held = self._held_slots()
         positions, rope = fields["positions"][..., :n], fields["rope"][..., :n]
+        rows = self._rows_after(spec, positions[held], rope[held])
+        if rows is not None:
+            self._rope_rows = rows
+            return rows
         numbering = torch.unique(torch.cat([positions[held], spec.position_ids[:spec.new_rows]]))
         ranks = torch.searchsorted(numbering, positions.contiguous())
         delta = (ranks - rope).masked_fill_(~held, 0)
-        if delta.is_cuda or bool(delta.any()):  # on the CPU the check costs less than rotating nothing
+        if delta.is_cuda:  # rotate every slot (a zero delta leaves a key as it is): no gather of the moved ones
             keys = self._store.kv[:, 0, :, :n]  # [L, Hkv, n, D]
             rotate_keys_(keys, delta[:, None, :] if delta.dim() == 2 else delta, self._inv_freq)
-            rope.copy_(torch.where(held, ranks, rope))
+        elif bool(delta.any()):  # on the CPU only the keys after a hole move
+            self._rotate_moved(delta)
+        rope.copy_(torch.where(held, ranks, rope))
         rows = torch.searchsorted(numbering, spec.position_ids)
         self._rope_rows = rows[:spec.new_rows]
         return rows
@@ -99,6 +114,33 @@ class MemoryPositions:
         rope = self._new_rope(t_rows)
         if rope is not None:
             self._store.fields["rope"][new] = rope
+
+    @staticmethod
+    def _rows_after(spec: ForwardSpec, held_positions: torch.Tensor, held_rope: torch.Tensor) -> torch.Tensor | None:
+        """The rows' RoPE positions when the keys may stay as they are: only new rows, all after every remembered
+        token, and the holes since the last re-rank add up to at most RERANK_SLACK positions (the rows then
+        continue from the newest key). None when the memory must be re-ranked first."""
+        if spec.rows != spec.new_rows or held_positions.numel() == 0:
+            return None
+        newest = int(held_rope.max())
+        drift = newest - (torch.unique(held_positions).numel() - 1)  # grows along position order: the newest's
+        if drift > RERANK_SLACK or int(spec.position_ids.min()) <= int(held_positions.max()):
+            return None
+        return newest + 1 + torch.arange(spec.rows, device=spec.position_ids.device)
+
+    def _rotate_moved(self, delta: torch.Tensor) -> None:
+        """Rotate only the keys whose rank moved (`delta` int64 [n] or [L, n], nonzero where it moved)."""
+        keys = self._store.kv[:, 0]  # [L, Hkv, C, D]
+        if delta.dim() == 1:
+            cols = torch.nonzero(delta).flatten()
+            moved = keys[:, :, cols]
+            rotate_keys_(moved, delta[cols], self._inv_freq)
+            keys[:, :, cols] = moved
+        else:
+            layers, cols = torch.nonzero(delta, as_tuple=True)
+            moved = keys[layers, :, cols]  # [k, Hkv, D]
+            rotate_keys_(moved, delta[layers, cols][:, None], self._inv_freq)
+            keys[layers, :, cols] = moved
 
     def _new_rope(self, t_rows: int) -> torch.Tensor | None:
         """The `rope` values of a forward's new slots (int64 [T]), or None with text positions."""
