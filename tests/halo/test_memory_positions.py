@@ -129,3 +129,12 @@ def test_cli_flag_sets_memory_positions():
         args = build_parser().parse_args([command, "--rope-positions", "memory"])
         assert config_from_args(args).rope_positions == "memory"
     assert config_from_args(build_parser().parse_args(["run"])).rope_positions == "text"
+
+
+def test_plain_generate_is_refused_with_memory_positions():
+    from halo import HaloCache
+
+    model = tiny_llama(layers=2)
+    cache = HaloCache(model, HaloConfig(budget=40, sink_tokens=2, recent_tokens=6, rope_positions="memory"))
+    with pytest.raises(RuntimeError, match="Session"):
+        model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=2, do_sample=False, past_key_values=cache)
