@@ -88,11 +88,12 @@ class MemoryPositions:
         n, fields = self._n_valid, self._store.fields
         held = self._held_slots()
         positions, rope = fields["positions"][..., :n], fields["rope"][..., :n]
-        rows = self._rows_after(spec, positions[held], rope[held])
+        held_positions = positions[held]
+        rows = self._rows_after(spec, held_positions, rope[held])
         if rows is not None:
             self._rope_rows = rows
             return rows
-        numbering = torch.unique(torch.cat([positions[held], spec.position_ids[:spec.new_rows]]))
+        numbering = torch.unique(torch.cat([held_positions, spec.position_ids[:spec.new_rows]]))
         ranks = torch.searchsorted(numbering, positions.contiguous())
         delta = (ranks - rope).masked_fill_(~held, 0)
         if delta.is_cuda:  # rotate every slot (a zero delta leaves a key as it is): no gather of the moved ones

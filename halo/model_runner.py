@@ -2,8 +2,9 @@
 
 Every forward a session makes goes through here: the stream forwards of fed and generated tokens (pending repair
 patches riding along), the elision markers' service forwards, and the flush of pending patches. The runner calls
-the model with the spec's rows at their RoPE positions (HaloCache.model_positions) and the cache as `past_key_values`, inside `HaloCache.run`, and
-counts the model's share of the time (the cache's own step work, `cache.halo_seconds`, left out).
+the model with the spec's rows at their RoPE positions (HaloCache.model_positions) and the cache as
+`past_key_values`, inside `HaloCache.run`, and counts the model's share of the time (the cache's own step work,
+`cache.halo_seconds`, left out).
 """
 
 from __future__ import annotations

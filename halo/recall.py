@@ -101,16 +101,15 @@ def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *
     sizes = torch.bincount(unit_of, minlength=units)
     lo = torch.full((units,), 2 ** 62).scatter_reduce(0, unit_of, pool["positions"], "amin")
     hi = torch.full((units,), -1).scatter_reduce(0, unit_of, pool["positions"], "amax")
-    rank = torch.zeros(units).scatter_reduce_(0, unit_of, pool["sources"].float(), "amax").long()
-    outranks = None if priority is None or displaced is None else (priority.cpu()[rank], displaced.cpu())
+    own, pushed = None, torch.zeros(0)  # each unit's source priority; what the j-th recalled token pushes out
+    if priority is not None and displaced is not None:
+        own = priority.cpu()[torch.zeros(units).scatter_reduce_(0, unit_of, pool["sources"].float(), "amax").long()]
+        pushed = displaced.cpu()
 
     def fits(unit: int, total: int) -> bool:
         """Whether `unit` fits after `total` tokens and outranks (or ties) what it would push out."""
         end = total + int(sizes[unit]) - 1
-        if end >= most:
-            return False
-        own, pushed = outranks if outranks is not None else (None, torch.zeros(0))
-        return end >= pushed.numel() or bool(own[unit] >= pushed[end])
+        return end < most and (end >= pushed.numel() or bool(own[unit] >= pushed[end]))
 
     chosen: dict[int, float] = {}  # unit -> the gain it comes back with
     total = 0
@@ -196,7 +195,7 @@ class Recall:
         pick = pick_units(scores, held, num_layers=cache.num_layers, marker=cfg.source_code("marker"),
                           threshold=cfg.recall_threshold, most=cfg.recall_tokens, context=cfg.recall_context,
                           alpha=cfg.alpha, priority=self.priority,
-                          displaced=cache.displaced_priority(cfg.recall_tokens))
+                          displaced=cache.displaced_priority(cfg.recall_tokens, self.priority))
         if pick is None:
             return None, CullResult()
         done = CullResult()

@@ -38,15 +38,15 @@ class RecallMemory:
         """Whether a stream forward of `source` scores the archive at layer `layer_idx`."""
         return self.archive is not None and source in self._recall_sources and layer_idx in self.archive.ring_of
 
-    def displaced_priority(self, most: int) -> torch.Tensor:
-        """float32 [<= most]: the source priority of what recalled tokens would push out. Entry j is the median
-        over layers of the priority of each layer's (j+1)-th next victim (the slots it could evict now, lowest
-        policy score first; +inf where a layer has fewer); it ends where most layers have no more. One host read."""
+    def displaced_priority(self, most: int, priority: torch.Tensor) -> torch.Tensor:
+        """float32 [<= most]: the source priority (`priority`: float32 per source code) of what recalled tokens
+        would push out. Entry j is the median over layers of the priority of each layer's (j+1)-th next victim
+        (the slots it could evict now, lowest policy score first; +inf where a layer has fewer); it ends where most
+        layers have no more. One host read."""
         scores = self.policy.scores(self).masked_fill(self.protected_mask(), float("inf"))
         low = torch.topk(scores, min(most, scores.shape[1]), dim=1, largest=False)
-        priority = torch.tensor([p.priority for p in self.config.sources.values()], device=self.device)
-        ranks = priority[self.sources.gather(1, low.indices)].masked_fill(low.values.isinf(), float("inf"))
-        ranks = ranks.median(dim=0).values.cpu()
+        ranks = priority.to(self.device)[self.sources.gather(1, low.indices)]
+        ranks = ranks.masked_fill(low.values.isinf(), float("inf")).median(dim=0).values.cpu()
         return ranks[torch.isfinite(ranks)]
 
     def _protect_graced(self, protected: torch.Tensor) -> torch.Tensor:
@@ -55,11 +55,11 @@ class RecallMemory:
         period (a recall near the protected set's size, with markers being placed, could otherwise block the cull)."""
         n = protected.shape[1]
         self._grace = [grace for grace in self._grace if self._seen < grace[2]]
+        if not self._grace:
+            return protected
         graced = protected.clone()
         for first, stop, _ in self._grace:
             graced |= (self.serials[:, :n] >= first) & (self.serials[:, :n] < stop)
-        if not self._grace:
-            return graced
         need = (self._counts_t - self.config.budget).clamp(min=0)
         return protected if bool(((~graced).sum(1) < need).any()) else graced
 
