@@ -450,6 +450,7 @@ CUDA_TESTS=(
     tests/repair/test_graphs.py
     tests/halo/test_repair_loop.py
     tests/halo/test_memory_positions.py
+    tests/halo/test_archive_positions.py
 )
 if [ "${SKIP_TESTS:-0}" = 1 ]; then
     skip_phase tests "SKIP_TESTS=1"

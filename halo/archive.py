@@ -8,6 +8,11 @@ would look. Each ring holds `capacity` tokens; when full, the oldest entry is ov
 
 Storage, on the cache's device: keys [R, Hkv, A, D] in fp16 (bf16 when the model is bf16) and int64 fields
 [R, A]; `bytes_per_token` reports the cost of one archived token at every retrieval layer.
+
+Positions: with text positions (the default) a key keeps the rotation of its text position, which never moves.
+With memory positions (`inv_freq` given, halo.memory_positions) a key's rotation is its rank among the remembered
+tokens, which moves as the memory is culled; the archive then stores keys derotated to position 0 and rotates
+them, at every scoring, to the rank each would take if it came back now (the cache's `archived_rope`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .archive_mass import BAR_QUANTILE, pooled_ratio, retained_rows, row_weights
+from .memory_positions import rotate_keys
 
 FIELDS = ("serials", "positions", "token_ids", "sources", "units")
 """Per-entry fields of every ring (int64 [R, A]; serial -1: an empty entry)."""
@@ -26,11 +32,14 @@ class RecallArchive:
     Args:
         layers: the retrieval layers (model layer indices, distinct, sorted); capacity: entries per ring (A).
         num_kv_heads, head_dim: key shape; dtype: the model's dtype (fp32 is stored as fp16); device.
+        inv_freq: with memory positions, the model's rotary frequencies (float32 [D / 2] on `device`; keys are
+            then stored at position 0); None with text positions (keys are stored as they come).
     """
 
     def __init__(self, layers: tuple[int, ...], capacity: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, inv_freq: torch.Tensor | None = None):
         self.layers = tuple(int(layer) for layer in layers)
+        self.inv_freq = inv_freq
         self.ring_of = {layer: r for r, layer in enumerate(self.layers)}
         self.capacity = int(capacity)
         self.device = device
@@ -40,6 +49,11 @@ class RecallArchive:
             self.keys = torch.zeros(rings, num_kv_heads, self.capacity, head_dim, dtype=self.key_dtype, device=device)
             self.fields = {name: torch.full((rings, self.capacity), -1, dtype=torch.int64, device=device)
                            for name in FIELDS}
+            # memory positions on the CPU: the keys as last scored (rotated to `_turned_rope`; -1: not yet)
+            self._turned = self._turned_rope = None
+            if inv_freq is not None and torch.device(device).type == "cpu":
+                self._turned = torch.empty_like(self.keys)
+                self._turned_rope = torch.full((rings, self.capacity), -1, dtype=torch.int64, device=device)
         self.clear()
 
     def clear(self) -> None:
@@ -47,30 +61,44 @@ class RecallArchive:
         self._next = [0] * len(self.layers)  # next entry each ring writes (it wraps)
         self._filled = [0] * len(self.layers)
         self.fields["serials"].fill_(-1)
+        if self._turned_rope is not None:
+            self._turned_rope.fill_(-1)
         self.step_mass: dict[int, dict[str, torch.Tensor]] = {}  # ring -> the last scored forward's mass and entries
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes one archived token takes at every retrieval layer (keys and fields)."""
+        """Bytes one archived token takes at every retrieval layer (keys, with memory positions on the CPU twice: at
+        position 0 and as last scored, and fields)."""
         _, heads, _, dim = self.keys.shape
-        return len(self.layers) * (heads * dim * self.keys.element_size() + 8 * len(FIELDS))
+        copies = 1 if self._turned is None else 2
+        return len(self.layers) * (copies * heads * dim * self.keys.element_size() + 8 * len(FIELDS))
 
     def __len__(self) -> int:
         """Entries held, over every ring."""
         return int((self.fields["serials"] >= 0).sum())
 
-    def add(self, layer: int, keys: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
-        """Archive k tokens a retrieval layer evicts: keys [Hkv, k, D], values {field: int64 [k]}."""
+    def add(self, layer: int, keys: torch.Tensor, values: dict[str, torch.Tensor],
+            rope: torch.Tensor | None = None) -> None:
+        """Archive k tokens a retrieval layer evicts: keys [Hkv, k, D], values {field: int64 [k]}; with memory
+        positions `rope` (int64 [k], the positions whose rotation the keys carry), by which they are derotated."""
         ring, k = self.ring_of[layer], keys.shape[1]
         if k == 0:
             return
+        if self.inv_freq is not None and (rope is None or rope.shape != (k,)):
+            raise ValueError("RecallArchive.add: with memory positions the keys' rope positions are needed, "
+                             f"int64 [{k}]")
         if k > self.capacity:  # only the newest fit
             keys, values = keys[:, -self.capacity:], {name: v[-self.capacity:] for name, v in values.items()}
+            rope = None if rope is None else rope[-self.capacity:]
             k = self.capacity
+        if self.inv_freq is not None:
+            keys = rotate_keys(keys, -rope.to(self.device), self.inv_freq)
         idx = (self._next[ring] + torch.arange(k, device=self.device)) % self.capacity
         self.keys[ring].index_copy_(1, idx, keys.to(self.key_dtype))
         for name in FIELDS:
             self.fields[name][ring].index_copy_(0, idx, values[name])
+        if self._turned_rope is not None:
+            self._turned_rope[ring].index_fill_(0, idx, -1)
         self._next[ring] = (self._next[ring] + k) % self.capacity
         self._filled[ring] = min(self.capacity, self._filled[ring] + k)
 
@@ -81,14 +109,16 @@ class RecallArchive:
             self.fields[name].masked_fill_(gone, -1)
 
     def score(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float, n_past: int, heads: str,
-              archive_mass) -> None:
+              archive_mass, archived_rope=None) -> None:
         """Score ring `layer` against one forward's query rows (see halo.archive_mass) into `step_mass`.
 
         query: [Hq, T, D]; key: [Hkv, >= n_past + T, D] the layer's keys (the first n_past retained); heads: how
         heads read a hit (HaloConfig.recall_heads, `pooled_ratio`); archive_mass: the backend's op. An entry's
         `mass` is its ratio over the bar times `floor`, the head-mean bar (the `BAR_QUANTILE` quantile of the
         head-mean mass the retained tokens drew): the score in brightness's currency, exactly the head-mean mass
-        with heads "mean".
+        with heads "mean". With memory positions `archived_rope` maps text positions (int64 [A]) to the RoPE
+        positions the keys are rotated to first (rotated copies of the filled entries, `_rotated`; the stored keys
+        stay at position 0).
         """
         ring = self.ring_of[layer]
         width = self._filled[ring]
@@ -96,13 +126,27 @@ class RecallArchive:
             return
         lse, retained = retained_rows(query, key, scaling, n_past)
         valid = self.fields["serials"][ring, :width] >= 0
-        head_mass = archive_mass(query, self.keys[ring, :, :width], valid, scaling, lse,
-                                 row_weights(n_past, query.shape[1], query.device))
+        keys = self.keys[ring, :, :width] if self.inv_freq is None else self._rotated(ring, width, archived_rope)
+        head_mass = archive_mass(query, keys, valid, scaling, lse, row_weights(n_past, query.shape[1], query.device))
         floor = torch.quantile(retained.mean(0), BAR_QUANTILE).clamp(min=1e-6)
         mass = pooled_ratio(head_mass, retained, heads, key.shape[0]).mul_(floor).masked_fill_(~valid, 0.0)
         # the entries as scored: the cull that closes this forward may overwrite some before they are read
         self.step_mass[ring] = {"mass": mass, "floor": floor.expand(width),
                                 **{name: self.fields[name][ring, :width].clone() for name in FIELDS}}
+
+    def _rotated(self, ring: int, width: int, archived_rope) -> torch.Tensor:
+        """Memory positions: ring `ring`'s first `width` keys rotated to the RoPE positions `archived_rope` gives
+        their text positions. On CUDA all of them afresh (float32, no host sync); on the CPU the copy in `_turned`,
+        where only the entries that are new or whose rank moved are rotated again, from their key at position 0
+        (rounded once to the key dtype, as a stored key is; never rotation upon rotation)."""
+        rope, keys = archived_rope(self.fields["positions"][ring, :width]), self.keys[ring, :, :width]
+        if self._turned is None:
+            return rotate_keys(keys, rope, self.inv_freq)
+        moved = torch.nonzero(rope != self._turned_rope[ring, :width]).flatten()
+        if moved.numel():
+            self._turned[ring][:, moved] = rotate_keys(keys[:, moved], rope[moved], self.inv_freq).to(self.key_dtype)
+            self._turned_rope[ring, moved] = rope[moved]
+        return self._turned[ring, :, :width]
 
     def take_scores(self) -> dict[str, torch.Tensor] | None:
         """The last scored forward's candidates, once: every entry held when it was scored, in every scored ring,
@@ -120,19 +164,28 @@ class RecallArchive:
     # ---------------------------------------------------------- persistence
     def state_dict(self) -> dict:
         """CPU copies of the used entries: `keys` [R, Hkv, A_used, D], `fields` {name: [R, A_used]} and the ring
-        counters."""
+        counters; with memory positions `derotated` (True: the keys are at position 0)."""
         width = max(self._filled, default=0)
-        return {"keys": self.keys[:, :, :width].detach().cpu().contiguous(),
-                "fields": {name: t[:, :width].detach().cpu().contiguous() for name, t in self.fields.items()},
-                "next": list(self._next), "filled": list(self._filled), "layers": list(self.layers)}
+        state = {"keys": self.keys[:, :, :width].detach().cpu().contiguous(),
+                 "fields": {name: t[:, :width].detach().cpu().contiguous() for name, t in self.fields.items()},
+                 "next": list(self._next), "filled": list(self._filled), "layers": list(self.layers)}
+        if self.inv_freq is not None:
+            state["derotated"] = True
+        return state
 
     def check_state(self, state: dict, *, next_serial: int, seen: int) -> None:
         """ValueError naming the first way `state_dict()` output does not fit this archive (or is corrupted): shapes,
-        dtypes, non-finite keys, tokens never fed (serial >= next_serial, position >= seen), ring counters."""
+        dtypes, non-finite keys, tokens never fed (serial >= next_serial, position >= seen), ring counters, keys
+        rotated otherwise than this archive keeps them (memory positions: at position 0, `derotated`)."""
         keys, fields = state["keys"], state["fields"]
         rings, heads, _, dim = self.keys.shape
         if list(state["layers"]) != list(self.layers):
             raise ValueError(f"saved archive has retrieval layers {state['layers']}, this cache {list(self.layers)}")
+        if bool(state.get("derotated", False)) != (self.inv_freq is not None):
+            raise ValueError("saved archive keys are rotated otherwise than this cache keeps them: memory positions "
+                             "keep them at position 0 (older files kept the rotation each had at eviction)"
+                             if self.inv_freq is not None else "saved archive keys are at position 0 (memory "
+                             "positions); this cache uses text positions")
         width = keys.shape[2] if keys.dim() == 4 else -1
         if keys.dim() != 4 or (keys.shape[0], keys.shape[1], keys.shape[3]) != (rings, heads, dim) \
                 or width > self.capacity:

@@ -111,7 +111,7 @@ class HaloCache(MemoryPositions, RetainedReader, Cache):
         self._decay = torch.tensor([0.0 if p.pinned else p.decay for p in policies], dtype=torch.float32,
                                    device=self.device)
         self._pinned = torch.tensor([p.pinned for p in policies], dtype=torch.bool, device=self.device)
-        self._line_sources = {self.config.source_code(name) for name in self.config.unit_sources}
+        self._line_sources = set(self.config.line_source_codes())
         self._reset_count = -1  # reset() counts itself
         self.reset()
         self.policy.attach(self)

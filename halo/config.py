@@ -292,3 +292,11 @@ class HaloConfig:
             return self.source_names.index(name)
         except ValueError:
             raise ValueError(f"unknown source {name!r}; known sources: {', '.join(self.source_names)}") from None
+
+    def source_priorities(self) -> tuple[float, ...]:
+        """Each source's cull priority (SourcePolicy.priority), indexed by source code."""
+        return tuple(float(policy.priority) for policy in self.sources.values())
+
+    def line_source_codes(self) -> tuple[int, ...]:
+        """The source codes of `unit_sources` (text split into line units)."""
+        return tuple(self.source_code(name) for name in self.unit_sources)

@@ -17,8 +17,10 @@ difference (RoPE rotations compose: R(a) R(b) = R(a + b)), so the holes left by 
 recalled into the middle finds its place; a stream forward after the memory skips that until the holes add up to
 more than `RERANK_SLACK` positions.
 
-Exact in float32. In fp16/bf16 every re-rank of a key rounds it once more. Archived keys (recall) keep the
-rotation they died with. Models without a rotate-half rotary embedding over the whole head are refused.
+Exact in float32. In fp16/bf16 every re-rank of a key rounds it once more. Archived keys (recall, halo.archive)
+are stored derotated to position 0 and, whenever the archive is scored, rotated to the rank each would take if it
+came back now (`MemoryPositions.archived_rope`), so the query rows read them at the distances the current
+numbering has. Models without a rotate-half rotary embedding over the whole head are refused.
 """
 
 from __future__ import annotations
@@ -42,18 +44,23 @@ def rope_inv_freq(model, head_dim: int) -> torch.Tensor:
                      f"{type(model).__name__} has no module with an `inv_freq` buffer")
 
 
-def rotate_keys_(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> None:
-    """Rotate cached keys in place by `delta` positions (the rotate-half RoPE convention of transformers).
+def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """float32, a new tensor: `keys` rotated by `delta` positions (the rotate-half RoPE convention of transformers).
 
     keys: [..., n, D] (fp32/fp16/bf16; rotated in float32); delta: int64 broadcastable to keys.shape[:-1];
     inv_freq: float32 [D / 2] on the keys' device.
     """
     angle = delta.to(torch.float32)[..., None] * inv_freq
-    cos, sin = torch.cat([angle.cos(), angle.cos()], -1), torch.cat([angle.sin(), angle.sin()], -1)
+    cos, sin = angle.cos(), angle.sin()
     k = keys.float()
     half = k.shape[-1] // 2
-    rotated = torch.cat([-k[..., half:], k[..., :half]], -1)
-    keys.copy_(k * cos + rotated * sin)
+    first, second = k[..., :half], k[..., half:]
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], -1)
+
+
+def rotate_keys_(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> None:
+    """Rotate cached keys in place by `delta` positions (`rotate_keys`, written back in the keys' dtype)."""
+    keys.copy_(rotate_keys(keys, delta, inv_freq))
 
 
 RERANK_SLACK = 32
@@ -69,6 +76,7 @@ class MemoryPositions:
 
     _inv_freq: torch.Tensor | None = None
     _rope_rows: torch.Tensor | None = None
+    _rope_table: tuple | None = None  # (the forward it was built in, sorted held positions, their `rope`, one more)
 
     def _init_memory_positions(self, model) -> None:
         """With rope_positions "memory": read the model's rotary frequencies and add the `rope` slot field."""
@@ -105,6 +113,27 @@ class MemoryPositions:
         rows = torch.searchsorted(numbering, spec.position_ids)
         self._rope_rows = rows[:spec.new_rows]
         return rows
+
+    def archived_rope(self, positions: torch.Tensor) -> torch.Tensor:
+        """int64, shaped like `positions` (text positions, e.g. of archived tokens): the RoPE position a token there
+        would take if it came back now, its insertion rank among the remembered tokens: the `rope` of the first
+        remembered token at or after it, or one past the newest key. After a re-rank that is the position's
+        `searchsorted` in the numbering `model_positions` uses; between re-ranks (RERANK_SLACK) it stays in the
+        frame of the keys as they stand, which the forward's rows continue. Tensor ops only (no host sync); the
+        table is built once per forward (the remembered tokens do not change during one)."""
+        flight, table = getattr(self, "_flight", None), self._rope_table
+        if table is None or flight is None or table[0] is not flight:
+            n, fields = self._n_valid, self._store.fields
+            if n == 0:
+                return torch.zeros_like(positions)
+            held = self._held_slots()
+            rope = fields["rope"][..., :n]
+            after = rope.masked_fill(~held, -1).amax().add(1).view(1)
+            unheld = torch.iinfo(torch.int64).max  # after every text position: sorts last, reads `after`
+            ordered, order = torch.sort(fields["positions"][..., :n].masked_fill(~held, unheld).flatten())
+            table = (flight, ordered, torch.cat([torch.where(held, rope, after).flatten()[order], after]))
+            self._rope_table = table
+        return table[2][torch.searchsorted(table[1], positions.contiguous())]
 
     def _held_slots(self) -> torch.Tensor:
         """bool [n_valid]: the retained slots (every one; LayeredHaloCache: [L, n_valid], each layer's own)."""

@@ -79,10 +79,8 @@ class HaloPolicy(CullPolicy):
     def attach(self, cache) -> None:
         """Read the per-source priorities and the line sources of the cache's config (a policy serves one cache)."""
         cfg = cache.config
-        self._priority = torch.tensor([p.priority for p in cfg.sources.values()], dtype=torch.float32,
-                                      device=cache.device)
-        self._line_codes = torch.tensor([cfg.source_code(name) for name in cfg.unit_sources], dtype=torch.int64,
-                                        device=cache.device)
+        self._priority = torch.tensor(cfg.source_priorities(), dtype=torch.float32, device=cache.device)
+        self._line_codes = torch.tensor(cfg.line_source_codes(), dtype=torch.int64, device=cache.device)
 
     def scores(self, cache) -> torch.Tensor:
         cfg, n = cache.config, cache.n_valid

@@ -167,8 +167,8 @@ class Recall:
 
     def __init__(self, config):
         self.config = config
-        self.priority = torch.tensor([p.priority for p in config.sources.values()], dtype=torch.float32)
-        self.line_codes = torch.tensor([config.source_code(name) for name in config.unit_sources], dtype=torch.int64)
+        self.priority = torch.tensor(config.source_priorities(), dtype=torch.float32)
+        self.line_codes = torch.tensor(config.line_source_codes(), dtype=torch.int64)
         self.events = 0
         self.recalled = 0
 

@@ -2,7 +2,8 @@
 back, their grace period, and the state it saves.
 
 Filling: when a retrieval layer evicts text tokens, their keys at that layer go into `archive`
-(halo.archive.RecallArchive). Scoring happens inside the cache's stream forwards of a recall source. Taking back
+(halo.archive.RecallArchive; with memory positions derotated to position 0, and rotated to their present ranks,
+`archived_rope`, when scored). Scoring happens inside the cache's stream forwards of a recall source. Taking back
 is driven from outside (halo.recall.Recall): it runs a service forward that writes the archived tokens as new
 slots at their original positions, then calls `adopt_recalled`.
 """
@@ -29,7 +30,8 @@ class RecallMemory:
         self._recalled = torch.zeros(0, dtype=torch.int64, device=self.device)  # serials born by recall
         if cfg.recall and self.archive is None:
             self.archive = RecallArchive(cfg.recall_layer_indices(self.num_layers), cfg.recall_capacity,
-                                         self.num_kv_heads, self.head_dim, self.dtype, self.device)
+                                         self.num_kv_heads, self.head_dim, self.dtype, self.device,
+                                         inv_freq=self._inv_freq)  # memory positions: keys kept at position 0
             self._recall_sources = {cfg.source_code(name) for name in cfg.recall_sources}
         elif self.archive is not None:
             self.archive.clear()
@@ -65,13 +67,15 @@ class RecallMemory:
 
     def _archive_victims(self, victims: torch.Tensor) -> None:
         """Put the keys of the retrieval layers' victims (int64 [L, k], -1 padded; text tokens, not markers) into
-        the archive, before compaction moves them."""
+        the archive, before compaction moves them (with memory positions, with the `rope` they carry, by which the
+        archive derotates them)."""
         fields, marker = self._store.fields, self.config.source_code("marker")
         for layer in self.archive.layers:
             cols = victims[layer][victims[layer] >= 0]
             cols = cols[fields["sources"][layer, cols] != marker]
+            rope = fields["rope"][layer, cols] if self._inv_freq is not None else None
             self.archive.add(layer, self._store.layer_kv[layer][0][:, cols],
-                             {name: fields[name][layer, cols] for name in _ARCHIVED_FIELDS})
+                             {name: fields[name][layer, cols] for name in _ARCHIVED_FIELDS}, rope)
 
     def adopt_recalled(self, first_serial: int, old_serials: torch.Tensor, sources: torch.Tensor,
                        brightness: torch.Tensor) -> None:
