@@ -68,7 +68,7 @@ def bench_recall_decode_step(benchmark, smollm_pair, record_ratio, role):
 def bench_recall_scored_decode_step(benchmark, smollm_pair, record_ratio, role):
     model, tok = smollm_pair
     recall = {"recall": True, "recall_capacity": ARCHIVED, "recall_sources": ("user", "tool", "assistant"),
-              "recall_threshold": 1e9}
+              "recall_min_rows": 1, "recall_threshold": 1e9}
     session = _session(model, tok, **(recall if role == "halo" else {}))
     _bench(benchmark, session)
     if role == "halo":

@@ -129,8 +129,11 @@ class HaloConfig:
             (`recall_threshold`) are recomputed at their positions and put back.
         recall_layers: retrieval layers as fractions of the depth (0 the first layer, 1 the last).
         recall_capacity: archived tokens per retrieval layer (the oldest are overwritten).
-        recall_sources: sources whose stream forwards score the archive (add "assistant" to score every decode
-            step: one host read per step).
+        recall_sources: sources whose stream forwards score the archive (add "assistant" and set
+            `recall_min_rows` 1 to score every decode step: one host read per step).
+        recall_min_rows: a forward scores the archive only with at least this many query rows. One row is one
+            sample of the attention: streamed token by token, prose recalled something after 8 tokens in 10 and
+            lost perplexity (README, Recall); a message, a tool result or a question arrives as many rows.
         recall_threshold: a unit is recalled when its best token's archive mass in a forward reaches this times the
             bar: the 75th percentile of the mass the retained tokens drew in the same forward (retrieval layers),
             both read at the same pool of heads (`recall_heads`).
@@ -173,6 +176,7 @@ class HaloConfig:
     recall_layers: tuple[float, ...] = (0.5, 0.75)
     recall_capacity: int = 16384
     recall_sources: tuple[str, ...] = ("user", "tool")
+    recall_min_rows: int = 4
     recall_threshold: float = 3.0
     recall_heads: str = "group"
     recall_tokens: int = 32
@@ -252,7 +256,7 @@ class HaloConfig:
             raise ValueError("recall needs per-layer memory (granularity='layer')")
         if not self.recall_layers or any(not (0.0 <= f <= 1.0) for f in self.recall_layers):
             raise ValueError(f"recall_layers must be fractions of the depth in [0, 1], got {self.recall_layers!r}")
-        for name in ("recall_capacity", "recall_tokens"):
+        for name in ("recall_capacity", "recall_tokens", "recall_min_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -129,7 +129,7 @@ class LayeredHaloCache(RecallMemory, HaloCache):
         fields = self._store.fields
         self.backend.attention_column_mass(query, key, scaling, self._counts[layer_idx], fields["mass"][layer_idx],
                                            fields["last_mass"][layer_idx])
-        if self.scores_recall(self._flight.spec.source, layer_idx):
+        if self.scores_recall(self._flight.spec.source, query.shape[1], layer_idx):
             self.archive.score(layer_idx, query, key, scaling, self._counts[layer_idx], self.config.recall_heads,
                                self.backend.archive_mass, self.archived_rope)
         if last:

@@ -36,9 +36,10 @@ class RecallMemory:
         elif self.archive is not None:
             self.archive.clear()
 
-    def scores_recall(self, source: int, layer_idx: int) -> bool:
-        """Whether a stream forward of `source` scores the archive at layer `layer_idx`."""
-        return self.archive is not None and source in self._recall_sources and layer_idx in self.archive.ring_of
+    def scores_recall(self, source: int, rows: int, layer_idx: int) -> bool:
+        """Whether a stream forward of `source` with `rows` query rows scores the archive at layer `layer_idx`."""
+        return (self.archive is not None and source in self._recall_sources and rows >= self.config.recall_min_rows
+                and layer_idx in self.archive.ring_of)
 
     def displaced_priority(self, most: int, priority: torch.Tensor) -> torch.Tensor:
         """float32 [<= most]: the source priority (`priority`: float32 per source code) of what recalled tokens

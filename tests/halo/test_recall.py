@@ -82,6 +82,17 @@ def test_recall_sources_choose_which_forwards_score_the_archive(tiny_tok):
     assert session.stats()["recalled"] == 0 and session.stats()["archived"] > 0
 
 
+@pytest.mark.parametrize("chunk,min_rows,recalls", [(4, 5, False), (4, 4, True), (1, 2, False), (1, 1, True)])
+def test_forwards_with_fewer_rows_than_recall_min_rows_do_not_score_the_archive(tiny_tok, chunk, min_rows, recalls):
+    session = recalling(tiny_llama(layers=2, vocab=len(tiny_tok)), tiny_tok, chunk_size=chunk,
+                        recall_min_rows=min_rows)
+    for _ in range(2):
+        session.feed(TEXT, "user")
+    stats = session.stats()
+    assert stats["archived"] > 0 and (stats["recalled"] > 0) == recalls
+    check_accounting(session)
+
+
 def test_memory_flags_and_html_outline_recalled_tokens(tiny_tok):
     session = recalling(tiny_llama(layers=2, vocab=len(tiny_tok)), tiny_tok)
     for _ in range(3):
@@ -131,6 +142,7 @@ def test_a_corrupted_archive_is_refused_and_the_session_stays_fresh(tiny_tok):
     ({"recall_layers": (1.5,)}, "recall_layers"),
     ({"recall_threshold": float("nan")}, "recall_threshold"),
     ({"recall_heads": "max"}, "recall_heads"),
+    ({"recall_min_rows": 0}, "recall_min_rows"),
 ])
 def test_bad_recall_settings_are_named(changes, match):
     with pytest.raises(ValueError, match=match):
