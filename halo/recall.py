@@ -5,9 +5,10 @@ forward of a recall source (user and tool text by default), scores the archive w
 the mass each archived token would draw were it alone put back, normalised like brightness (halo.archive_mass).
 After the forward has been culled and its markers placed, `Recall.after_step`:
 
-1. scores each forgotten token (no layer holds it) by its best retrieval layer's mass over that layer's bar (the
-   75th percentile of the mass the retained tokens drew in the same forward, so a hit out-shines them) and each
-   unit (a word, a line) by its best token; units at `recall_threshold` or more are hits;
+1. scores each archived token that is not whole (some layer lost it, a retrieval layer included; per-layer memory
+   often keeps a fact in a few layers only) by its best retrieval layer's mass over that layer's bar (the 75th
+   percentile of the mass the retained tokens drew in the same forward, so a hit out-shines them) and each unit
+   (a word, a line) by its best token; units at `recall_threshold` or more are hits;
 2. takes the best hits, whole, each with the units within `recall_context` positions of it (the sentence around
    a hit), forgotten or held by only some layers (those copies are evicted first, so every picked token comes
    back whole in every layer), up to `recall_tokens` tokens;
@@ -53,7 +54,7 @@ _PICK_FIELDS = ("serials", "positions", "token_ids", "sources", "units")
 
 def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *, num_layers: int, marker: int,
                threshold: float, most: int, context: int, alpha: float, priority: torch.Tensor | None = None,
-               displaced: torch.Tensor | None = None) -> RecallPick | None:
+               displaced: torch.Tensor | None = None, skip: torch.Tensor | None = None) -> RecallPick | None:
     """Choose what comes back from one forward's archive scores (RecallArchive.take_scores()).
 
     Args:
@@ -68,14 +69,17 @@ def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *
             LayeredHaloCache.displaced_priority; past its end only protected text is left, and the cull
             falls back on it as it does without recall).
             None: no check (tool output recalled during a flood may then push out what the user said).
+        skip: source codes (int64) never picked, as hits or as context (a tool forward skips tool and log lines).
     Returns:
-        The tokens to make whole in every layer, or None: the hit units (forgotten: no layer holds them) by score,
-        then the units within `context` positions of each, forgotten or held by some layers only.
+        The tokens to make whole in every layer, or None: the hit units (archived, and not whole: forgotten, or
+        held by some layers only) by score, then the units within `context` positions of each, likewise.
     """
     scores = {name: value.cpu() for name, value in scores.items()}
     # the pool: archived tokens, and remembered tokens some layer lost, once each (the cache's fields win)
     partial = (held["layers"] < num_layers) & (held["sources"] != marker)
     pool = {name: torch.cat([held[name][partial], scores[name]]) for name in _PICK_FIELDS}
+    if skip is not None:
+        pool = {name: value[~torch.isin(pool["sources"], skip)] for name, value in pool.items()}
     serials, first = _first_of(pool["serials"])
     pool = {name: value[first] for name, value in pool.items()}
     whole = torch.isin(serials, held["serials"][held["layers"] >= num_layers])
@@ -85,8 +89,7 @@ def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *
     # a token's score: its best ring's mass over that ring's bar (a retrieval layer that would look is enough)
     ratio = scores["mass"].float() / scores["floor"].float().clamp(min=1e-6)
     at = torch.searchsorted(pool["serials"], scores["serials"]).clamp(max=pool["serials"].numel() - 1)
-    # hits come from forgotten tokens only (no layer holds them); partly held ones join as context
-    found = (pool["serials"][at] == scores["serials"]) & ~torch.isin(scores["serials"], held["serials"])
+    found = pool["serials"][at] == scores["serials"]  # archived and not whole
     token_score = torch.zeros(pool["serials"].numel()).scatter_reduce_(0, at[found], ratio[found], "amax")
     gain = torch.zeros(pool["serials"].numel()).scatter_reduce_(0, at[found], scores["mass"][found].float(), "amax")
     unit = torch.where(pool["units"] >= 0, pool["units"], -2 - pool["serials"])  # a plain token is its own unit
@@ -184,8 +187,9 @@ class Recall:
         archive = cache.archive
         scores = None if archive is None else archive.take_scores()
         cfg = self.config
-        if scores is not None and source in self.line_codes.tolist():
-            keep = ~torch.isin(scores["sources"], self.line_codes.to(scores["sources"].device))
+        skip = self.line_codes if source in self.line_codes.tolist() else None
+        if scores is not None and skip is not None:
+            keep = ~torch.isin(scores["sources"], skip.to(scores["sources"].device))
             scores = {name: value[keep] for name, value in scores.items()}
         if scores is None or scores["serials"].numel() == 0:
             return None, CullResult()
@@ -195,7 +199,7 @@ class Recall:
         pick = pick_units(scores, held, num_layers=cache.num_layers, marker=cfg.source_code("marker"),
                           threshold=cfg.recall_threshold, most=cfg.recall_tokens, context=cfg.recall_context,
                           alpha=cfg.alpha, priority=self.priority,
-                          displaced=cache.displaced_priority(cfg.recall_tokens, self.priority))
+                          displaced=cache.displaced_priority(cfg.recall_tokens, self.priority), skip=skip)
         if pick is None:
             return None, CullResult()
         done = CullResult()

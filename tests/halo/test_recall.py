@@ -167,17 +167,26 @@ def _held(serials, layers, units):
             "units": torch.tensor(units, dtype=torch.int64), "layers": torch.tensor(layers, dtype=torch.int64)}
 
 
-def test_pick_units_takes_forgotten_hits_whole_then_their_neighbourhood():
+def test_pick_units_takes_hits_whole_then_their_neighbourhood():
     # units: 7 = serials 0-2 (forgotten, one bright token), 8 = serials 3-4 (held by one of two layers),
     # 9 = serials 10-11 (forgotten, far away, dim); serial 20 is held by every layer
-    scores = _scores([0, 1, 2, 3, 10, 11], [0.5, 5.0, 0.1, 9.0, 0.2, 0.2], [7, 7, 7, 8, 9, 9])
+    scores = _scores([0, 1, 2, 3, 10, 11], [0.5, 5.0, 0.1, 2.0, 0.2, 0.2], [7, 7, 7, 8, 9, 9])
     held = _held([3, 4, 20], [1, 1, 2], [8, 8, -1])
     pick = pick_units(scores, held, num_layers=2, marker=5, threshold=3.0, most=8, context=2, alpha=1.0)
     assert pick.serials.tolist() == [0, 1, 2, 3, 4]  # unit 7 (the hit), unit 8 (next to it, made whole)
     assert pick.positions.tolist() == [100, 101, 102, 103, 104] and pick.token_ids.tolist()[0] == 1000
     assert pick.brightness.tolist() == [5.0] * 5  # alpha * the hit's mass
-    # serial 3 scores 9 but some layer holds it: it is context, never a hit of its own
-    assert pick_units(_scores([3], [9.0], [8]), held, num_layers=2, marker=5, threshold=3.0, most=8, context=2,
+
+
+def test_pick_units_makes_a_partly_held_hit_whole():
+    """A token one layer still holds but a retrieval layer archived is a hit of its own: per-layer memory keeps a
+    fact in a few layers only, and the question must be able to bring it back into all of them."""
+    held = _held([3, 4, 20], [1, 1, 2], [8, 8, -1])
+    pick = pick_units(_scores([3], [9.0], [8]), held, num_layers=2, marker=5, threshold=3.0, most=8, context=0,
+                      alpha=1.0)
+    assert pick.serials.tolist() == [3, 4] and pick.brightness.tolist() == [9.0, 9.0]
+    whole = _held([3, 4, 20], [2, 2, 2], [8, 8, -1])  # every layer holds it: nothing to bring back
+    assert pick_units(_scores([3], [9.0], [8]), whole, num_layers=2, marker=5, threshold=3.0, most=8, context=0,
                       alpha=1.0) is None
 
 
