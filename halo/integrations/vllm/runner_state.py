@@ -48,7 +48,7 @@ class PlannedRow:
     memory: RequestMemory
     new_tokens: int
     query_start: int
-    batched: bool = False  # a decode row whose column mass runs in the step's DecodeBatch
+    batched: bool = False  # a decode row: its column mass runs in the step's DecodeBatch when there is one
 
 
 @dataclass
@@ -72,8 +72,6 @@ class DecodeBatch:
         """The batch of the plan's batched rows, or None when fewer than two (one runs on its own)."""
         rows = [p for p in plan if p.batched]
         if len(rows) < 2:
-            for planned in rows:
-                planned.batched = False
             return None
         lengths = torch.tensor([p.memory.count + 1 for p in rows], dtype=torch.int64)
         return cls(rows, torch.tensor([p.row for p in rows], dtype=torch.int64),
@@ -207,7 +205,7 @@ class HaloRunner:
         if self.decode is not None:
             self._observe_decode(index, impl.scale, query, kv_cache, attn_metadata.block_table)
         for planned in self.plan:
-            if planned.batched:  # done above
+            if self.decode is not None and planned.batched:  # done above
                 continue
             n = planned.memory.count + planned.new_tokens
             rows = query[planned.query_start:planned.query_start + planned.new_tokens].transpose(0, 1)
