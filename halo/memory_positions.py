@@ -71,8 +71,8 @@ rotation on CPU; a few positions of slack read as no gap at all."""
 
 
 class MemoryPositions:
-    """Mixin of HaloCache: the RoPE positions of its forwards (uses its slot store, `config` and `n_valid`;
-    LayeredHaloCache overrides `_held_slots`)."""
+    """Mixin of HaloCache: the RoPE positions of its forwards (uses its slot store, `config`, `n_valid` and the
+    forward in flight; LayeredHaloCache overrides `_held_slots`)."""
 
     _inv_freq: torch.Tensor | None = None
     _rope_rows: torch.Tensor | None = None
@@ -121,7 +121,7 @@ class MemoryPositions:
         `searchsorted` in the numbering `model_positions` uses; between re-ranks (RERANK_SLACK) it stays in the
         frame of the keys as they stand, which the forward's rows continue. Tensor ops only (no host sync); the
         table is built once per forward (the remembered tokens do not change during one)."""
-        flight, table = getattr(self, "_flight", None), self._rope_table
+        flight, table = self._flight, self._rope_table
         if table is None or flight is None or table[0] is not flight:
             n, fields = self._n_valid, self._store.fields
             if n == 0:
@@ -161,16 +161,11 @@ class MemoryPositions:
     def _rotate_moved(self, delta: torch.Tensor) -> None:
         """Rotate only the keys whose rank moved (`delta` int64 [n] or [L, n], nonzero where it moved)."""
         keys = self._store.kv[:, 0]  # [L, Hkv, C, D]
-        if delta.dim() == 1:
-            cols = torch.nonzero(delta).flatten()
-            moved = keys[:, :, cols]
-            rotate_keys_(moved, delta[cols], self._inv_freq)
-            keys[:, :, cols] = moved
-        else:
-            layers, cols = torch.nonzero(delta, as_tuple=True)
-            moved = keys[layers, :, cols]  # [k, Hkv, D]
-            rotate_keys_(moved, delta[layers, cols][:, None], self._inv_freq)
-            keys[layers, :, cols] = moved
+        delta = delta.expand(keys.shape[0], delta.shape[-1])  # one token set for all layers: the same in each
+        layers, cols = torch.nonzero(delta, as_tuple=True)
+        moved = keys[layers, :, cols]  # [k, Hkv, D]
+        rotate_keys_(moved, delta[layers, cols][:, None], self._inv_freq)
+        keys[layers, :, cols] = moved
 
     def _new_rope(self, t_rows: int) -> torch.Tensor | None:
         """The `rope` values of a forward's new slots (int64 [T]), or None with text positions."""

@@ -188,13 +188,13 @@ class Recall:
         scores = None if archive is None else archive.take_scores()
         cfg = self.config
         skip = self.line_codes if source in self.line_codes.tolist() else None
-        if scores is not None and skip is not None:
-            keep = ~torch.isin(scores["sources"], skip.to(scores["sources"].device))
-            scores = {name: value[keep] for name, value in scores.items()}
         if scores is None or scores["serials"].numel() == 0:
             return None, CullResult()
-        if not bool((scores["mass"] >= cfg.recall_threshold * scores["floor"]).any()):
-            return None, CullResult()  # nothing reaches the bar: skip reading the memory (most decode steps)
+        reach = scores["mass"] >= cfg.recall_threshold * scores["floor"]
+        if skip is not None:
+            reach &= ~torch.isin(scores["sources"], skip.to(scores["sources"].device))
+        if not bool(reach.any()):
+            return None, CullResult()  # nothing that may come back reaches the bar: skip reading the memory
         held = cache.snapshot()
         pick = pick_units(scores, held, num_layers=cache.num_layers, marker=cfg.source_code("marker"),
                           threshold=cfg.recall_threshold, most=cfg.recall_tokens, context=cfg.recall_context,
