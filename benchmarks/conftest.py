@@ -15,8 +15,10 @@ _means: dict[tuple[str, str], float] = {}
 def record(benchmark, group: str, role: str) -> None:
     """Remember this benchmark's mean under (group, role); once both 'halo' and 'reference' ran, report the ratio.
 
-    The role also goes to `extra_info["role"]`, which benchmarks/gpu_suite.sh reads to pair the two in its table."""
+    The role and the group also go to `extra_info` ("role", "ratio_groups": one benchmark can be the reference of
+    several groups), which benchmarks/gpu_suite.sh reads to pair the two in its table."""
     benchmark.extra_info["role"] = role
+    benchmark.extra_info.setdefault("ratio_groups", []).append(group)
     stats = getattr(benchmark, "stats", None)
     if stats is None or not getattr(stats, "stats", None):
         return  # --benchmark-disable: the body ran once as a test, no timing

@@ -116,7 +116,9 @@ def select_unit_victims_layers(scores: torch.Tensor, positions: torch.Tensor, br
     best = torch.full((groups,), float("-inf"), device=device).scatter_reduce(0, group, flat_scores, "amax")
     brightest = torch.full((groups,), float("-inf"), device=device).scatter_reduce(
         0, group, brightness.reshape(-1), "amax")
-    guarded = torch.zeros(groups, dtype=torch.bool, device=device).scatter_reduce(0, group, flat_protected, "amax")
+    # uint8: CUDA's scatter_reduce has no bool kernel
+    guarded = torch.zeros(groups, dtype=torch.uint8, device=device).scatter_reduce(
+        0, group, flat_protected.to(torch.uint8), "amax").bool()
     ranked = _lexsort_layers(layer, best[group].masked_fill(guarded[group], float("inf")), positions.reshape(-1))
     rank_of_slot = torch.empty(total, dtype=torch.int64, device=device)
     rank_of_slot[ranked] = torch.arange(total, device=device)
@@ -193,7 +195,7 @@ def select_word_victims_layers(scores: torch.Tensor, order: torch.Tensor, bright
         return base.scatter_reduce(0, segment, torch.gather(values, 1, order).reshape(-1), how)[segment].view(
             layers, n)
 
-    guarded = pooled(protected, "amax", False)
+    guarded = pooled(protected.to(torch.uint8), "amax", 0).bool()  # uint8: no bool scatter_reduce on CUDA
     key = pooled(scores, "amax", float("-inf")).masked_fill(guarded, float("inf"))
     ranked = torch.sort(key, dim=1, stable=True).indices  # into position order: units stay contiguous
     open_ = ~torch.gather(guarded, 1, ranked)
