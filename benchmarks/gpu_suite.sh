@@ -31,11 +31,11 @@
 # so the suite ends within the budget however any phase behaves; a phase whose limit is under MIN_PHASE_S is
 # skipped and reported as skipped. pytest phases turn SIGTERM into KeyboardInterrupt, so a benchmark file stopped
 # at its limit still writes the JSON of the cases it finished. Shares (s, at 480; scaled to other budgets):
-#     versions 30 | build 60 | tests 140 | bench_kernels 55 | bench_targets 80 | bench_repair 50 | bench_step 35
-#     = 450, + 30 reserve = 480. Measured on the first H200 run (2026-11-29; tests stopped at the first failure):
-#     versions 6, build 39, tests 97, bench_kernels 34, bench_targets 25, bench_repair 31, bench_step 14 (all
-#     skipped then): the shares follow, with room for bench_recall (in the bench_targets phase) and bench_step on
-#     a random TinyLlama-shaped model; each phase still inherits what earlier phases leave.
+#     versions 20 | build 55 | tests 170 | bench_kernels 45 | bench_targets 60 | bench_repair 40 | bench_step 60
+#     = 450, + 30 reserve = 480. Measured on the H200 (2026-11-29, run 2 at a 450 s budget): versions 9, build 46,
+#     tests 141 (cut at its limit with 200 of ~215 tests done), bench_kernels 40, bench_targets 47 (with
+#     bench_recall), bench_repair 38, bench_step 58 (a random TinyLlama-shaped model); each phase still inherits
+#     what earlier phases leave.
 #
 # Estimate (H200, fresh machine). Plain `benchmark(fn)` cases run max(ceil(0.5 s / t), 3) rounds after one
 # calibration call and one warm-up call (--benchmark-max-time=0.5 --benchmark-min-rounds=3 --benchmark-warmup=on
@@ -110,11 +110,11 @@ RESERVE="${SUITE_RESERVE_S:-30}"
 GRACE_S="${SUITE_GRACE_S:-10}"
 MIN_PHASE_S=$(( GRACE_S + 5 ))
 
-# Phase shares in seconds at a 480 s budget (see the estimate above). The versions phase keeps its 30 s (at most
+# Phase shares in seconds at a 480 s budget (see the estimate above). The versions phase keeps its 20 s (at most
 # half of what there is: a cold first import of torch on a fresh machine is slow); the others scale to what is left
 # of BUDGET - RESERVE.
 PHASES=(versions build tests bench_kernels bench_targets bench_repair bench_step)
-BASE_SHARES=(30 60 140 55 80 50 35)
+BASE_SHARES=(20 55 170 45 60 40 60)
 avail=$(( BUDGET - RESERVE ))
 first=$(( BASE_SHARES[0] < avail / 2 ? BASE_SHARES[0] : avail / 2 ))
 rest_base=0
