@@ -5,10 +5,15 @@ entry `a`,
 
     mass[h, a] = sum_t row_weight[t] * sigmoid(scaling * q_{h,t} . k_{h // G, a} - row_lse[h, t])
 
-and 0 where `valid[a]` is False. One launch, grid (archive blocks,): each program owns BLOCK_A entries, loops
-over the KV heads (loading its [BLOCK_A, D] key block of that head once), over the `G = Hq / Hkv` query heads
-that share it (GQA) and over their T rows in blocks of BLOCK_M, computes the [BLOCK_M, BLOCK_A] logits with
-`tl.dot`, and accumulates `sum_t w_t * sigmoid(s_ta - lse_t)` in registers. Each (head, entry) is written once
+and 0 where `valid[a]` is False. One launch, grid (archive blocks,): each program owns BLOCK_A entries and loops
+over the KV heads, loading its [BLOCK_A, D] key block of that head once. Two ways through the `G = Hq / Hkv`
+query heads that share it (GQA), chosen on the host:
+- grouped (few rows: padded G x T at most 64, decode's T = 1 among them): the group's G x T rows form one
+  [BLOCK_G * BLOCK_T, D] operand (row g * BLOCK_T + t), one `tl.dot` per KV head gives every head's logits, and a
+  reshape to [BLOCK_G, BLOCK_T, BLOCK_A] sums each head's rows. At T = 1 that is one dot per KV head instead of
+  G dots of 15 padding rows each.
+- per head (long chunks): for each query head, its T rows in blocks of BLOCK_M, one `tl.dot` each.
+Either way `sum_t w_t * sigmoid(s_ta - lse_t)` accumulates in registers and each (head, entry) is written once
 (plain store, no atomics, deterministic); invalid entries are neither read nor scored and are written as 0.
 
 The sigmoid is `1 / (1 + exp2((lse - s) * log2 e))` with the logits pre-scaled by `scaling * log2 e`: exp2 of a
@@ -34,6 +39,27 @@ _LOG2E_K = tl.constexpr(_LOG2E)
 
 
 @triton.jit
+def _weighted_sigmoid(q_ptr, lse_ptr, w_ptr, kt, head, t, row_ok, dims, d_ok,
+                      stride_qh, stride_qt, stride_qd, stride_lh, stride_lt, stride_w, qk_scale,
+                      UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """float32 [rows, BLOCK_A]: w_t * sigmoid(scaling * q_{head, t} . k_a - lse_{head, t}) for row r = (head[r], t[r]),
+    0 where not row_ok; kt is the [BLOCK_D, BLOCK_A] key block, transposed."""
+    q_ptrs = q_ptr + head.to(tl.int64)[:, None] * stride_qh + t[:, None].to(tl.int64) * stride_qt + dims[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    lse = tl.load(lse_ptr + head.to(tl.int64) * stride_lh + t.to(tl.int64) * stride_lt, mask=row_ok, other=0.0)
+    lse = lse * _LOG2E_K
+    w = tl.load(w_ptr + t.to(tl.int64) * stride_w, mask=row_ok, other=0.0)
+    if IEEE:
+        s = tl.dot(q, kt, input_precision="ieee")
+    else:
+        s = tl.dot(q, kt)
+    # sigmoid(scaling * q.k - lse) in base 2; padded rows have weight 0 and a finite probability
+    return 1.0 / (1.0 + tl.exp2(lse[:, None] - s * qk_scale)) * w[:, None]
+
+
+@triton.jit
 def _archive_mass_kernel(
     q_ptr, k_ptr, valid_ptr, lse_ptr, w_ptr, out_ptr,
     stride_qh, stride_qt, stride_qd,
@@ -43,6 +69,7 @@ def _archive_mass_kernel(
     qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    GROUPED: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = pid * BLOCK_A + tl.arange(0, BLOCK_A)
@@ -60,27 +87,27 @@ def _archive_mass_kernel(
         if UPCAST:
             k = k.to(tl.float32)
         kt = tl.trans(k)
-        for g in range(GROUP):
-            head = kvh * GROUP + g
-            acc = tl.zeros([BLOCK_A], tl.float32)
-            for rb in range(n_rb):
-                t = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-                row_ok = t < T
-                q_ptrs = q_ptr + head.to(tl.int64) * stride_qh + t[:, None].to(tl.int64) * stride_qt + dims[None, :] * stride_qd
-                q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                if UPCAST:
-                    q = q.to(tl.float32)
-                lse = tl.load(lse_ptr + head.to(tl.int64) * stride_lh + t.to(tl.int64) * stride_lt, mask=row_ok, other=0.0)
-                lse = lse * _LOG2E_K
-                w = tl.load(w_ptr + t.to(tl.int64) * stride_w, mask=row_ok, other=0.0)
-                if IEEE:
-                    s = tl.dot(q, kt, input_precision="ieee")
-                else:
-                    s = tl.dot(q, kt)
-                # sigmoid(scaling * q.k - lse) in base 2; padded rows have weight 0 and a finite probability
-                p = 1.0 / (1.0 + tl.exp2(lse[:, None] - s * qk_scale))
-                acc += tl.sum(p * w[:, None], axis=0)
-            tl.store(out_ptr + head.to(tl.int64) * stride_oh + cols, tl.where(valid, acc, 0.0), mask=col_ok)
+        if GROUPED:  # row g * BLOCK_T + t: query head kvh * GROUP + g, row t
+            g_of = tl.arange(0, BLOCK_G * BLOCK_T) // BLOCK_T
+            t = tl.arange(0, BLOCK_G * BLOCK_T) % BLOCK_T
+            p = _weighted_sigmoid(q_ptr, lse_ptr, w_ptr, kt, kvh * GROUP + g_of, t, (g_of < GROUP) & (t < T), dims,
+                                  d_ok, stride_qh, stride_qt, stride_qd, stride_lh, stride_lt, stride_w, qk_scale,
+                                  UPCAST, IEEE)
+            acc_g = tl.sum(tl.reshape(p, [BLOCK_G, BLOCK_T, BLOCK_A]), axis=1)  # [BLOCK_G, BLOCK_A]
+            gs = tl.arange(0, BLOCK_G)
+            out_ptrs = out_ptr + (kvh * GROUP + gs).to(tl.int64)[:, None] * stride_oh + cols[None, :]
+            tl.store(out_ptrs, tl.where(valid[None, :], acc_g, 0.0), mask=(gs < GROUP)[:, None] & col_ok[None, :])
+        else:
+            for g in range(GROUP):
+                head = kvh * GROUP + g
+                acc = tl.zeros([BLOCK_A], tl.float32)
+                for rb in range(n_rb):
+                    t = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+                    p = _weighted_sigmoid(q_ptr, lse_ptr, w_ptr, kt, head + tl.zeros_like(t), t, t < T, dims, d_ok,
+                                          stride_qh, stride_qt, stride_qd, stride_lh, stride_lt, stride_w, qk_scale,
+                                          UPCAST, IEEE)
+                    acc += tl.sum(p, axis=0)
+                tl.store(out_ptr + head.to(tl.int64) * stride_oh + cols, tl.where(valid, acc, 0.0), mask=col_ok)
 
 
 def _check(op, query, keys, valid, scaling, row_lse, row_weight) -> None:
@@ -109,6 +136,18 @@ def _check(op, query, keys, valid, scaling, row_lse, row_weight) -> None:
     check_device(op, query=query, keys=keys, valid=valid, row_lse=row_lse, row_weight=row_weight)
 
 
+GROUPED_ROWS = 64
+"""The grouped path's largest operand: padded G x T rows of one KV head's query group in one `tl.dot`."""
+
+
+def _grouping(group: int, rows: int) -> tuple[int, int] | None:
+    """(BLOCK_G, BLOCK_T) of the grouped path for `group` query heads per KV head and `rows` rows each, or None when
+    their padded product passes GROUPED_ROWS (the per-head path). BLOCK_G grows so the operand has >= 16 rows."""
+    block_t = next_power_of_2(rows)
+    block_g = max(next_power_of_2(group), 16 // block_t if block_t < 16 else 1)
+    return (block_g, block_t) if block_g * block_t <= GROUPED_ROWS else None
+
+
 def _config(d: int, rows: int, entries: int, block_a: int | None = None):
     """(BLOCK_M, BLOCK_A, BLOCK_D, num_warps) for head dim `d`, `rows` query rows per head and `entries`."""
     block_d = max(16, next_power_of_2(d))
@@ -123,8 +162,9 @@ def _config(d: int, rows: int, entries: int, block_a: int | None = None):
     return block_m, block_a, block_d, num_warps
 
 
-def _launch(query, keys, valid, scaling, row_lse, row_weight, block_a: int | None = None) -> torch.Tensor:
-    """The one launch; `block_a` overrides the heuristic (tests)."""
+def _launch(query, keys, valid, scaling, row_lse, row_weight, block_a: int | None = None,
+            grouped: bool | None = None) -> torch.Tensor:
+    """The one launch; `block_a` overrides the heuristic, `grouped` the choice of path (tests; None: by size)."""
     hq, t_rows, d = query.shape
     hkv, entries, _ = keys.shape
     out = torch.empty(hq, entries, dtype=torch.float32, device=keys.device)
@@ -134,6 +174,10 @@ def _launch(query, keys, valid, scaling, row_lse, row_weight, block_a: int | Non
         return out.zero_()
     group = hq // hkv
     block_m, block_a, block_d, num_warps = _config(d, t_rows, entries, block_a)
+    grouping = _grouping(group, t_rows) if grouped is None or grouped else None
+    if grouped and grouping is None:
+        raise ValueError(f"archive_mass: {group} x {t_rows} rows per KV head are too many for the grouped path")
+    block_g, block_t = grouping or (1, 1)
     same = query.dtype == keys.dtype
     upcast = interpreting() or not same or query.dtype == torch.float32
     ieee = upcast  # fp32 operands: IEEE fp32 dot, not TF32
@@ -146,7 +190,8 @@ def _launch(query, keys, valid, scaling, row_lse, row_weight, block_a: int | Non
         entries, group, t_rows, hkv,
         float(scaling) * _LOG2E,
         D=d, BLOCK_M=block_m, BLOCK_A=block_a, BLOCK_D=block_d,
-        UPCAST=upcast, IEEE=ieee, num_warps=num_warps,
+        UPCAST=upcast, IEEE=ieee, GROUPED=grouping is not None, BLOCK_G=block_g, BLOCK_T=block_t,
+        num_warps=num_warps,
     )
     return out
 

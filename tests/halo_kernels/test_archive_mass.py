@@ -186,3 +186,18 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     args = _inputs(2, 1, 1, 5, 64, torch.float32, "cpu")
     with pytest.raises(ValueError, match="CUDA"):
         archive_mass(*args)
+
+
+@pytest.mark.parametrize("hq,hkv,t", [(32, 4, 1), (6, 2, 3), (9, 3, 5), (4, 4, 16), (1, 1, 1)])
+def test_grouped_and_per_head_paths_agree(device, hq, hkv, t):
+    """The grouped path (a KV head's query group in one dot) and the per-head path compute the same mass."""
+    args = _inputs(hq, hkv, t, 301, 64, torch.float32, device, seed=hq + t)
+    grouped = _launch(*args, grouped=True)
+    torch.testing.assert_close(grouped, _launch(*args, grouped=False), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped, reference(*args), rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_path_refuses_too_many_rows(device):
+    args = _inputs(8, 1, 9, 40, 64, torch.float32, device)  # 8 x 16 padded rows > GROUPED_ROWS
+    with pytest.raises(ValueError, match="grouped path"):
+        _launch(*args, grouped=True)
