@@ -83,16 +83,18 @@ def test_keys_sit_at_their_memory_ranks_after_culls_markers_and_recall(tiny_tok,
     recall = {"recall": True, "recall_threshold": 0.0, "recall_tokens": 6, "recall_context": 2,
               "recall_grace": 8} if granularity == "layer" else {}
     session = memory_session(model, tiny_tok, granularity=granularity, **recall)
-    markers = 0
+    # count the marker forwards: whether a marker is still held at a given check depends on near ties (an H200 run
+    # held none at the three checks; the CPU run holds 6 at the first check only, then they die too)
+    marker_forwards, spec = [], session.markers.spec
+    session.markers.spec = lambda cache, runs: marker_forwards.append(len(runs)) or spec(cache, runs)
     for _ in range(3):
         session.feed(TEXT, "user")
         session.feed("2026-11-22 worker 3 processed batch 7 ok\n" * 3, "tool")
         _layer0_keys_match_a_fresh_run(model, session)
-        markers = max(markers, session.stats()["markers"])
     session.generate(5, stop_on_eos=False)
     _layer0_keys_match_a_fresh_run(model, session)
     stats = session.stats()
-    assert stats["evicted"] > 0 and (markers > 0 or recall)  # with recall at threshold 0 every line comes back
+    assert stats["evicted"] > 0 and (marker_forwards or recall)  # with recall at threshold 0 every line comes back
     if recall:
         assert stats["recalled"] > 0
 
