@@ -69,6 +69,38 @@ def bench_halo_cache_decode_step(benchmark, smollm, record_ratio):
     record_ratio(benchmark, GROUP, "halo")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="profiles the CUDA step")
+def bench_halo_cache_decode_step_profile(benchmark, smollm):
+    """Where a HaloCache decode step spends its host time on CUDA (the H200 run of 2026-11-29 measured 37 ms
+    against DynamicCache's 17 ms, far more than its kernels' launches explain). The torch profiler's table over
+    5 steps (top ops by self CPU time, synchronising calls among them) goes to extra_info["profile"], which the
+    suite's bench_step.json brings back; the steps themselves are timed too."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = smollm
+    with torch.inference_mode():
+        cache = HaloCache(model, HaloConfig(budget=BUDGET, recent_tokens=64, chunk_size=64, granularity="token"))
+        prompt = _prompt(model)
+        for start in range(0, BUDGET, 64):
+            model(prompt[:, start:start + 64], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = torch.tensor([[42]], device=model.device)
+
+        def step():
+            model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
+        syncs = {e.key: e.count for e in prof.key_averages() if "Synchronize" in e.key or e.key == "aten::item"}
+        benchmark.extra_info.update(profile=table, syncs_per_5_steps=syncs)
+        benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
+
+
 # ------------------------------------------------------------ repaired decode step
 REPAIR_GROUP = "repaired-step-512-k4"
 PATCHES = 4

@@ -77,9 +77,9 @@
 #                         x 1|8
 #                      2  self repair left context ref|halo        7 x 2270, 7 x 316 + 2270 (CPU, measured)       20
 #                         imports ~10 s                                          file total (2-core rates)  ~63
-#   bench_step         6  decode / repaired / generate steps       the embedded SmolLM2 package (94 MB) is not   ~30
-#                                                                  on the device: a random TinyLlama-shaped model
-#                                                                  (session_models.py); 6 x 23 x 15-40 ms + feeds
+#   bench_step         8  decode / repaired / generate steps,      the embedded SmolLM2 package (94 MB) is not   ~60
+#                         and the HaloCache step under the torch   on the device: a random TinyLlama-shaped model
+#                         profiler (its table -> bench_step.json)  (session_models.py); 8 x 23 x 15-50 ms + feeds
 #   summary            -  JSON -> table (no torch import)                                                       ~1
 #   expected total  ~330 s; hard bound SUITE_BUDGET_S = 480 s
 # ---------------------------------------------------------------------------------------------------------------
