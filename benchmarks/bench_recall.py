@@ -13,7 +13,8 @@ On CUDA, `bench_recall_scoring_share_of_decode_step` measures issue 14's GPU aim
 the default retrieval layers for one decode step's query, eager and as a CUDA graph, against a graph-captured
 TinyLlama decode step at 2k retained tokens (bench_targets' `StaticDecoder`); target <= 5%. It also times what a
 Session does after each scored step before it knows whether anything comes back (`take_scores` and the test
-against the bar: one host sync), with a host clock.
+against the bar: one host sync), with a host clock, and stores the torch profiler's table of 5 eager scorings in
+extra_info["profile"] (the suite's bench_targets.json).
 """
 
 import os
@@ -96,6 +97,8 @@ def bench_recall_scored_decode_step(benchmark, smollm_pair, record_ratio, role):
 # ------------------------------------------------------------ GPU: scoring 100k archived tokens vs a decode step
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def bench_recall_scoring_share_of_decode_step(benchmark):
+    from torch.profiler import ProfilerActivity, profile
+
     from bench_targets import TINYLLAMA, StaticDecoder, build_llama, capture, cuda_ms, decode_ms, report, synced
     from halo.backend import select_backend
 
@@ -118,6 +121,13 @@ def bench_recall_scoring_share_of_decode_step(benchmark):
     scored = archive.take_scores()
     assert scored["mass"].numel() == GPU_ARCHIVED * len(layers) and bool(torch.isfinite(scored["mass"]).all())
     eager_ms = cuda_ms(score)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:  # where the eager time goes
+        for _ in range(5):
+            score()
+        torch.cuda.synchronize()
+    benchmark.extra_info["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25,
+                                                                max_name_column_width=60)
+    archive.step_mass = {}
     try:
         graph, _ = capture(score)
         graph_ms, graph_note = cuda_ms(graph.replay), "graph"
