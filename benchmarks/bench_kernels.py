@@ -267,30 +267,40 @@ def _archive_state(a, t, seed=3):
     return query, keys, valid, D ** -0.5, row_lse, weight
 
 
-def _halo_archive(*state):
-    out = halo_kernels.archive_mass(*state)
+def _archive_args(op, t):
+    """The arguments of archive_{op}: `_archive_state`, and for "ratio" a per-head scale, pooled by KV head group."""
+    state = _archive_state(MID, t)
+    if op == "mass":
+        return state
+    gen = torch.Generator(device=DEVICE).manual_seed(4)
+    return (*state, torch.rand(HQ, generator=gen, device=DEVICE) + 0.5, "group")
+
+
+ARCHIVE_OPS = {"mass": (halo_kernels.archive_mass, ref_archive.archive_mass),
+               "ratio": (halo_kernels.archive_ratio, ref_archive.archive_ratio)}
+"""archive_mass ([Hq, A] out) and archive_ratio (scored and pooled over heads, [A] out): (kernel, reference)."""
+
+
+def _synced(fn, *args):
+    out = fn(*args)
     _sync()
     return out
 
 
-def _ref_archive(*state):
-    out = ref_archive.archive_mass(*state)
-    _sync()
-    return out
-
-
+@pytest.mark.parametrize("op", list(ARCHIVE_OPS))
 @pytest.mark.parametrize("t", ARCHIVE_ROWS)
-def test_archive_mass_halo(benchmark, t):
-    benchmark.group = f"archive mass T={t} A={MID}"
-    state = _archive_state(MID, t)
-    got = benchmark(_halo_archive, *state)
-    torch.testing.assert_close(got, _ref_archive(*state), rtol=2e-3, atol=2e-3)
-    _record_ratio(benchmark, lambda: _halo_archive(*state), lambda: _ref_archive(*state),
-                  kernel="archive_mass", shape=f"Hq={HQ} Hkv={HKV} D={D} T={t} A={MID} {DTYPE}")
+def test_archive_halo(benchmark, t, op):
+    benchmark.group = f"archive {op} T={t} A={MID}"
+    kernel, reference = ARCHIVE_OPS[op]
+    args = _archive_args(op, t)
+    got = benchmark(_synced, kernel, *args)
+    torch.testing.assert_close(got, _synced(reference, *args), rtol=2e-3, atol=2e-3)
+    _record_ratio(benchmark, lambda: _synced(kernel, *args), lambda: _synced(reference, *args),
+                  kernel=f"archive_{op}", shape=f"Hq={HQ} Hkv={HKV} D={D} T={t} A={MID} {DTYPE}")
 
 
+@pytest.mark.parametrize("op", list(ARCHIVE_OPS))
 @pytest.mark.parametrize("t", ARCHIVE_ROWS)
-def test_archive_mass_reference(benchmark, t):
-    benchmark.group = f"archive mass T={t} A={MID}"
-    state = _archive_state(MID, t)
-    benchmark(_ref_archive, *state)
+def test_archive_reference(benchmark, t, op):
+    benchmark.group = f"archive {op} T={t} A={MID}"
+    benchmark(_synced, ARCHIVE_OPS[op][1], *_archive_args(op, t))

@@ -21,22 +21,22 @@ ROUNDS = int(os.environ.get("HALO_BENCH_ROUNDS") or 30)  # pedantic rounds; gpu_
 
 
 @pytest.fixture(scope="module")
-def smollm_pair():
+def model_pair():
     """The embedded SmolLM2 (model, tokenizer); on a GPU machine without it, a random TinyLlama-shaped model."""
     return session_pair()
 
 
 @pytest.fixture(scope="module")
-def smollm(smollm_pair):
-    return smollm_pair[0]
+def session_model(model_pair):
+    return model_pair[0]
 
 
 def _prompt(model):
     return token_ids(model, BUDGET, seed=0)[None].to(model.device)
 
 
-def bench_default_cache_decode_step(benchmark, smollm, record_ratio):
-    model = smollm
+def bench_default_cache_decode_step(benchmark, session_model, record_ratio):
+    model = session_model
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
         model(_prompt(model), past_key_values=cache, use_cache=True)
@@ -50,14 +50,19 @@ def bench_default_cache_decode_step(benchmark, smollm, record_ratio):
     record_ratio(benchmark, GROUP, "reference")
 
 
-def bench_halo_cache_decode_step(benchmark, smollm, record_ratio):
-    model = smollm
+def _filled_halo_cache(model) -> tuple[HaloCache, torch.Tensor]:
+    """A token-level HaloCache holding BUDGET prompt tokens (fed in chunks of 64) and the decode step's token."""
+    cache = HaloCache(model, HaloConfig(budget=BUDGET, recent_tokens=64, chunk_size=64, granularity="token"))
+    prompt = _prompt(model)
+    for start in range(0, BUDGET, 64):
+        model(prompt[:, start:start + 64], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache, torch.tensor([[42]], device=model.device)
+
+
+def bench_halo_cache_decode_step(benchmark, session_model, record_ratio):
+    model = session_model
     with torch.inference_mode():
-        cache = HaloCache(model, HaloConfig(budget=BUDGET, recent_tokens=64, chunk_size=64, granularity="token"))
-        prompt = _prompt(model)
-        for start in range(0, BUDGET, 64):
-            model(prompt[:, start:start + 64], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = torch.tensor([[42]], device=model.device)
+        cache, token = _filled_halo_cache(model)
         model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
         assert cache.n_valid == BUDGET and len(cache.journal) >= 1
 
@@ -67,38 +72,6 @@ def bench_halo_cache_decode_step(benchmark, smollm, record_ratio):
         benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=3)
         assert cache.n_valid == BUDGET
     record_ratio(benchmark, GROUP, "halo")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="profiles the CUDA step")
-def bench_halo_cache_decode_step_profile(benchmark, smollm):
-    """Where a HaloCache decode step spends its host time on CUDA (the H200 run of 2026-11-29 measured 37 ms
-    against DynamicCache's 17 ms, far more than its kernels' launches explain). The torch profiler's table over
-    5 steps (top ops by self CPU time, synchronising calls among them) goes to extra_info["profile"], which the
-    suite's bench_step.json brings back; the steps themselves are timed too."""
-    from torch.profiler import ProfilerActivity, profile
-
-    model = smollm
-    with torch.inference_mode():
-        cache = HaloCache(model, HaloConfig(budget=BUDGET, recent_tokens=64, chunk_size=64, granularity="token"))
-        prompt = _prompt(model)
-        for start in range(0, BUDGET, 64):
-            model(prompt[:, start:start + 64], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = torch.tensor([[42]], device=model.device)
-
-        def step():
-            model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                step()
-            torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
-        syncs = {e.key: e.count for e in prof.key_averages() if "Synchronize" in e.key or e.key == "aten::item"}
-        benchmark.extra_info.update(profile=table, syncs_per_5_steps=syncs)
-        benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
 
 
 # ------------------------------------------------------------ repaired decode step
@@ -117,7 +90,8 @@ def _repaired_step(benchmark, model, tokenizer, fold: bool):
     def diffs():
         snap = session.memory()
         ranks = torch.linspace(100, BUDGET - 100, PATCHES).long()
-        picked = [(int(snap.positions[r]), int(snap.token_ids[r]), (int(snap.token_ids[r]) + 1) % model.config.vocab_size) for r in ranks]
+        vocab = model.config.vocab_size
+        picked = [(int(snap.positions[r]), int(snap.token_ids[r]), (int(snap.token_ids[r]) + 1) % vocab) for r in ranks]
         session.apply_diffs(picked, defer=True)  # the mirror part, outside the timing
         return (), {}
 
@@ -131,13 +105,13 @@ def _repaired_step(benchmark, model, tokenizer, fold: bool):
     assert session.cache.n_valid <= BUDGET and not session.repairs.pending
 
 
-def bench_repaired_step_separate_patch_forward(benchmark, smollm_pair, record_ratio):
-    _repaired_step(benchmark, *smollm_pair, fold=False)
+def bench_repaired_step_separate_patch_forward(benchmark, model_pair, record_ratio):
+    _repaired_step(benchmark, *model_pair, fold=False)
     record_ratio(benchmark, REPAIR_GROUP, "reference")
 
 
-def bench_repaired_step_patches_ride_along(benchmark, smollm_pair, record_ratio):
-    _repaired_step(benchmark, *smollm_pair, fold=True)
+def bench_repaired_step_patches_ride_along(benchmark, model_pair, record_ratio):
+    _repaired_step(benchmark, *model_pair, fold=True)
     record_ratio(benchmark, REPAIR_GROUP, "halo")
 
 
@@ -150,9 +124,9 @@ def _fed_ids(model):
     return token_ids(model, FED, seed=1)
 
 
-def bench_default_cache_generate_step(benchmark, smollm, record_ratio):
+def bench_default_cache_generate_step(benchmark, session_model, record_ratio):
     """Greedy decoding with DynamicCache held at BUDGET tokens: forward, argmax, crop back by one."""
-    model = smollm
+    model = session_model
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
         logits = model(_fed_ids(model)[None, -BUDGET:].to(model.device), past_key_values=cache,
@@ -179,13 +153,13 @@ def _session_group(granularity: str, positions: str) -> str:
 
 
 @pytest.mark.parametrize("granularity,positions", VARIANTS)
-def bench_session_generate_step(benchmark, smollm_pair, record_ratio, granularity, positions):
+def bench_session_generate_step(benchmark, model_pair, record_ratio, granularity, positions):
     """One `Session.generate` token at budget BUDGET after FED tokens were fed: every step evicts one token
     (with granularity "layer": one per layer, each layer by its own brightness; with memory positions the keys
     after each hole are rotated to their new ranks before the next step)."""
     from halo import Session
 
-    model, tokenizer = smollm_pair
+    model, tokenizer = model_pair
     config = HaloConfig(budget=BUDGET, recent_tokens=64, chunk_size=64, granularity=granularity,
                         rope_positions=positions)
     session = Session(model, tokenizer, config)
@@ -201,3 +175,31 @@ def bench_session_generate_step(benchmark, smollm_pair, record_ratio, granularit
     if granularity == "token":  # at least one token a step (a whole word can take more)
         assert stats["evicted"] >= evicted + (1 if benchmark.disabled else ROUNDS + 3)
     record_ratio(benchmark, _session_group(granularity, positions), "halo")
+
+
+# ------------------------------------------------------------ where the CUDA step's time goes (last)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="profiles the CUDA step")
+def bench_halo_cache_decode_step_profile(benchmark, session_model):
+    """Where a HaloCache decode step spends its host time on CUDA (the H200 run of 2026-11-29 measured 37 ms
+    against DynamicCache's 17 ms, far more than its kernels' launches explain). The torch profiler's table over
+    5 steps (top ops by self CPU time, synchronising calls among them) goes to extra_info["profile"], which the
+    suite's bench_step.json brings back; the steps themselves are timed first. Last in this file: the profiler
+    slows the process's later CUDA work (CUPTI stays attached)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = session_model
+    with torch.inference_mode():
+        cache, token = _filled_halo_cache(model)
+
+        def step():
+            model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+        benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=3)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
+        syncs = {e.key: e.count for e in prof.key_averages() if "Synchronize" in e.key or e.key == "aten::item"}
+        benchmark.extra_info.update(profile=table, syncs_per_5_steps=syncs)

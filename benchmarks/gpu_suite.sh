@@ -47,15 +47,17 @@
 #   file / phase   cases  case                                   rounds x est. ms per round (how)           est. s
 #   versions           -  torch + CUDA init, package metadata, nvidia-smi                                      ~10
 #   build              3  TUs, ninja -j16, sm_90 only              .cpp ~40 s in parallel with .cu ~60 s, link  50-70
-#   tests            171  -k cuda over CUDA_TESTS                  ~95 Triton JITs x ~1 s, tiny-model graph /  100-130
-#                         (164 kernel cases on device=cuda, 60 of  generate tests ~10 s, imports ~10 s
-#                         them per-layer: ~35 of the JITs)
+#   tests           ~250  -k cuda over CUDA_TESTS (the H200 run   ~120 Triton JITs x ~1 s, tiny-model graph / 150-170
+#                         of 2026-11-29 did 200 in 120 s, then     generate and CPU-vs-CUDA session tests,
+#                         the archive and session cases grew)      imports ~10 s
 #   bench_kernels      3  brightness halo N=2k/32k/128k            ~250 x 2 (67 Triton launches, host-bound)       3
 #                         + 42 CUDA-event reps, a check, inputs up to 2 x 3 GB
 #                      3  brightness reference                     ~200 x 2.5 (~225 torch ops)                   1.5
 #                      3  compaction halo/ref/index_select N=32k   0.5 s each (0.1 / 1 / 0.4 ms) + 63 reps         2
 #                      4  cull scores + victims k=1/64             0.5 s each (~0.2 ms)                          2.5
 #                      2  select_victims halo/ref                  0.5 s each (~0.1 ms)                            1
+#                      8  archive mass / ratio halo|ref, T=1|64   0.5 s each (0.1-2 ms; the H200 run: 0.15 / 1.8 ms   4
+#                         A=32k                                    at T=64)
 #   (bench_layers      4  brightness layers halo/ref N=2k/32k      0.5 s each (< 0.1 ms) + 40 event reps each    2.5
 #    in the same       4  select_victims_layers halo/ref k=1/64    0.5 s each (~0.2 / ~1 ms: [22, 32k] sorts)      2
 #    phase)            2  compact_layers_ halo/ref k=64 N=32k      0.5 s each (~0.1 / ~1 ms) + 40 event reps       1
@@ -66,7 +68,8 @@
 #                      2  repair forward vs matmul, eager|graphed  22 x 3; 8192^3 mm x 23 x 1.4 ms; capture       ~3
 #                      1  repair per token vs decode step          22 x 1; captures at batch 1 and 8              ~2
 #                         imports ~10 s, TinyLlama-1.1B init on GPU + 8-step check ~8 s, DistilBERT ~2 s    ~30
-#   (bench_recall      1  recall scoring 100k x 2 layers / step    TinyLlama init ~8 s, 20 x 3 event reps, capture ~12
+#   (bench_recall      1  recall scoring 100k x 2 layers / step    TinyLlama init ~8 s, fused and unfused: 4 x  ~18
+#                         (fused and unfused pooling, profiled)    20 event reps and 2 captures, a profile
 #    in the same       4  Session decode step, recall on|off       random TinyLlama (no embedded model): 4 feeds  ~30
 #    phase)               (and scored every step)                  of 576 tokens, 23 x ~40 ms eager steps)
 #   bench_repair       2  build_windows cpu ref|ext                ~7 x 292, 0.5 s x 35 (CPU, measured)          2.6
@@ -77,11 +80,12 @@
 #                         x 1|8
 #                      2  self repair left context ref|halo        7 x 2270, 7 x 316 + 2270 (CPU, measured)       20
 #                         imports ~10 s                                          file total (2-core rates)  ~63
-#   bench_step         8  decode / repaired / generate steps,      the embedded SmolLM2 package (94 MB) is not   ~60
+#   bench_step         9  decode / repaired / generate steps,      the embedded SmolLM2 package (94 MB) is not   ~60
 #                         and the HaloCache step under the torch   on the device: a random TinyLlama-shaped model
-#                         profiler (its table -> bench_step.json)  (session_models.py); 8 x 23 x 15-50 ms + feeds
+#                         profiler (its table -> bench_step.json)  (session_models.py); 9 x 23 x 15-50 ms + feeds
+#                                                                  (58 s for 8 of them on the H200)
 #   summary            -  JSON -> table (no torch import)                                                       ~1
-#   expected total  ~330 s; hard bound SUITE_BUDGET_S = 480 s
+#   expected total  ~420 s (the H200 run of 2026-11-29: 396 s at a 450 s budget); hard bound SUITE_BUDGET_S = 480 s
 # ---------------------------------------------------------------------------------------------------------------
 set -uo pipefail
 

@@ -15,24 +15,17 @@ import torch
 from halo import load_model
 from halo.models import ModelNotFoundError
 
-TINYLLAMA_SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                       num_key_value_heads=4)
-
 
 def random_tinyllama(device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
-    """(model, tokenizer): a random TinyLlama-shaped Llama over the tiny tokenizer's vocabulary, on `device`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """(model, tokenizer): a random TinyLlama-shaped Llama (bench_targets.TINYLLAMA) over the tiny tokenizer's
+    vocabulary, on `device`."""
+    from bench_targets import TINYLLAMA, build_llama
     from tiny import tiny_tokenizer  # tests/ is on the path (pyproject's pythonpath)
 
     tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(**TINYLLAMA_SHAPE, vocab_size=len(tokenizer), max_position_embeddings=8192,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    with torch.device(device):
-        model = LlamaForCausalLM(config)
+    model = build_llama({**TINYLLAMA, "vocab_size": len(tokenizer)}, device, dtype)
     model.config.name_or_path = "random-tinyllama-1.1b-shape"
-    return model.to(dtype).eval(), tokenizer
+    return model, tokenizer
 
 
 def session_pair():
@@ -46,7 +39,8 @@ def session_pair():
 
 
 def token_ids(model, count: int, seed: int) -> torch.Tensor:
-    """int64 [count] random ids in [100, min(40000, vocab)) (above the tokenizer's specials and byte symbols)."""
+    """int64 [count] random ids in [100, min(40000, vocab)): clear of the first ids, where tokenizers keep their
+    specials (for the tiny tokenizer most of them are byte symbols, each a token of its own)."""
     g = torch.Generator().manual_seed(seed)
     high = min(40000, model.config.vocab_size)
     return torch.randint(min(100, high - 1), high, (count,), generator=g)

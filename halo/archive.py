@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .archive_mass import BAR_QUANTILE, pooled_ratio, retained_rows, row_weights
+from .archive_mass import BAR_QUANTILE, ratio_scales, retained_rows, row_weights
 from .memory_positions import rotate_keys
 
 FIELDS = ("serials", "positions", "token_ids", "sources", "units")
@@ -109,11 +109,11 @@ class RecallArchive:
             self.fields[name].masked_fill_(gone, -1)
 
     def score(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float, n_past: int, heads: str,
-              archive_mass, archived_rope=None) -> None:
+              archive_ratio, archived_rope=None) -> None:
         """Score ring `layer` against one forward's query rows (see halo.archive_mass) into `step_mass`.
 
         query: [Hq, T, D]; key: [Hkv, >= n_past + T, D] the layer's keys (the first n_past retained); heads: how
-        heads read a hit (HaloConfig.recall_heads, `pooled_ratio`); archive_mass: the backend's op. An entry's
+        heads read a hit (HaloConfig.recall_heads, `pooled_ratio`); archive_ratio: the backend's op. An entry's
         `mass` is its ratio over the bar times `floor`, the head-mean bar (the `BAR_QUANTILE` quantile of the
         head-mean mass the retained tokens drew): the score in brightness's currency, exactly the head-mean mass
         with heads "mean". With memory positions `archived_rope` maps text positions (int64 [A]) to the RoPE
@@ -127,9 +127,10 @@ class RecallArchive:
         lse, retained = retained_rows(query, key, scaling, n_past)
         valid = self.fields["serials"][ring, :width] >= 0
         keys = self.keys[ring, :, :width] if self.inv_freq is None else self._rotated(ring, width, archived_rope)
-        head_mass = archive_mass(query, keys, valid, scaling, lse, row_weights(n_past, query.shape[1], query.device))
         floor = torch.quantile(retained.mean(0), BAR_QUANTILE).clamp(min=1e-6)
-        mass = pooled_ratio(head_mass, retained, heads, key.shape[0]).mul_(floor).masked_fill_(~valid, 0.0)
+        scale = ratio_scales(retained, heads) * floor  # the mass over each head's bar, in brightness's currency
+        mass = archive_ratio(query, keys, valid, scaling, lse, row_weights(n_past, query.shape[1], query.device),
+                             scale, heads)
         # the entries as scored: the cull that closes this forward may overwrite some before they are read
         self.step_mass[ring] = {"mass": mass, "floor": floor.expand(width),
                                 **{name: self.fields[name][ring, :width].clone() for name in FIELDS}}

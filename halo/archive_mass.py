@@ -9,7 +9,8 @@ softmax denominator row t of head h had over the slots it saw, its probability w
 and its mass at head h is normalised like brightness (halo.brightness): `mass[h, a] = sum_t n_t * p_{h,t}(a)`, so
 uniform attention reads 1.0 per row. Scoring each token alone keeps the score independent of how many tokens
 the archive holds. The retained tokens' mass at each head (`retained_rows`) sets the bar: `pooled_ratio` reads
-each archived token's mass over the bar at the head mean, per KV head group or per head. `halo_kernels.archive_mass` is the fused twin of `archive_mass`.
+each archived token's mass over the bar at the head mean, per KV head group or per head, and `archive_ratio`
+scores and pools in one call. `halo_kernels.archive_mass` and `halo_kernels.archive_ratio` are their fused twins.
 """
 
 from __future__ import annotations
@@ -83,6 +84,42 @@ def archive_mass(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, s
     return mass.masked_fill_(~valid, 0.0)
 
 
+def ratio_scales(retained_mass: torch.Tensor, heads: str) -> torch.Tensor:
+    """float32 [Hq]: the factor that turns a head's mass into its share of a ratio over the bar (`pool_heads`).
+
+    "mean": 1 / (Hq * bar) with bar the `BAR_QUANTILE` quantile of the retained tokens' head-mean mass (heads
+    pooled as brightness pools them: summed, the scaled masses give the head-mean mass over that bar). "group"
+    and "each": 1 / bar_h, the quantile of what the retained tokens drew at head h. Bars are at least 1e-6.
+
+    Args:
+        retained_mass: float32 [Hq, n_past] (`retained_rows`), n_past >= 1; heads: one of halo.config.RECALL_HEADS.
+    """
+    hq, n_past = retained_mass.shape
+    if n_past == 0:
+        raise ValueError("ratio_scales: the retained mass has no slots (n_past must be at least 1)")
+    if heads == "mean":
+        bar = torch.quantile(retained_mass.mean(0), BAR_QUANTILE).clamp(min=1e-6)
+        return (1.0 / (hq * bar)).expand(hq)
+    if heads in ("group", "each"):
+        return 1.0 / torch.quantile(retained_mass, BAR_QUANTILE, dim=1).clamp(min=1e-6)
+    raise ValueError(f"heads must be 'mean', 'group' or 'each', got {heads!r}")
+
+
+def pool_heads(scaled_mass: torch.Tensor, heads: str, num_kv_heads: int) -> torch.Tensor:
+    """float32 [A] from float32 [Hq, A] masses already scaled by `ratio_scales`: their sum over heads ("mean"), the
+    best KV head group's mean ("group") or the best head ("each")."""
+    hq, entries = scaled_mass.shape
+    if num_kv_heads < 1 or hq % num_kv_heads:
+        raise ValueError(f"pool_heads: {hq} query heads do not form groups of {num_kv_heads} KV heads")
+    if heads == "mean":
+        return scaled_mass.sum(0)
+    if heads == "group":
+        return scaled_mass.view(num_kv_heads, hq // num_kv_heads, entries).mean(1).amax(0)
+    if heads == "each":
+        return scaled_mass.amax(0)
+    raise ValueError(f"heads must be 'mean', 'group' or 'each', got {heads!r}")
+
+
 def pooled_ratio(head_mass: torch.Tensor, retained_mass: torch.Tensor, heads: str, num_kv_heads: int
                  ) -> torch.Tensor:
     """float32 [A]: each archived token's mass over the bar, read at the heads `heads` names.
@@ -96,15 +133,25 @@ def pooled_ratio(head_mass: torch.Tensor, retained_mass: torch.Tensor, heads: st
         head_mass: float32 [Hq, A] (`archive_mass`); retained_mass: float32 [Hq, n_past] (`retained_rows`),
             n_past >= 1; heads: one of halo.config.RECALL_HEADS; num_kv_heads divides Hq.
     """
-    hq, entries = head_mass.shape
-    if hq % num_kv_heads or retained_mass.shape[0] != hq or retained_mass.shape[1] == 0:
+    if retained_mass.shape[0] != head_mass.shape[0]:
         raise ValueError(f"pooled_ratio: head mass {tuple(head_mass.shape)} does not fit retained mass "
-                         f"{tuple(retained_mass.shape)} and {num_kv_heads} KV heads")
-    if heads == "mean":
-        return head_mass.mean(0) / torch.quantile(retained_mass.mean(0), BAR_QUANTILE).clamp(min=1e-6)
-    ratio = head_mass / torch.quantile(retained_mass, BAR_QUANTILE, dim=1).clamp(min=1e-6)[:, None]
-    if heads == "group":
-        return ratio.view(num_kv_heads, hq // num_kv_heads, entries).mean(1).amax(0)
-    if heads == "each":
-        return ratio.amax(0)
-    raise ValueError(f"pooled_ratio: heads must be 'mean', 'group' or 'each', got {heads!r}")
+                         f"{tuple(retained_mass.shape)}")
+    return pool_heads(head_mass * ratio_scales(retained_mass, heads)[:, None], heads, num_kv_heads)
+
+
+def archive_ratio(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float,
+                  row_lse: torch.Tensor, row_weight: torch.Tensor, head_scale: torch.Tensor, heads: str
+                  ) -> torch.Tensor:
+    """float32 [A]: `pool_heads(archive_mass(...) * head_scale[:, None], heads, Hkv)`, 0 where invalid: each archived
+    token's score, read at the heads `heads` names (`halo_kernels.archive_ratio` computes it in the same launch as
+    the mass, without the [Hq, A] intermediate).
+
+    Args:
+        query, keys, valid, scaling, row_lse, row_weight: as `archive_mass`; head_scale: float32 [Hq] (e.g.
+        `ratio_scales(...) * floor`); heads: "mean", "group" or "each".
+    """
+    if head_scale.shape != (query.shape[0],):
+        raise ValueError(f"archive_ratio: head_scale must be float32 [Hq] = [{query.shape[0]}], got "
+                         f"{tuple(head_scale.shape)}")
+    head_mass = archive_mass(query, keys, valid, scaling, row_lse, row_weight)
+    return pool_heads(head_mass * head_scale.float()[:, None], heads, keys.shape[0]).masked_fill_(~valid, 0.0)

@@ -11,7 +11,9 @@ Every op has a plain-PyTorch reference twin with the same signature (`halo.brigh
     cull_scores(brightness, positions, n_valid, dark_bias, radius) -> float32 [n]      scores.py
     select_victims(scores, positions, protected, n_valid, k) -> int64 [k]              victims.py
     compact_(kv, slot_tensors, victims, n_valid) -> int                                compact.py
-    archive_mass(query, keys, valid, scaling, row_lse, row_weight) -> float32 [A]      archive_mass.py
+    archive_mass(query, keys, valid, scaling, row_lse, row_weight) -> float32 [Hq, A]  archive_mass.py
+    archive_ratio(query, keys, valid, scaling, row_lse, row_weight, head_scale,
+                  heads) -> float32 [A]                                                 archive_mass.py
 
 Per-layer memory (every layer keeps its own slots; fields are [L, C] and counts int64 [L] on the device):
 
@@ -49,7 +51,7 @@ def available() -> bool:
 
 
 if _TRITON_ERROR is None:
-    from .archive_mass import archive_mass
+    from .archive_mass import archive_mass, archive_ratio
     from .brightness_layers import update_brightness_layers
     from .brightness_update import update_brightness
     from .column_mass import attention_column_mass, attention_column_mass_and_update
@@ -77,6 +79,7 @@ else:
     select_victims_layers = _missing("select_victims_layers")
     compact_layers_ = _missing("compact_layers_")
     archive_mass = _missing("archive_mass")
+    archive_ratio = _missing("archive_ratio")
 
 __all__ = [
     "available",
@@ -90,4 +93,5 @@ __all__ = [
     "select_victims_layers",
     "compact_layers_",
     "archive_mass",
+    "archive_ratio",
 ]

@@ -16,6 +16,10 @@ query heads that share it (GQA), chosen on the host:
 Either way `sum_t w_t * sigmoid(s_ta - lse_t)` accumulates in registers and each (head, entry) is written once
 (plain store, no atomics, deterministic); invalid entries are neither read nor scored and are written as 0.
 
+`archive_ratio` runs the same kernel with POOL set: a program owns every head of its entries, so it scales each
+head's mass by `head_scale[h]` and pools over heads in registers (POOL 1 the sum, 2 the best KV head group's mean,
+3 the best head) and writes float32 [A]: no [Hq, A] mass in memory, no pooling launches after it.
+
 The sigmoid is `1 / (1 + exp2((lse - s) * log2 e))` with the logits pre-scaled by `scaling * log2 e`: exp2 of a
 large argument gives +inf and the probability 0, of a very negative one 0 and the probability 1 (no NaN).
 
@@ -44,7 +48,8 @@ def _weighted_sigmoid(q_ptr, lse_ptr, w_ptr, kt, head, t, row_ok, dims, d_ok,
                       UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """float32 [rows, BLOCK_A]: w_t * sigmoid(scaling * q_{head, t} . k_a - lse_{head, t}) for row r = (head[r], t[r]),
     0 where not row_ok; kt is the [BLOCK_D, BLOCK_A] key block, transposed."""
-    q_ptrs = q_ptr + head.to(tl.int64)[:, None] * stride_qh + t[:, None].to(tl.int64) * stride_qt + dims[None, :] * stride_qd
+    q_ptrs = (q_ptr + head.to(tl.int64)[:, None] * stride_qh + t[:, None].to(tl.int64) * stride_qt
+              + dims[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -61,15 +66,15 @@ def _weighted_sigmoid(q_ptr, lse_ptr, w_ptr, kt, head, t, row_ok, dims, d_ok,
 
 @triton.jit
 def _archive_mass_kernel(
-    q_ptr, k_ptr, valid_ptr, lse_ptr, w_ptr, out_ptr,
+    q_ptr, k_ptr, valid_ptr, lse_ptr, w_ptr, scale_ptr, out_ptr,
     stride_qh, stride_qt, stride_qd,
     stride_kh, stride_ka, stride_kd,
-    stride_lh, stride_lt, stride_w, stride_v, stride_oh,
+    stride_lh, stride_lt, stride_w, stride_v, stride_s, stride_oh,
     A, GROUP, T, HKV,
     qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    GROUPED: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
+    GROUPED: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, POOL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = pid * BLOCK_A + tl.arange(0, BLOCK_A)
@@ -78,6 +83,7 @@ def _archive_mass_kernel(
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims < D
     n_rb = tl.cdiv(T, BLOCK_M)
+    pooled = tl.zeros([BLOCK_A], tl.float32)  # POOL > 0: the sum or best over heads so far (scores are >= 0)
 
     k_head = k_ptr  # advanced by one head per iteration (pointer arithmetic stays 64-bit)
     for kvh in range(HKV):
@@ -95,9 +101,21 @@ def _archive_mass_kernel(
                                   UPCAST, IEEE)
             acc_g = tl.sum(tl.reshape(p, [BLOCK_G, BLOCK_T, BLOCK_A]), axis=1)  # [BLOCK_G, BLOCK_A]
             gs = tl.arange(0, BLOCK_G)
-            out_ptrs = out_ptr + (kvh * GROUP + gs).to(tl.int64)[:, None] * stride_oh + cols[None, :]
-            tl.store(out_ptrs, tl.where(valid[None, :], acc_g, 0.0), mask=(gs < GROUP)[:, None] & col_ok[None, :])
+            if POOL == 0:
+                out_ptrs = out_ptr + (kvh * GROUP + gs).to(tl.int64)[:, None] * stride_oh + cols[None, :]
+                tl.store(out_ptrs, tl.where(valid[None, :], acc_g, 0.0),
+                         mask=(gs < GROUP)[:, None] & col_ok[None, :])
+            else:  # padded heads have scale 0
+                scale = tl.load(scale_ptr + (kvh * GROUP + gs).to(tl.int64) * stride_s, mask=gs < GROUP, other=0.0)
+                scaled = acc_g * scale[:, None]
+                if POOL == 1:
+                    pooled += tl.sum(scaled, axis=0)
+                elif POOL == 2:
+                    pooled = tl.maximum(pooled, tl.sum(scaled, axis=0) / GROUP)
+                else:
+                    pooled = tl.maximum(pooled, tl.max(scaled, axis=0))
         else:
+            group_sum = tl.zeros([BLOCK_A], tl.float32)
             for g in range(GROUP):
                 head = kvh * GROUP + g
                 acc = tl.zeros([BLOCK_A], tl.float32)
@@ -107,7 +125,20 @@ def _archive_mass_kernel(
                                           stride_qh, stride_qt, stride_qd, stride_lh, stride_lt, stride_w, qk_scale,
                                           UPCAST, IEEE)
                     acc += tl.sum(p, axis=0)
-                tl.store(out_ptr + head.to(tl.int64) * stride_oh + cols, tl.where(valid, acc, 0.0), mask=col_ok)
+                if POOL == 0:
+                    tl.store(out_ptr + head.to(tl.int64) * stride_oh + cols, tl.where(valid, acc, 0.0), mask=col_ok)
+                else:
+                    scaled = acc * tl.load(scale_ptr + head.to(tl.int64) * stride_s)
+                    if POOL == 3:
+                        pooled = tl.maximum(pooled, scaled)
+                    else:
+                        group_sum += scaled
+            if POOL == 1:
+                pooled += group_sum
+            elif POOL == 2:
+                pooled = tl.maximum(pooled, group_sum / GROUP)
+    if POOL != 0:
+        tl.store(out_ptr + cols, tl.where(valid, pooled, 0.0), mask=col_ok)
 
 
 def _check(op, query, keys, valid, scaling, row_lse, row_weight) -> None:
@@ -162,12 +193,18 @@ def _config(d: int, rows: int, entries: int, block_a: int | None = None):
     return block_m, block_a, block_d, num_warps
 
 
-def _launch(query, keys, valid, scaling, row_lse, row_weight, block_a: int | None = None,
-            grouped: bool | None = None) -> torch.Tensor:
-    """The one launch; `block_a` overrides the heuristic, `grouped` the choice of path (tests; None: by size)."""
+POOLS = {"mean": 1, "group": 2, "each": 3}
+"""The kernel's POOL for each HaloConfig.recall_heads value (0: no pooling, the [Hq, A] mass)."""
+
+
+def _launch(query, keys, valid, scaling, row_lse, row_weight, head_scale=None, heads: str | None = None,
+            block_a: int | None = None, grouped: bool | None = None) -> torch.Tensor:
+    """The one launch: float32 [Hq, A] without `heads`, else [A] pooled with `head_scale`; `block_a` overrides the
+    heuristic, `grouped` the choice of path (tests; None: by size)."""
     hq, t_rows, d = query.shape
     hkv, entries, _ = keys.shape
-    out = torch.empty(hq, entries, dtype=torch.float32, device=keys.device)
+    pool = 0 if heads is None else POOLS[heads]
+    out = torch.empty((hq, entries) if pool == 0 else (entries,), dtype=torch.float32, device=keys.device)
     if entries == 0:
         return out
     if t_rows == 0:
@@ -182,15 +219,17 @@ def _launch(query, keys, valid, scaling, row_lse, row_weight, block_a: int | Non
     upcast = interpreting() or not same or query.dtype == torch.float32
     ieee = upcast  # fp32 operands: IEEE fp32 dot, not TF32
     valid_bytes = valid.view(torch.uint8)
+    scale = row_weight if head_scale is None else head_scale  # any float32 tensor: not read without pooling
     _archive_mass_kernel[(cdiv(entries, block_a),)](
-        query, keys, valid_bytes, row_lse, row_weight, out,
+        query, keys, valid_bytes, row_lse, row_weight, scale, out,
         query.stride(0), query.stride(1), query.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2),
-        row_lse.stride(0), row_lse.stride(1), row_weight.stride(0), valid_bytes.stride(0), out.stride(0),
+        row_lse.stride(0), row_lse.stride(1), row_weight.stride(0), valid_bytes.stride(0), scale.stride(0),
+        out.stride(0),
         entries, group, t_rows, hkv,
         float(scaling) * _LOG2E,
         D=d, BLOCK_M=block_m, BLOCK_A=block_a, BLOCK_D=block_d,
-        UPCAST=upcast, IEEE=ieee, GROUPED=grouping is not None, BLOCK_G=block_g, BLOCK_T=block_t,
+        UPCAST=upcast, IEEE=ieee, GROUPED=grouping is not None, BLOCK_G=block_g, BLOCK_T=block_t, POOL=pool,
         num_warps=num_warps,
     )
     return out
@@ -216,4 +255,28 @@ def archive_mass(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, s
     return _launch(query, keys, valid, scaling, row_lse, row_weight)
 
 
-__all__ = ["archive_mass"]
+def archive_ratio(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float,
+                  row_lse: torch.Tensor, row_weight: torch.Tensor, head_scale: torch.Tensor, heads: str
+                  ) -> torch.Tensor:
+    """float32 [A]: the archived tokens' scores pooled over heads (`halo.archive_mass.archive_ratio`), 0 where
+    invalid, in the same launch as the mass: no [Hq, A] intermediate. One launch, no host sync.
+
+    Args:
+        query, keys, valid, scaling, row_lse, row_weight: as `archive_mass`; head_scale: float32 [Hq] on the
+        keys' device; heads: "mean" (sum of the scaled masses), "group" (the best KV head group's mean) or
+        "each" (the best head).
+    Raises ValueError naming the problem (shape, dtype, device, heads).
+    """
+    _check("archive_ratio", query, keys, valid, scaling, row_lse, row_weight)
+    if heads not in POOLS:
+        raise ValueError(f"archive_ratio: heads must be one of {sorted(POOLS)}, got {heads!r}")
+    if not isinstance(head_scale, torch.Tensor) or head_scale.dtype != torch.float32 or \
+            tuple(head_scale.shape) != (query.shape[0],):
+        raise ValueError(f"archive_ratio: head_scale must be a float32 [Hq] = [{query.shape[0]}] tensor, got "
+                         f"{getattr(head_scale, 'dtype', type(head_scale).__name__)} "
+                         f"{tuple(getattr(head_scale, 'shape', ()))}")
+    check_device("archive_ratio", keys=keys, head_scale=head_scale)
+    return _launch(query, keys, valid, scaling, row_lse, row_weight, head_scale, heads)
+
+
+__all__ = ["archive_mass", "archive_ratio"]

@@ -10,7 +10,7 @@ from transformers import DynamicCache
 from tiny import tiny_llama
 from halo import HaloConfig, Session, SourcePolicy, default_sources
 from halo.archive import RecallArchive
-from halo.archive_mass import archive_mass
+from halo.archive_mass import archive_ratio
 from halo.memory_positions import rope_inv_freq, rotate_keys_
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -33,14 +33,14 @@ def scoring_session(model, tok, **changes):
 
 
 def spy_on_scoring(cache) -> list[dict]:
-    """Record every archive scoring of `cache`: the keys and arguments `archive_mass` got, its result, the archived
+    """Record every archive scoring of `cache`: the keys and arguments `archive_ratio` got, its result, the archived
     entries and, computed here from the slots, each entry's present rank (`ranks`: its `searchsorted` in the sorted
     distinct positions some layer holds) and the `rope` of the first held token at or after it (`frame`, one past
     the newest when none: the rank in the frame of the keys as they stand, which differs between re-ranks)."""
-    calls, real = [], cache.backend.archive_mass
+    calls, real = [], cache.backend.archive_ratio
 
-    def spy(query, keys, valid, scaling, lse, weight):
-        mass = real(query, keys, valid, scaling, lse, weight)
+    def spy(query, keys, valid, scaling, lse, weight, scale, heads):
+        mass = real(query, keys, valid, scaling, lse, weight, scale, heads)
         n, width = cache.n_valid, keys.shape[1]
         held = torch.arange(n, device=cache.device)[None, :] < cache.layer_counts[:, None]
         positions, rope = cache.positions[:, :n][held], cache.slot_field("rope")[:, :n][held]
@@ -48,11 +48,12 @@ def spy_on_scoring(cache) -> list[dict]:
         later = positions[None, :] >= fields["positions"][:, None]  # [width, held]
         frame = torch.where(later, rope[None, :], rope.max() + 1).amin(1)
         calls.append({"keys": keys.float().clone(), "args": (query.clone(), valid.clone(), scaling, lse.clone(),
-                                                               weight.clone()), "mass": mass.clone(), **fields,
+                                                               weight.clone(), scale.clone(), heads),
+                      "mass": mass.clone(), **fields,
                       "ranks": torch.searchsorted(torch.unique(positions), fields["positions"]), "frame": frame})
         return mass
 
-    cache.backend = dataclasses.replace(cache.backend, archive_mass=spy)
+    cache.backend = dataclasses.replace(cache.backend, archive_ratio=spy)
     return calls
 
 
@@ -96,7 +97,7 @@ def test_archived_keys_are_scored_at_their_present_ranks(tiny_tok, device, reran
         torch.testing.assert_close(call["keys"][:, valid], want, atol=2e-3, rtol=2e-3)  # fp16 storage
         keys = torch.zeros_like(call["keys"])
         keys[:, valid] = want
-        torch.testing.assert_close(call["mass"], archive_mass(call["args"][0], keys, *call["args"][1:]),
+        torch.testing.assert_close(call["mass"], archive_ratio(call["args"][0], keys, *call["args"][1:]),
                                    atol=1e-4, rtol=1e-3)
     heads, dim = session.cache.num_kv_heads, session.cache.head_dim  # the CPU keeps a rotated copy, CUDA none
     assert copied == (2 if device == "cpu" else 1) * heads * dim * 2 + 8 * 5

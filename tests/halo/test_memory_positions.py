@@ -78,7 +78,7 @@ def _layer0_keys_match_a_fresh_run(model, session):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("granularity", ["token", "layer"])
-def test_keys_sit_at_their_memory_ranks_after_culls_markers_and_recall(tiny_tok, granularity, device):
+def test_keys_sit_at_their_memory_ranks_after_culls_markers_and_recall(tiny_tok, granularity, device, monkeypatch):
     model = tiny_llama(layers=2, vocab=len(tiny_tok)).to(device)
     recall = {"recall": True, "recall_threshold": 0.0, "recall_tokens": 6, "recall_context": 2,
               "recall_grace": 8} if granularity == "layer" else {}
@@ -86,7 +86,12 @@ def test_keys_sit_at_their_memory_ranks_after_culls_markers_and_recall(tiny_tok,
     # count the marker forwards: whether a marker is still held at a given check depends on near ties (an H200 run
     # held none at the three checks; the CPU run holds 6 at the first check only, then they die too)
     marker_forwards, spec = [], session.markers.spec
-    session.markers.spec = lambda cache, runs: marker_forwards.append(len(runs)) or spec(cache, runs)
+
+    def counted_spec(cache, runs):
+        marker_forwards.append(len(runs))
+        return spec(cache, runs)
+
+    monkeypatch.setattr(session.markers, "spec", counted_spec)
     for _ in range(3):
         session.feed(TEXT, "user")
         session.feed("2026-11-22 worker 3 processed batch 7 ok\n" * 3, "tool")

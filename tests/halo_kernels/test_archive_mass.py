@@ -1,11 +1,12 @@
-"""halo_kernels.archive_mass: the fused archive scoring equals its reference (halo.archive_mass.archive_mass)."""
+"""halo_kernels.archive_mass and archive_ratio: the fused archive scoring equals its reference (halo.archive_mass)."""
 
 import pytest
 import torch
 
 from halo.archive_mass import archive_mass as reference
+from halo.archive_mass import archive_ratio as reference_ratio
 from halo.archive_mass import retained_rows, row_weights
-from halo_kernels import archive_mass
+from halo_kernels import archive_mass, archive_ratio
 from halo_kernels.archive_mass import _launch
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-3, atol=1e-3),
@@ -188,16 +189,53 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         archive_mass(*args)
 
 
-@pytest.mark.parametrize("hq,hkv,t", [(32, 4, 1), (6, 2, 3), (9, 3, 5), (4, 4, 16), (1, 1, 1)])
-def test_grouped_and_per_head_paths_agree(device, hq, hkv, t):
-    """The grouped path (a KV head's query group in one dot) and the per-head path compute the same mass."""
-    args = _inputs(hq, hkv, t, 301, 64, torch.float32, device, seed=hq + t)
+@pytest.mark.parametrize("hq,hkv,t,dtype", [(32, 4, 1, torch.float32), (6, 2, 3, torch.float32),
+                                             (9, 3, 5, torch.float32), (4, 4, 16, torch.float32),
+                                             (1, 1, 1, torch.float32), (32, 4, 1, torch.bfloat16),
+                                             (6, 2, 3, torch.float16)], ids=_ids)
+def test_grouped_and_per_head_paths_agree(device, hq, hkv, t, dtype):
+    """The grouped path (a KV head's query group in one dot) and the per-head path compute the same mass (on CUDA
+    the 16-bit cases run both on tensor cores)."""
+    args = _inputs(hq, hkv, t, 301, 64, dtype, device, seed=hq + t)
     grouped = _launch(*args, grouped=True)
-    torch.testing.assert_close(grouped, _launch(*args, grouped=False), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grouped, reference(*args), rtol=1e-4, atol=1e-4)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(grouped, _launch(*args, grouped=False), **tol)
+    torch.testing.assert_close(grouped, reference(*args), **TOL[dtype])
 
 
 def test_grouped_path_refuses_too_many_rows(device):
     args = _inputs(8, 1, 9, 40, 64, torch.float32, device)  # 8 x 16 padded rows > GROUPED_ROWS
     with pytest.raises(ValueError, match="grouped path"):
         _launch(*args, grouped=True)
+
+
+@pytest.mark.parametrize("heads", ["mean", "group", "each"])
+@pytest.mark.parametrize("hq,hkv,t,a,d,dtype", CASES, ids=_ids)
+def test_ratio_matches_reference(device, heads, hq, hkv, t, a, d, dtype):
+    """archive_ratio (mass and head pooling in one launch) equals the reference's mass, scaled and pooled."""
+    args = _inputs(hq, hkv, t, a, d, dtype, device, seed=a + t)
+    scale = torch.rand(hq, generator=torch.Generator().manual_seed(hq)).add_(0.5).to(device)
+    got = archive_ratio(*args, scale, heads)
+    want = reference_ratio(*args, scale, heads)
+    assert got.dtype == torch.float32 and got.shape == (a,)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    assert torch.all(got[~args[2]] == 0)
+
+
+@pytest.mark.parametrize("heads", ["mean", "group", "each"])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_ratio_on_both_paths(device, heads, grouped):
+    args = _inputs(12, 4, 2, 257, 64, torch.float32, device, seed=7)
+    scale = torch.linspace(0.5, 2.0, 12).to(device)
+    got = _launch(*args, scale, heads, grouped=grouped)
+    torch.testing.assert_close(got, reference_ratio(*args, scale, heads), rtol=1e-4, atol=1e-4)
+
+
+def test_ratio_names_bad_heads_and_scales(device):
+    args = _inputs(4, 2, 1, 30, 64, torch.float32, device)
+    with pytest.raises(ValueError, match="heads"):
+        archive_ratio(*args, torch.ones(4, device=device), "max")
+    with pytest.raises(ValueError, match=r"head_scale must be a float32 \[Hq\] = \[4\]"):
+        archive_ratio(*args, torch.ones(3, device=device), "group")
+    with pytest.raises(ValueError, match="head_scale"):
+        archive_ratio(*args, torch.ones(4, dtype=torch.float64, device=device), "group")

@@ -91,17 +91,21 @@ SCRIPT = textwrap.dedent('''
     am = importlib.import_module("halo_kernels.archive_mass")  # the package attribute is the op, not the module
     # decode at TinyLlama's head dim on tensor cores (bf16; fp16 is the same code), and a chunk at head dim
     # 96 -> 128 (masked) on the upcast IEEE fp32 path (fp32, or two different dtypes)
-    # (block_g, block_t): None is the per-head path; (8 x 2, T=1 decode of 8 heads padded to 16 rows) grouped
-    for q_dtype, k_dtype, d, block_a, block_m, upcast, grouping in [
-            ("bf16", "bf16", 64, 128, 16, False, None), ("fp16", "fp32", 96, 64, 64, True, None),
-            ("bf16", "bf16", 64, 128, 16, False, (16, 1)), ("fp16", "fp32", 96, 64, 16, True, (4, 8))]:
+    # (block_g, block_t): None is the per-head path; (16, 1) is decode's T=1 of up to 16 heads per KV head, grouped.
+    # pool: 0 the [Hq, A] mass (archive_mass), 1/2/3 pooled over heads by mean/group/each (archive_ratio)
+    for q_dtype, k_dtype, d, block_a, block_m, upcast, grouping, pool in [
+            ("bf16", "bf16", 64, 128, 16, False, None, 0), ("fp16", "fp32", 96, 64, 64, True, None, 0),
+            ("bf16", "bf16", 64, 128, 16, False, (16, 1), 0), ("fp16", "fp32", 96, 64, 16, True, (4, 8), 0),
+            ("bf16", "bf16", 64, 128, 16, False, (16, 1), 2), ("bf16", "bf16", 64, 128, 64, False, None, 2),
+            ("bf16", "bf16", 64, 128, 16, False, (16, 1), 1), ("fp16", "fp16", 128, 64, 64, False, None, 3)]:
         types = {"q_ptr": "*" + q_dtype, "k_ptr": "*" + k_dtype, "valid_ptr": "*u8", "lse_ptr": "*fp32",
-                 "w_ptr": "*fp32", "out_ptr": "*fp32", "qk_scale": "fp32"}
+                 "w_ptr": "*fp32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "qk_scale": "fp32"}
         block_g, block_t = grouping or (1, 1)
-        compile_(f"archive_mass q={q_dtype} k={k_dtype} d={d} ba={block_a} bm={block_m} grouped={grouping}",
-                 am._archive_mass_kernel, lambda n, t=types: t.get(n, "i32"),
+        compile_(f"archive_mass q={q_dtype} k={k_dtype} d={d} ba={block_a} bm={block_m} grouped={grouping} "
+                 f"pool={pool}", am._archive_mass_kernel, lambda n, t=types: t.get(n, "i32"),
                  dict(D=d, BLOCK_M=block_m, BLOCK_A=block_a, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                      UPCAST=upcast, IEEE=upcast, GROUPED=grouping is not None, BLOCK_G=block_g, BLOCK_T=block_t),
+                      UPCAST=upcast, IEEE=upcast, GROUPED=grouping is not None, BLOCK_G=block_g, BLOCK_T=block_t,
+                      POOL=pool),
                  4 if d <= 64 else 8)
     sys.exit(1 if failures else 0)
 ''')
@@ -112,4 +116,4 @@ def test_every_kernel_compiles_for_sm90():
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
-    assert proc.stdout.count("ok ") == 22, proc.stdout
+    assert proc.stdout.count("ok ") == 26, proc.stdout
