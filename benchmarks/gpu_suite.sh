@@ -31,7 +31,7 @@
 # so the suite ends within the budget however any phase behaves; a phase whose limit is under MIN_PHASE_S is
 # skipped and reported as skipped. pytest phases turn SIGTERM into KeyboardInterrupt, so a benchmark file stopped
 # at its limit still writes the JSON of the cases it finished. Shares (s, at 480; scaled to other budgets):
-#     versions 20 | build 55 | tests 170 | bench_kernels 45 | bench_targets 60 | bench_repair 40 | bench_step 60
+#     versions 15 | build 50 | tests 185 | bench_kernels 45 | bench_targets 60 | bench_repair 40 | bench_step 55
 #     = 450, + 30 reserve = 480. Measured on the H200 (2026-11-29, run 2 at a 450 s budget): versions 9, build 46,
 #     tests 141 (cut at its limit with 200 of ~215 tests done), bench_kernels 40, bench_targets 47 (with
 #     bench_recall), bench_repair 38, bench_step 58 (a random TinyLlama-shaped model); each phase still inherits
@@ -114,11 +114,11 @@ RESERVE="${SUITE_RESERVE_S:-30}"
 GRACE_S="${SUITE_GRACE_S:-10}"
 MIN_PHASE_S=$(( GRACE_S + 5 ))
 
-# Phase shares in seconds at a 480 s budget (see the estimate above). The versions phase keeps its 20 s (at most
+# Phase shares in seconds at a 480 s budget (see the estimate above). The versions phase keeps its 15 s (at most
 # half of what there is: a cold first import of torch on a fresh machine is slow); the others scale to what is left
 # of BUDGET - RESERVE.
 PHASES=(versions build tests bench_kernels bench_targets bench_repair bench_step)
-BASE_SHARES=(20 55 170 45 60 40 60)
+BASE_SHARES=(15 50 185 45 60 40 55)
 avail=$(( BUDGET - RESERVE ))
 first=$(( BASE_SHARES[0] < avail / 2 ? BASE_SHARES[0] : avail / 2 ))
 rest_base=0
