@@ -149,12 +149,24 @@ class RecallArchive:
             self._turned_rope[ring, moved] = rope[moved]
         return self._turned[ring, :, :width]
 
-    def take_scores(self) -> dict[str, torch.Tensor] | None:
+    def take_scores(self, threshold: float | None = None, skip: torch.Tensor | None = None
+                    ) -> dict[str, torch.Tensor] | None:
         """The last scored forward's candidates, once: every entry held when it was scored, in every scored ring,
         with `mass` and `floor` (float32, the ring's bar) and the fields (int64), concatenated over rings; None when
-        nothing was scored."""
+        nothing was scored, or (with `threshold`) when no held entry outside the `skip` source codes (int64) has a
+        mass of at least `threshold` times its bar: that test is the only host read until something reaches it."""
         if not self.step_mass:
             return None
+        if threshold is not None:
+            reaches = []
+            for scored in self.step_mass.values():
+                reach = (scored["mass"] >= threshold * scored["floor"]) & (scored["serials"] >= 0)
+                if skip is not None:
+                    reach &= ~torch.isin(scored["sources"], skip.to(reach.device))
+                reaches.append(reach.any())
+            if not bool(torch.stack(reaches).any()):
+                self.step_mass = {}
+                return None
         parts = []
         for scored in self.step_mass.values():
             held = scored["serials"] >= 0

@@ -184,17 +184,12 @@ class Recall:
         Returns (logits [V] of the last of those rows recomputed after the recall, or None when nothing came
         back; what the cull back to budget evicted).
         """
-        archive = cache.archive
-        scores = None if archive is None else archive.take_scores()
-        cfg = self.config
+        archive, cfg = cache.archive, self.config
         skip = self.line_codes if source in self.line_codes.tolist() else None
-        if scores is None or scores["serials"].numel() == 0:
+        # None also when nothing that may come back reaches the bar: then the memory is not read
+        scores = None if archive is None else archive.take_scores(cfg.recall_threshold, skip)
+        if scores is None:
             return None, CullResult()
-        reach = scores["mass"] >= cfg.recall_threshold * scores["floor"]
-        if skip is not None:
-            reach &= ~torch.isin(scores["sources"], skip.to(scores["sources"].device))
-        if not bool(reach.any()):
-            return None, CullResult()  # nothing that may come back reaches the bar: skip reading the memory
         held = cache.snapshot()
         pick = pick_units(scores, held, num_layers=cache.num_layers, marker=cfg.source_code("marker"),
                           threshold=cfg.recall_threshold, most=cfg.recall_tokens, context=cfg.recall_context,

@@ -133,3 +133,34 @@ def test_pooled_ratio_reads_each_head_against_its_own_bar():
         pooled_ratio(head_mass, retained, "group", 3)
     with pytest.raises(ValueError, match="heads must be"):
         pooled_ratio(head_mass, retained, "max", 1)
+
+
+def test_take_scores_with_a_bar_hands_out_nothing_unless_some_entry_reaches_it():
+    """With a threshold, take_scores returns every held entry once some entry outside `skip` reaches the bar, and
+    None (the scores dropped) otherwise."""
+    from halo.archive_mass import archive_ratio
+
+    def scored():
+        gen = torch.Generator().manual_seed(0)
+        archive = _archive(capacity=4, layers=(1,))
+        values = _values([0, 1, 2])
+        values["sources"] = torch.tensor([0, 0, 3])
+        archive.add(1, torch.randn(2, 3, 4, generator=gen), values)
+        archive.score(1, torch.randn(4, 1, 4, generator=gen), torch.randn(2, 9, 4, generator=gen), 0.5, 8, "group",
+                      archive_ratio)
+        return archive
+
+    first = scored().take_scores()
+    ratio = first["mass"] / first["floor"]
+    top = int(ratio.argmax())
+    source = int(first["sources"][top])
+    others = ratio[first["sources"] != source]
+    bar = (float(ratio[top]) + float(others.max())) / 2  # only the top entry's source reaches it
+    assert float(ratio[top]) > float(others.max())
+    archive = scored()
+    taken = archive.take_scores(threshold=bar)
+    assert taken["serials"].tolist() == [0, 1, 2] and archive.take_scores() is None  # every entry, once
+    archive = scored()
+    assert archive.take_scores(threshold=float(ratio.max()) * 1.01) is None and archive.take_scores() is None
+    assert scored().take_scores(threshold=bar, skip=torch.tensor([source])) is None
+    assert scored().take_scores(threshold=bar, skip=torch.tensor([7]))["serials"].numel() == 3
