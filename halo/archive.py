@@ -113,7 +113,7 @@ class RecallArchive:
         """Score ring `layer` against one forward's query rows (see halo.archive_mass) into `step_mass`.
 
         query: [Hq, T, D]; key: [Hkv, >= n_past + T, D] the layer's keys (the first n_past retained); heads: how
-        heads read a hit (HaloConfig.recall_heads, `pooled_ratio`); archive_ratio: the backend's op. An entry's
+        heads read a hit (HaloConfig.recall_heads, `halo.archive_mass.pool_heads`); archive_ratio: the backend's op. An entry's
         `mass` is its ratio over the bar times `floor`, the head-mean bar (the `BAR_QUANTILE` quantile of the
         head-mean mass the retained tokens drew): the score in brightness's currency, exactly the head-mean mass
         with heads "mean". With memory positions `archived_rope` maps text positions (int64 [A]) to the RoPE

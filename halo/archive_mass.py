@@ -8,9 +8,9 @@ softmax denominator row t of head h had over the slots it saw, its probability w
 
 and its mass at head h is normalised like brightness (halo.brightness): `mass[h, a] = sum_t n_t * p_{h,t}(a)`, so
 uniform attention reads 1.0 per row. Scoring each token alone keeps the score independent of how many tokens
-the archive holds. The retained tokens' mass at each head (`retained_rows`) sets the bar: `pooled_ratio` reads
-each archived token's mass over the bar at the head mean, per KV head group or per head, and `archive_ratio`
-scores and pools in one call. `halo_kernels.archive_mass` and `halo_kernels.archive_ratio` are their fused twins.
+the archive holds. The retained tokens' mass at each head (`retained_rows`) sets the bar: `ratio_scales` and
+`pool_heads` read each archived token's mass over the bar at the head mean, per KV head group or per head, and
+`archive_ratio` scores and pools in one call. `halo_kernels.archive_mass` and `halo_kernels.archive_ratio` are their fused twins.
 """
 
 from __future__ import annotations
@@ -118,25 +118,6 @@ def pool_heads(scaled_mass: torch.Tensor, heads: str, num_kv_heads: int) -> torc
     if heads == "each":
         return scaled_mass.amax(0)
     raise ValueError(f"heads must be 'mean', 'group' or 'each', got {heads!r}")
-
-
-def pooled_ratio(head_mass: torch.Tensor, retained_mass: torch.Tensor, heads: str, num_kv_heads: int
-                 ) -> torch.Tensor:
-    """float32 [A]: each archived token's mass over the bar, read at the heads `heads` names.
-
-    "mean": the head-mean mass over the `BAR_QUANTILE` quantile of the retained tokens' head-mean mass (heads
-    pooled as brightness pools them). "group" and "each": every head's mass over its own bar (the quantile of
-    what the retained tokens drew at that head), averaged over each KV head's query group ("group") or not
-    ("each"); the best group or head counts. Bars are at least 1e-6. No host sync.
-
-    Args:
-        head_mass: float32 [Hq, A] (`archive_mass`); retained_mass: float32 [Hq, n_past] (`retained_rows`),
-            n_past >= 1; heads: one of halo.config.RECALL_HEADS; num_kv_heads divides Hq.
-    """
-    if retained_mass.shape[0] != head_mass.shape[0]:
-        raise ValueError(f"pooled_ratio: head mass {tuple(head_mass.shape)} does not fit retained mass "
-                         f"{tuple(retained_mass.shape)}")
-    return pool_heads(head_mass * ratio_scales(retained_mass, heads)[:, None], heads, num_kv_heads)
 
 
 def archive_ratio(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float,

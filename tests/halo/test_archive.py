@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from halo.archive import RecallArchive
-from halo.archive_mass import archive_mass, pooled_ratio, retained_rows, row_weights
+from halo.archive_mass import archive_mass, pool_heads, ratio_scales, retained_rows, row_weights
 
 
 def _archive(capacity=5, layers=(1, 3)):
@@ -111,6 +111,11 @@ def test_retained_mass_per_head_is_brightness_column_mass_before_the_head_mean(h
     attention_column_mass(query, key, 0.4, n_past, column)
     assert retained.shape == (hq, n_past)
     torch.testing.assert_close(retained.mean(0), column[:n_past], rtol=1e-5, atol=1e-6)
+
+
+def pooled_ratio(head_mass, retained, heads, num_kv_heads):
+    """Each archived token's mass over the bar as recall reads it (`archive_ratio` without the floor)."""
+    return pool_heads(head_mass * ratio_scales(retained, heads)[:, None], heads, num_kv_heads)
 
 
 def test_pooled_ratio_reads_a_head_the_mean_drowns():
