@@ -304,3 +304,36 @@ def test_archive_halo(benchmark, t, op):
 def test_archive_reference(benchmark, t, op):
     benchmark.group = f"archive {op} T={t} A={MID}"
     benchmark(_synced, ARCHIVE_OPS[op][1], *_archive_args(op, t))
+
+
+# ------------------------------------------------------------------ retained rows: what recall's bars are read from
+def _retained_state(t, n_past=2048, seed=5):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    query = torch.randn(HQ, t, D, generator=gen, device=DEVICE, dtype=DTYPE)
+    key = torch.randn(HKV, n_past + t, D, generator=gen, device=DEVICE, dtype=DTYPE)
+    return query, key, D ** -0.5, n_past
+
+
+def _retained_halo(query, key, scaling, n_past):
+    lse = halo_kernels.retained_lse(query, key, scaling, n_past)
+    return lse, halo_kernels.retained_mass(query, key, scaling, n_past, lse)
+
+
+@pytest.mark.parametrize("t", ARCHIVE_ROWS)
+def test_retained_rows_halo(benchmark, t):
+    """Row lse and per-head mass of the retained slots (two launches, no [Hq, T, N] logits in memory) against the
+    reference `retained_rows` (fp32 logits, logsumexp, exp and a weighted sum)."""
+    benchmark.group = f"retained rows T={t} N=2048"
+    args = _retained_state(t)
+    lse, mass = benchmark(_synced, _retained_halo, *args)
+    want_lse, want_mass = ref_archive.retained_rows(*args)
+    torch.testing.assert_close(lse, want_lse, rtol=2e-3, atol=2e-2)
+    torch.testing.assert_close(mass, want_mass, rtol=2e-2, atol=2e-3)
+    _record_ratio(benchmark, lambda: _synced(_retained_halo, *args), lambda: _synced(ref_archive.retained_rows, *args),
+                  kernel="retained_rows", shape=f"Hq={HQ} Hkv={HKV} D={D} T={t} N=2048 {DTYPE}")
+
+
+@pytest.mark.parametrize("t", ARCHIVE_ROWS)
+def test_retained_rows_reference(benchmark, t):
+    benchmark.group = f"retained rows T={t} N=2048"
+    benchmark(_synced, ref_archive.retained_rows, *_retained_state(t))

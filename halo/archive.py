@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .archive_mass import BAR_QUANTILE, ratio_scales, retained_rows, row_weights
+from .archive_mass import bars, row_weights
 from .memory_positions import rotate_keys
 
 FIELDS = ("serials", "positions", "token_ids", "sources", "units")
@@ -47,8 +47,9 @@ class RecallArchive:
         rings = len(self.layers)
         with torch.inference_mode(False):
             self.keys = torch.zeros(rings, num_kv_heads, self.capacity, head_dim, dtype=self.key_dtype, device=device)
-            self.fields = {name: torch.full((rings, self.capacity), -1, dtype=torch.int64, device=device)
-                           for name in FIELDS}
+            # one int64 [F, R, A] table, so that a scoring snapshots every field of a ring in one copy
+            self._field_table = torch.full((len(FIELDS), rings, self.capacity), -1, dtype=torch.int64, device=device)
+            self.fields = dict(zip(FIELDS, self._field_table.unbind(0)))
             # memory positions on the CPU: the keys as last scored (rotated to `_turned_rope`; -1: not yet)
             self._turned = self._turned_rope = None
             if inv_freq is not None and torch.device(device).type == "cpu":
@@ -105,35 +106,43 @@ class RecallArchive:
     def drop(self, serials: torch.Tensor) -> None:
         """Forget the entries of these serials (recalled tokens, now back in the cache), in every ring."""
         gone = torch.isin(self.fields["serials"], serials.to(self.device))
-        for name in FIELDS:
-            self.fields[name].masked_fill_(gone, -1)
+        self._field_table.masked_fill_(gone, -1)
 
     def score(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float, n_past: int, heads: str,
-              archive_ratio, archived_rope=None) -> None:
+              backend, retained_mass: torch.Tensor | None = None, archived_rope=None) -> None:
         """Score ring `layer` against one forward's query rows (see halo.archive_mass) into `step_mass`.
 
         query: [Hq, T, D]; key: [Hkv, >= n_past + T, D] the layer's keys (the first n_past retained); heads: how
-        heads read a hit (HaloConfig.recall_heads, `halo.archive_mass.pool_heads`); archive_ratio: the backend's op. An entry's
-        `mass` is its ratio over the bar times `floor`, the head-mean bar (the `BAR_QUANTILE` quantile of the
-        head-mean mass the retained tokens drew): the score in brightness's currency, exactly the head-mean mass
-        with heads "mean". With memory positions `archived_rope` maps text positions (int64 [A]) to the RoPE
-        positions the keys are rotated to first (rotated copies of the filled entries, `_rotated`; the stored keys
-        stay at position 0).
+        heads read a hit (HaloConfig.recall_heads, `halo.archive_mass.pool_heads`); backend: the cache's
+        `halo.backend.Backend` (its `retained_lse`, `retained_mass` and `archive_ratio`); retained_mass: float32
+        [>= n_past], the head-mean mass these rows gave the retained slots (the layer's brightness column mass,
+        already computed by the step: the floor is read from it, and with heads "mean" nothing per head is
+        formed); None: the mean of the per-head mass. An entry's `mass` is its ratio over the bar times
+        `floor`, the head-mean bar (the `BAR_QUANTILE` quantile of the head-mean mass the retained tokens drew):
+        the score in brightness's currency, exactly the head-mean mass with heads "mean". With memory positions
+        `archived_rope` maps text positions (int64 [A]) to the RoPE positions the keys are rotated to first
+        (rotated copies of the filled entries, `_rotated`; the stored keys stay at position 0).
         """
         ring = self.ring_of[layer]
         width = self._filled[ring]
         if width == 0 or n_past == 0:
             return
-        lse, retained = retained_rows(query, key, scaling, n_past)
+        hq = query.shape[0]
+        lse = backend.retained_lse(query, key, scaling, n_past)
+        per_head = None if heads == "mean" and retained_mass is not None else \
+            backend.retained_mass(query, key, scaling, n_past, lse)
+        floor = bars(retained_mass[:n_past] if retained_mass is not None else per_head.mean(0))
+        if heads == "mean":  # ratio_scales(.., "mean") * floor: the head-mean bar cancels
+            scale = torch.full((hq,), 1.0 / hq, device=query.device)
+        else:  # the mass over each head's bar, in brightness's currency
+            scale = floor / bars(per_head)
         valid = self.fields["serials"][ring, :width] >= 0
         keys = self.keys[ring, :, :width] if self.inv_freq is None else self._rotated(ring, width, archived_rope)
-        floor = torch.quantile(retained.mean(0), BAR_QUANTILE).clamp(min=1e-6)
-        scale = ratio_scales(retained, heads) * floor  # the mass over each head's bar, in brightness's currency
-        mass = archive_ratio(query, keys, valid, scaling, lse, row_weights(n_past, query.shape[1], query.device),
-                             scale, heads)
-        # the entries as scored: the cull that closes this forward may overwrite some before they are read
-        self.step_mass[ring] = {"mass": mass, "floor": floor.expand(width),
-                                **{name: self.fields[name][ring, :width].clone() for name in FIELDS}}
+        mass = backend.archive_ratio(query, keys, valid, scaling, lse,
+                                     row_weights(n_past, query.shape[1], query.device), scale, heads)
+        # the entries as scored (one copy of every field): the cull that closes this forward may overwrite some
+        entries = self._field_table[:, ring, :width].clone()
+        self.step_mass[ring] = {"mass": mass, "floor": floor.expand(width), **dict(zip(FIELDS, entries.unbind(0)))}
 
     def _rotated(self, ring: int, width: int, archived_rope) -> torch.Tensor:
         """Memory positions: ring `ring`'s first `width` keys rotated to the RoPE positions `archived_rope` gives

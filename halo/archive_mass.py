@@ -8,14 +8,18 @@ softmax denominator row t of head h had over the slots it saw, its probability w
 
 and its mass at head h is normalised like brightness (halo.brightness): `mass[h, a] = sum_t n_t * p_{h,t}(a)`, so
 uniform attention reads 1.0 per row. Scoring each token alone keeps the score independent of how many tokens
-the archive holds. The retained tokens' mass at each head (`retained_rows`) sets the bar: `ratio_scales` and
-`pool_heads` read each archived token's mass over the bar at the head mean, per KV head group or per head, and
-`archive_ratio` scores and pools in one call. `halo_kernels.archive_mass` and `halo_kernels.archive_ratio` are their fused twins.
+the archive holds. The retained tokens' mass at each head (`retained_rows`, or `retained_lse` then
+`retained_mass`) sets the bar (`bars`: its `BAR_QUANTILE` quantile): `ratio_scales` and `pool_heads` read each
+archived token's mass over the bar at the head mean, per KV head group or per head, and `archive_ratio` scores
+and pools in one call. `halo_kernels` holds the fused twins of `archive_mass`, `archive_ratio`, `retained_lse`
+and `retained_mass`.
 """
 
 from __future__ import annotations
 
 import torch
+
+from halo_kernels.checks import check_row_inputs
 
 # Bound on the [Hq * T, block] fp32 logits the reference materialises at once (elements).
 _BLOCK_ELEMENTS = 1 << 22
@@ -24,18 +28,8 @@ BAR_QUANTILE = 0.75
 """The bar: this quantile of the mass the retained tokens drew (at a head, or at the head mean)."""
 
 
-def retained_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, n_past: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This forward's rows against the retained slots: (lse float32 [Hq, T], mass float32 [Hq, n_past]).
-
-    lse[h, t] is the logsumexp of row t's attention logits at head h over the slots it sees; mass[h, j] =
-    sum_t n_t * softmax_{h,t}(j), the mass retained slot j drew at head h in brightness's normalisation
-    (n_t = n_past + t + 1 slots seen).
-
-    Args:
-        query: [Hq, T, D] this forward's query rows (RoPE applied); key: [Hkv, N, D] the layer's keys, N >= n_past + T
-            (row t sees slots 0 .. n_past + t). Hq % Hkv == 0.
-    """
+def _retained_logits(query: torch.Tensor, key: torch.Tensor, scaling: float, n_past: int) -> torch.Tensor:
+    """float32 [Hq, T, n_past + T]: scaled logits of the rows against the slots, -inf where a row does not see."""
     hq, t_rows, d = query.shape
     hkv = key.shape[0]
     group = hq // hkv
@@ -45,10 +39,61 @@ def retained_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, n_past
     if t_rows > 1:
         hidden = torch.arange(t_rows, device=key.device)[None, :] > torch.arange(t_rows, device=key.device)[:, None]
         logits[..., n_past:].masked_fill_(hidden, float("-inf"))
+    return logits
+
+
+def retained_rows(query: torch.Tensor, key: torch.Tensor, scaling: float, n_past: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This forward's rows against the retained slots: (lse float32 [Hq, T], mass float32 [Hq, n_past]).
+
+    lse[h, t] is the logsumexp of row t's attention logits at head h over the slots it sees; mass[h, j] =
+    sum_t n_t * softmax_{h,t}(j), the mass retained slot j drew at head h in brightness's normalisation
+    (n_t = n_past + t + 1 slots seen): its mean over heads is the layer's brightness column mass.
+
+    Args:
+        query: [Hq, T, D] this forward's query rows (RoPE applied); key: [Hkv, N, D] the layer's keys, N >= n_past + T
+            (row t sees slots 0 .. n_past + t). Hq % Hkv == 0.
+    """
+    logits = _retained_logits(query, key, scaling, n_past)
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits[..., :n_past] - lse[..., None])
-    mass = torch.einsum("t,htn->hn", row_weights(n_past, t_rows, key.device), probs)
+    mass = torch.einsum("t,htn->hn", row_weights(n_past, query.shape[1], key.device), probs)
     return lse, mass
+
+
+def retained_lse(query: torch.Tensor, key: torch.Tensor, scaling: float, n_past: int) -> torch.Tensor:
+    """float32 [Hq, T]: `retained_rows`' lse alone (the per-head mass is not formed). `halo_kernels.retained_lse`
+    is its fused twin. Arguments as `retained_rows`; ValueError naming a shape, device or n_past that does not fit."""
+    check_row_inputs(query, key, n_past)
+    return torch.logsumexp(_retained_logits(query, key, scaling, n_past), dim=-1)
+
+
+def retained_mass(query: torch.Tensor, key: torch.Tensor, scaling: float, n_past: int, row_lse: torch.Tensor
+                  ) -> torch.Tensor:
+    """float32 [Hq, n_past]: `retained_rows`' per-head mass from the rows' lse (`retained_lse`): the mass retained
+    slot j drew at head h, `sum_t n_t * exp(scaling * q_{h,t} . k_j - lse[h, t])`. `halo_kernels.retained_mass` is
+    its fused twin. Arguments as `retained_rows`, with row_lse float32 [Hq, T]."""
+    check_row_inputs(query, key, n_past)
+    hq, t_rows, d = query.shape
+    hkv = key.shape[0]
+    logits = torch.matmul(query.float().reshape(hkv, (hq // hkv) * t_rows, d), key[:, :n_past].float().transpose(1, 2))
+    probs = torch.exp(logits.mul_(scaling).view(hq, t_rows, n_past) - row_lse.float()[..., None])
+    return torch.einsum("t,htn->hn", row_weights(n_past, t_rows, key.device), probs)
+
+
+def bars(values: torch.Tensor) -> torch.Tensor:
+    """float32 [...]: the `BAR_QUANTILE` quantile of float32 [..., n] along its last dim (n >= 1), at least 1e-6.
+
+    `torch.quantile`'s linear interpolation, read with two `kthvalue` selections instead of a full sort (on CUDA
+    one small launch each; the sort and its bookkeeping were most of a recall scoring's launches).
+    """
+    n = values.shape[-1]
+    rank = BAR_QUANTILE * (n - 1)
+    below = int(rank)
+    low = values.kthvalue(below + 1, dim=-1).values
+    if below + 1 < n and rank > below:
+        low = torch.lerp(low, values.kthvalue(below + 2, dim=-1).values, rank - below)
+    return low.clamp(min=1e-6)
 
 
 def row_weights(n_past: int, t_rows: int, device) -> torch.Tensor:
@@ -98,10 +143,9 @@ def ratio_scales(retained_mass: torch.Tensor, heads: str) -> torch.Tensor:
     if n_past == 0:
         raise ValueError("ratio_scales: the retained mass has no slots (n_past must be at least 1)")
     if heads == "mean":
-        bar = torch.quantile(retained_mass.mean(0), BAR_QUANTILE).clamp(min=1e-6)
-        return (1.0 / (hq * bar)).expand(hq)
+        return (1.0 / (hq * bars(retained_mass.mean(0)))).expand(hq)
     if heads in ("group", "each"):
-        return 1.0 / torch.quantile(retained_mass, BAR_QUANTILE, dim=1).clamp(min=1e-6)
+        return 1.0 / bars(retained_mass)
     raise ValueError(f"heads must be 'mean', 'group' or 'each', got {heads!r}")
 
 

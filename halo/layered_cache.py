@@ -131,7 +131,7 @@ class LayeredHaloCache(RecallMemory, HaloCache):
                                            fields["last_mass"][layer_idx])
         if self.scores_recall(self._flight.spec.source, query.shape[1], layer_idx):
             self.archive.score(layer_idx, query, key, scaling, self._counts[layer_idx], self.config.recall_heads,
-                               self.backend.archive_ratio, self.archived_rope)
+                               self.backend, fields["mass"][layer_idx], self.archived_rope)
         if last:
             width = self._n_valid + query.shape[1]
             self.backend.update_brightness_layers(fields["brightness"][:, :width], fields["mass"][:, :width],

@@ -14,6 +14,8 @@ Every op has a plain-PyTorch reference twin with the same signature (`halo.brigh
     archive_mass(query, keys, valid, scaling, row_lse, row_weight) -> float32 [Hq, A]  archive_mass.py
     archive_ratio(query, keys, valid, scaling, row_lse, row_weight, head_scale,
                   heads) -> float32 [A]                                                 archive_mass.py
+    retained_lse(query, key, scaling, n_past) -> float32 [Hq, T]                         retained_rows.py
+    retained_mass(query, key, scaling, n_past, row_lse) -> float32 [Hq, n_past]          retained_rows.py
 
 Per-layer memory (every layer keeps its own slots; fields are [L, C] and counts int64 [L] on the device):
 
@@ -55,6 +57,7 @@ if _TRITON_ERROR is None:
     from .brightness_layers import update_brightness_layers
     from .brightness_update import update_brightness
     from .column_mass import attention_column_mass, attention_column_mass_and_update
+    from .retained_rows import retained_lse, retained_mass
     from .compact import compact_
     from .compact_layers import compact_layers_
     from .scores import cull_scores
@@ -80,6 +83,8 @@ else:
     compact_layers_ = _missing("compact_layers_")
     archive_mass = _missing("archive_mass")
     archive_ratio = _missing("archive_ratio")
+    retained_lse = _missing("retained_lse")
+    retained_mass = _missing("retained_mass")
 
 __all__ = [
     "available",
@@ -94,4 +99,6 @@ __all__ = [
     "compact_layers_",
     "archive_mass",
     "archive_ratio",
+    "retained_lse",
+    "retained_mass",
 ]

@@ -16,6 +16,9 @@ query heads that share it (GQA), chosen on the host:
 Either way `sum_t w_t * sigmoid(s_ta - lse_t)` accumulates in registers and each (head, entry) is written once
 (plain store, no atomics, deterministic); invalid entries are neither read nor scored and are written as 0.
 
+`halo_kernels.retained_rows.retained_mass` runs it with SOFTMAX set over the retained keys: `exp` in place of the
+sigmoid gives the mass each retained slot drew at each head (the bars recall reads hits against).
+
 `archive_ratio` runs the same kernel with POOL set: a program owns every head of its entries, so it scales each
 head's mass by `head_scale[h]` and pools over heads in registers (POOL 1 the sum, 2 the best KV head group's mean,
 3 the best head) and writes float32 [A]: no [Hq, A] mass in memory, no pooling launches after it.
@@ -43,11 +46,12 @@ _LOG2E_K = tl.constexpr(_LOG2E)
 
 
 @triton.jit
-def _weighted_sigmoid(q_ptr, lse_ptr, w_ptr, kt, head, t, row_ok, dims, d_ok,
-                      stride_qh, stride_qt, stride_qd, stride_lh, stride_lt, stride_w, qk_scale,
-                      UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """float32 [rows, BLOCK_A]: w_t * sigmoid(scaling * q_{head, t} . k_a - lse_{head, t}) for row r = (head[r], t[r]),
-    0 where not row_ok; kt is the [BLOCK_D, BLOCK_A] key block, transposed."""
+def _weighted_prob(q_ptr, lse_ptr, w_ptr, kt, head, t, row_ok, dims, d_ok,
+                   stride_qh, stride_qt, stride_qd, stride_lh, stride_lt, stride_w, qk_scale,
+                   UPCAST: tl.constexpr, IEEE: tl.constexpr, SOFTMAX: tl.constexpr):
+    """float32 [rows, BLOCK_A]: w_t * sigmoid(scaling * q_{head, t} . k_a - lse_{head, t}) for row r = (head[r], t[r])
+    (with SOFTMAX: w_t * exp(...), the probability of a key the row saw), 0 where not row_ok; kt is the
+    [BLOCK_D, BLOCK_A] key block, transposed."""
     q_ptrs = (q_ptr + head.to(tl.int64)[:, None] * stride_qh + t[:, None].to(tl.int64) * stride_qt
               + dims[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -60,6 +64,8 @@ def _weighted_sigmoid(q_ptr, lse_ptr, w_ptr, kt, head, t, row_ok, dims, d_ok,
         s = tl.dot(q, kt, input_precision="ieee")
     else:
         s = tl.dot(q, kt)
+    if SOFTMAX:  # a retained key: its softmax probability; padded rows (lse 0, weight 0) stay finite
+        return tl.exp2(tl.minimum(s * qk_scale - lse[:, None], 0.0)) * w[:, None]
     # sigmoid(scaling * q.k - lse) in base 2; padded rows have weight 0 and a finite probability
     return 1.0 / (1.0 + tl.exp2(lse[:, None] - s * qk_scale)) * w[:, None]
 
@@ -75,11 +81,15 @@ def _archive_mass_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
     GROUPED: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, POOL: tl.constexpr,
+    SOFTMAX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = pid * BLOCK_A + tl.arange(0, BLOCK_A)
     col_ok = cols < A
-    valid = tl.load(valid_ptr + cols.to(tl.int64) * stride_v, mask=col_ok, other=0) != 0
+    if SOFTMAX:  # retained keys: every one is held
+        valid = col_ok
+    else:
+        valid = tl.load(valid_ptr + cols.to(tl.int64) * stride_v, mask=col_ok, other=0) != 0
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims < D
     n_rb = tl.cdiv(T, BLOCK_M)
@@ -96,9 +106,9 @@ def _archive_mass_kernel(
         if GROUPED:  # row g * BLOCK_T + t: query head kvh * GROUP + g, row t
             g_of = tl.arange(0, BLOCK_G * BLOCK_T) // BLOCK_T
             t = tl.arange(0, BLOCK_G * BLOCK_T) % BLOCK_T
-            p = _weighted_sigmoid(q_ptr, lse_ptr, w_ptr, kt, kvh * GROUP + g_of, t, (g_of < GROUP) & (t < T), dims,
-                                  d_ok, stride_qh, stride_qt, stride_qd, stride_lh, stride_lt, stride_w, qk_scale,
-                                  UPCAST, IEEE)
+            p = _weighted_prob(q_ptr, lse_ptr, w_ptr, kt, kvh * GROUP + g_of, t, (g_of < GROUP) & (t < T), dims,
+                               d_ok, stride_qh, stride_qt, stride_qd, stride_lh, stride_lt, stride_w, qk_scale,
+                               UPCAST, IEEE, SOFTMAX)
             acc_g = tl.sum(tl.reshape(p, [BLOCK_G, BLOCK_T, BLOCK_A]), axis=1)  # [BLOCK_G, BLOCK_A]
             gs = tl.arange(0, BLOCK_G)
             if POOL == 0:
@@ -121,9 +131,9 @@ def _archive_mass_kernel(
                 acc = tl.zeros([BLOCK_A], tl.float32)
                 for rb in range(n_rb):
                     t = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-                    p = _weighted_sigmoid(q_ptr, lse_ptr, w_ptr, kt, head + tl.zeros_like(t), t, t < T, dims, d_ok,
-                                          stride_qh, stride_qt, stride_qd, stride_lh, stride_lt, stride_w, qk_scale,
-                                          UPCAST, IEEE)
+                    p = _weighted_prob(q_ptr, lse_ptr, w_ptr, kt, head + tl.zeros_like(t), t, t < T, dims, d_ok,
+                                       stride_qh, stride_qt, stride_qd, stride_lh, stride_lt, stride_w, qk_scale,
+                                       UPCAST, IEEE, SOFTMAX)
                     acc += tl.sum(p, axis=0)
                 if POOL == 0:
                     tl.store(out_ptr + head.to(tl.int64) * stride_oh + cols, tl.where(valid, acc, 0.0), mask=col_ok)
@@ -197,10 +207,11 @@ POOLS = {"mean": 1, "group": 2, "each": 3}
 """The kernel's POOL for each HaloConfig.recall_heads value (0: no pooling, the [Hq, A] mass)."""
 
 
-def _launch(query, keys, valid, scaling, row_lse, row_weight, head_scale=None, heads: str | None = None,
-            block_a: int | None = None, grouped: bool | None = None) -> torch.Tensor:
+def launch(query, keys, valid, scaling, row_lse, row_weight, head_scale=None, heads: str | None = None,
+           block_a: int | None = None, grouped: bool | None = None, softmax: bool = False) -> torch.Tensor:
     """The one launch: float32 [Hq, A] without `heads`, else [A] pooled with `head_scale`; `block_a` overrides the
-    heuristic, `grouped` the choice of path (tests; None: by size)."""
+    heuristic, `grouped` the choice of path (tests; None: by size). With `softmax` (valid None: every key held)
+    each term is the softmax probability `exp(s - lse)` of a key the rows saw instead of the sigmoid."""
     hq, t_rows, d = query.shape
     hkv, entries, _ = keys.shape
     pool = 0 if heads is None else POOLS[heads]
@@ -218,7 +229,7 @@ def _launch(query, keys, valid, scaling, row_lse, row_weight, head_scale=None, h
     same = query.dtype == keys.dtype
     upcast = interpreting() or not same or query.dtype == torch.float32
     ieee = upcast  # fp32 operands: IEEE fp32 dot, not TF32
-    valid_bytes = valid.view(torch.uint8)
+    valid_bytes = (row_weight if valid is None else valid.view(torch.uint8))  # not read with softmax
     scale = row_weight if head_scale is None else head_scale  # any float32 tensor: not read without pooling
     _archive_mass_kernel[(cdiv(entries, block_a),)](
         query, keys, valid_bytes, row_lse, row_weight, scale, out,
@@ -230,7 +241,7 @@ def _launch(query, keys, valid, scaling, row_lse, row_weight, head_scale=None, h
         float(scaling) * _LOG2E,
         D=d, BLOCK_M=block_m, BLOCK_A=block_a, BLOCK_D=block_d,
         UPCAST=upcast, IEEE=ieee, GROUPED=grouping is not None, BLOCK_G=block_g, BLOCK_T=block_t, POOL=pool,
-        num_warps=num_warps,
+        SOFTMAX=softmax, num_warps=num_warps,
     )
     return out
 
@@ -252,7 +263,7 @@ def archive_mass(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, s
     Raises ValueError naming the problem (shape, dtype, device).
     """
     _check("archive_mass", query, keys, valid, scaling, row_lse, row_weight)
-    return _launch(query, keys, valid, scaling, row_lse, row_weight)
+    return launch(query, keys, valid, scaling, row_lse, row_weight)
 
 
 def archive_ratio(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float,
@@ -276,7 +287,7 @@ def archive_ratio(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, 
                          f"{getattr(head_scale, 'dtype', type(head_scale).__name__)} "
                          f"{tuple(getattr(head_scale, 'shape', ()))}")
     check_device("archive_ratio", keys=keys, head_scale=head_scale)
-    return _launch(query, keys, valid, scaling, row_lse, row_weight, head_scale, heads)
+    return launch(query, keys, valid, scaling, row_lse, row_weight, head_scale, heads)
 
 
 __all__ = ["archive_mass", "archive_ratio"]

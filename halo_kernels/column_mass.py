@@ -35,6 +35,7 @@ from ._common import FLOAT_DTYPES, cdiv, check_device, interpreting, next_power_
 from .brightness_update import brightness_step
 
 _LOG2E = 1.4426950408889634
+_LN2 = tl.constexpr(0.6931471805599453)
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for running maxima (keeps exp2 of differences NaN-free)
 
 
@@ -48,6 +49,12 @@ def _row_coefficients(m, l, t, T, n_past, inv_hq, row_ok):
 
 
 @triton.jit
+def _natural_lse(m, l):
+    """The row's logsumexp of its natural-log logits from the base-2 running max and sum (l >= 1 on a real row)."""
+    return (m + tl.log2(tl.maximum(l, 1e-30))) * _LN2
+
+
+@triton.jit
 def _column_mass_stats_kernel(
     q_ptr, k_ptr,
     m_ptr, l_ptr, coef_ptr, coef_last_ptr,
@@ -56,7 +63,7 @@ def _column_mass_stats_kernel(
     n_past, T, GROUP, M, R,
     qk_scale, inv_hq, blocks_per_split,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, FINAL: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, FINAL: tl.constexpr, LSE: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -104,7 +111,9 @@ def _column_mass_stats_kernel(
         m_i = m_new
 
     out = kvh * M + rows  # row index in the [Hkv * M] = [Hq * T] stats vectors
-    if FINAL:
+    if FINAL and LSE:
+        tl.store(coef_ptr + out, _natural_lse(m_i, l_i), mask=row_ok)
+    elif FINAL:
         coef, coef_last = _row_coefficients(m_i, l_i, t, T, n_past, inv_hq, row_ok)
         tl.store(m_ptr + out, m_i, mask=row_ok)
         tl.store(coef_ptr + out, coef, mask=row_ok)
@@ -118,7 +127,7 @@ def _column_mass_stats_kernel(
 def _column_mass_merge_kernel(
     m_part_ptr, l_part_ptr, m_ptr, coef_ptr, coef_last_ptr,
     n_splits, n_past, T, GROUP, M, R, inv_hq,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, LSE: tl.constexpr,
 ):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < R
@@ -131,10 +140,13 @@ def _column_mass_merge_kernel(
         m_new = tl.maximum(m, ms)
         l = l * tl.exp2(m - m_new) + ls * tl.exp2(ms - m_new)
         m = m_new
-    coef, coef_last = _row_coefficients(m, l, t, T, n_past, inv_hq, ok)
-    tl.store(m_ptr + idx, m, mask=ok)
-    tl.store(coef_ptr + idx, coef, mask=ok)
-    tl.store(coef_last_ptr + idx, coef_last, mask=ok)
+    if LSE:
+        tl.store(coef_ptr + idx, _natural_lse(m, l), mask=ok)
+    else:
+        coef, coef_last = _row_coefficients(m, l, t, T, n_past, inv_hq, ok)
+        tl.store(m_ptr + idx, m, mask=ok)
+        tl.store(coef_ptr + idx, coef, mask=ok)
+        tl.store(coef_last_ptr + idx, coef_last, mask=ok)
 
 
 @triton.jit
@@ -244,13 +256,12 @@ def _config(d: int, rows: int, block_n: int | None = None):
     return block_m, block_n, block_d, num_warps
 
 
-def _launch(query, key, scaling, n_past, mass, last_row_mass, brightness=None, decay=None, gain=0.0,
-            block_n: int | None = None, splits: int | None = None) -> None:
-    """Both passes (and the merge when pass 1 is split). `block_n`/`splits` override the heuristics (tests)."""
+def row_stats(query, key, scaling, n_past, lse: bool = False, block_n: int | None = None,
+               splits: int | None = None):
+    """Pass 1 (and the merge when it is split): float32 [Hq * T] (row max, coef, coef_last), or with `lse` the
+    rows' natural logsumexp in the second vector (rows ordered kvh * G * T + t * G + g, as the kernels index them)."""
     hq, t_rows, d = query.shape
     hkv = key.shape[0]
-    if t_rows == 0:
-        return
     group = hq // hkv
     rows = group * t_rows  # rows per KV head
     n = n_past + t_rows
@@ -258,7 +269,6 @@ def _launch(query, key, scaling, n_past, mass, last_row_mass, brightness=None, d
     block_m, block_n, block_d, num_warps = _config(d, rows, block_n)
     upcast = interpreting() or query.dtype == torch.float32
     ieee = query.dtype == torch.float32
-    qk_scale = float(scaling) * _LOG2E
     inv_hq = 1.0 / hq
     r_total = hq * t_rows
 
@@ -273,7 +283,7 @@ def _launch(query, key, scaling, n_past, mass, last_row_mass, brightness=None, d
     f32 = dict(dtype=torch.float32, device=device)
     m_fin = torch.empty(r_total, **f32)
     coef = torch.empty(r_total, **f32)
-    coef_last = torch.empty(r_total, **f32)
+    coef_last = coef if lse else torch.empty(r_total, **f32)
     final = splits == 1
     if final:
         m_part = l_part = m_fin
@@ -286,26 +296,41 @@ def _launch(query, key, scaling, n_past, mass, last_row_mass, brightness=None, d
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
         n_past, t_rows, group, rows, r_total,
-        qk_scale, inv_hq, per_split,
+        float(scaling) * _LOG2E, inv_hq, per_split,
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        UPCAST=upcast, IEEE=ieee, FINAL=final, num_warps=num_warps,
+        UPCAST=upcast, IEEE=ieee, FINAL=final, LSE=lse, num_warps=num_warps,
     )
     if not final:
         merge_block = 256
         _column_mass_merge_kernel[(cdiv(r_total, merge_block),)](
             m_part, l_part, m_fin, coef, coef_last,
             splits, n_past, t_rows, group, rows, r_total, inv_hq,
-            BLOCK=merge_block,
+            BLOCK=merge_block, LSE=lse,
         )
+    return m_fin, coef, coef_last
+
+
+def _launch(query, key, scaling, n_past, mass, last_row_mass, brightness=None, decay=None, gain=0.0,
+            block_n: int | None = None, splits: int | None = None) -> None:
+    """Both passes (and the merge when pass 1 is split). `block_n`/`splits` override the heuristics (tests)."""
+    hq, t_rows, d = query.shape
+    hkv = key.shape[0]
+    if t_rows == 0:
+        return
+    group = hq // hkv
+    block_m, block_n, block_d, num_warps = _config(d, group * t_rows, block_n)
+    upcast = interpreting() or query.dtype == torch.float32
+    ieee = query.dtype == torch.float32
+    m_fin, coef, coef_last = row_stats(query, key, scaling, n_past, block_n=block_n, splits=splits)
     update = brightness is not None
-    _column_mass_accum_kernel[(n_kb,)](
+    _column_mass_accum_kernel[(cdiv(n_past + t_rows, block_n),)](
         query, key, m_fin, coef, coef_last,
         mass, last_row_mass if last_row_mass is not None else mass,
         brightness if update else mass, decay if update else mass,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
-        n_past, t_rows, group, rows, hkv,
-        qk_scale, float(gain),
+        n_past, t_rows, group, group * t_rows, hkv,
+        float(scaling) * _LOG2E, float(gain),
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         UPCAST=upcast, IEEE=ieee, HAS_LAST=last_row_mass is not None, UPDATE=update, num_warps=num_warps,
     )

@@ -143,7 +143,7 @@ def test_pooled_ratio_reads_each_head_against_its_own_bar():
 def test_take_scores_with_a_bar_hands_out_nothing_unless_some_entry_reaches_it():
     """With a threshold, take_scores returns every held entry once some entry outside `skip` reaches the bar, and
     None (the scores dropped) otherwise."""
-    from halo.archive_mass import archive_ratio
+    from halo.backend import REFERENCE
 
     def scored():
         gen = torch.Generator().manual_seed(0)
@@ -152,7 +152,7 @@ def test_take_scores_with_a_bar_hands_out_nothing_unless_some_entry_reaches_it()
         values["sources"] = torch.tensor([0, 0, 3])
         archive.add(1, torch.randn(2, 3, 4, generator=gen), values)
         archive.score(1, torch.randn(4, 1, 4, generator=gen), torch.randn(2, 9, 4, generator=gen), 0.5, 8, "group",
-                      archive_ratio)
+                      REFERENCE)
         return archive
 
     first = scored().take_scores()
@@ -169,3 +169,34 @@ def test_take_scores_with_a_bar_hands_out_nothing_unless_some_entry_reaches_it()
     assert archive.take_scores(threshold=float(ratio.max()) * 1.01) is None and archive.take_scores() is None
     assert scored().take_scores(threshold=bar, skip=torch.tensor([source])) is None
     assert scored().take_scores(threshold=bar, skip=torch.tensor([7]))["serials"].numel() == 3
+
+
+@pytest.mark.parametrize("shape", [(1,), (2,), (5,), (1023,), (3, 7), (4, 2048)])
+def test_bars_are_torch_quantile_clamped(shape):
+    """`bars` (two kthvalue selections) is `torch.quantile(.., BAR_QUANTILE)` along the last dim, at least 1e-6."""
+    from halo.archive_mass import BAR_QUANTILE, bars
+
+    values = torch.rand(shape, generator=torch.Generator().manual_seed(len(shape))) ** 3
+    want = torch.quantile(values, BAR_QUANTILE, dim=-1).clamp(min=1e-6)
+    torch.testing.assert_close(bars(values), want, rtol=1e-6, atol=0)
+    assert torch.all(bars(torch.zeros(shape)) == torch.tensor(1e-6))
+
+
+@pytest.mark.parametrize("heads", ["mean", "group", "each"])
+def test_scores_with_the_brightness_mass_equal_scores_computed_alone(heads):
+    """score() given the head-mean mass the step's brightness pass computed equals score() computing it itself."""
+    from halo.backend import REFERENCE
+    from halo.brightness import attention_column_mass
+
+    gen = torch.Generator().manual_seed(4)
+    query, key = torch.randn(4, 3, 4, generator=gen), torch.randn(2, 12, 4, generator=gen)
+    column = torch.zeros(12)
+    attention_column_mass(query, key, 0.5, 9, column)
+    runs = []
+    for mass in (column, None):
+        archive = _archive(capacity=4, layers=(1,))
+        archive.add(1, torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(5)), _values([0, 1, 2]))
+        archive.score(1, query, key, 0.5, 9, heads, REFERENCE, mass)
+        runs.append(archive.take_scores())
+    for name in ("mass", "floor", "serials"):
+        torch.testing.assert_close(runs[0][name], runs[1][name], rtol=1e-5, atol=1e-7)

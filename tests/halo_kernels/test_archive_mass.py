@@ -7,7 +7,7 @@ from halo.archive_mass import archive_mass as reference
 from halo.archive_mass import archive_ratio as reference_ratio
 from halo.archive_mass import retained_rows, row_weights
 from halo_kernels import archive_mass, archive_ratio
-from halo_kernels.archive_mass import _launch
+from halo_kernels.archive_mass import launch
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-3, atol=1e-3),
        torch.bfloat16: dict(rtol=2e-3, atol=2e-3)}
@@ -61,7 +61,7 @@ def test_matches_reference(device, hq, hkv, t, a, d, dtype):
 def test_small_blocks(device, block_a):
     """Many programs, the last one partly past A."""
     args = _inputs(6, 2, 3, 203, 64, torch.float32, device, seed=block_a, peak=2.0)
-    torch.testing.assert_close(_launch(*args, block_a=block_a), reference(*args), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(launch(*args, block_a=block_a), reference(*args), rtol=1e-4, atol=1e-4)
 
 
 def test_bfloat16(device):
@@ -197,16 +197,16 @@ def test_grouped_and_per_head_paths_agree(device, hq, hkv, t, dtype):
     """The grouped path (a KV head's query group in one dot) and the per-head path compute the same mass (on CUDA
     the 16-bit cases run both on tensor cores)."""
     args = _inputs(hq, hkv, t, 301, 64, dtype, device, seed=hq + t)
-    grouped = _launch(*args, grouped=True)
+    grouped = launch(*args, grouped=True)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else TOL[dtype]
-    torch.testing.assert_close(grouped, _launch(*args, grouped=False), **tol)
+    torch.testing.assert_close(grouped, launch(*args, grouped=False), **tol)
     torch.testing.assert_close(grouped, reference(*args), **TOL[dtype])
 
 
 def test_grouped_path_refuses_too_many_rows(device):
     args = _inputs(8, 1, 9, 40, 64, torch.float32, device)  # 8 x 16 padded rows > GROUPED_ROWS
     with pytest.raises(ValueError, match="grouped path"):
-        _launch(*args, grouped=True)
+        launch(*args, grouped=True)
 
 
 # the default pooling ("group") on every case; the other two on a grouped and a per-head case (fewer CUDA JITs)
@@ -230,7 +230,7 @@ def test_ratio_matches_reference(device, heads, hq, hkv, t, a, d, dtype):
 def test_ratio_on_both_paths(device, heads, grouped):
     args = _inputs(12, 4, 2, 257, 64, torch.float32, device, seed=7)
     scale = torch.linspace(0.5, 2.0, 12).to(device)
-    got = _launch(*args, scale, heads, grouped=grouped)
+    got = launch(*args, scale, heads, grouped=grouped)
     torch.testing.assert_close(got, reference_ratio(*args, scale, heads), rtol=1e-4, atol=1e-4)
 
 

@@ -70,11 +70,15 @@ SCRIPT = textwrap.dedent('''
         warps = 4 if d <= 64 else 8
         for final in (True, False):
             compile_(f"stats {dtype} d={d} bm={block_m} final={final}", cm._column_mass_stats_kernel,
-                     column_types(dtype), dict(common, FINAL=final), warps)
+                     column_types(dtype), dict(common, FINAL=final, LSE=False), warps)
+        if dtype == "bf16":  # retained_lse: decode rows, one split
+            compile_(f"stats lse {dtype} d={d} bm={block_m}", cm._column_mass_stats_kernel, column_types(dtype),
+                     dict(common, FINAL=True, LSE=True), warps)
         for last, update in ((True, True), (False, False)):
             compile_(f"accum {dtype} d={d} bm={block_m} last={last}", cm._column_mass_accum_kernel,
                      column_types(dtype), dict(common, HAS_LAST=last, UPDATE=update), warps)
-    compile_("merge", cm._column_mass_merge_kernel, column_types("fp32"), dict(BLOCK=256))
+    for lse in (False, True):
+        compile_(f"merge lse={lse}", cm._column_mass_merge_kernel, column_types("fp32"), dict(BLOCK=256, LSE=lse))
     compile_("update", bu._update_brightness_kernel,
              lambda n: "*fp32" if n.endswith("_ptr") else ("fp32" if n == "gain" else "i32"), dict(BLOCK=1024))
     compile_("victim keys", vi._victim_key_kernel,
@@ -92,20 +96,22 @@ SCRIPT = textwrap.dedent('''
     # decode at TinyLlama's head dim on tensor cores (bf16; fp16 is the same code), and a chunk at head dim
     # 96 -> 128 (masked) on the upcast IEEE fp32 path (fp32, or two different dtypes)
     # (block_g, block_t): None is the per-head path; (16, 1) is decode's T=1 of up to 16 heads per KV head, grouped.
-    # pool: 0 the [Hq, A] mass (archive_mass), 1/2/3 pooled over heads by mean/group/each (archive_ratio)
-    for q_dtype, k_dtype, d, block_a, block_m, upcast, grouping, pool in [
-            ("bf16", "bf16", 64, 128, 16, False, None, 0), ("fp16", "fp32", 96, 64, 64, True, None, 0),
-            ("bf16", "bf16", 64, 128, 16, False, (16, 1), 0), ("fp16", "fp32", 96, 64, 16, True, (4, 8), 0),
-            ("bf16", "bf16", 64, 128, 16, False, (16, 1), 2), ("bf16", "bf16", 64, 128, 64, False, None, 2),
-            ("bf16", "bf16", 64, 128, 16, False, (16, 1), 1), ("fp16", "fp16", 128, 64, 64, False, None, 3)]:
+    # pool: 0 the [Hq, A] mass (archive_mass), 1/2/3 pooled over heads by mean/group/each (archive_ratio);
+    # softmax: the retained keys' per-head mass (retained_mass), decode grouped and a chunk per head
+    for q_dtype, k_dtype, d, block_a, block_m, upcast, grouping, pool, softmax in [
+            ("bf16", "bf16", 64, 128, 16, False, None, 0, False), ("fp16", "fp32", 96, 64, 64, True, None, 0, False),
+            ("bf16", "bf16", 64, 128, 16, False, (16, 1), 0, False), ("fp16", "fp32", 96, 64, 16, True, (4, 8), 0, False),
+            ("bf16", "bf16", 64, 128, 16, False, (16, 1), 2, False), ("bf16", "bf16", 64, 128, 64, False, None, 2, False),
+            ("bf16", "bf16", 64, 128, 16, False, (16, 1), 1, False), ("fp16", "fp16", 128, 64, 64, False, None, 3, False),
+            ("bf16", "bf16", 64, 128, 16, False, (16, 1), 0, True), ("fp16", "fp16", 128, 64, 64, False, None, 0, True)]:
         types = {"q_ptr": "*" + q_dtype, "k_ptr": "*" + k_dtype, "valid_ptr": "*u8", "lse_ptr": "*fp32",
                  "w_ptr": "*fp32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "qk_scale": "fp32"}
         block_g, block_t = grouping or (1, 1)
         compile_(f"archive_mass q={q_dtype} k={k_dtype} d={d} ba={block_a} bm={block_m} grouped={grouping} "
-                 f"pool={pool}", am._archive_mass_kernel, lambda n, t=types: t.get(n, "i32"),
+                 f"pool={pool} softmax={softmax}", am._archive_mass_kernel, lambda n, t=types: t.get(n, "i32"),
                  dict(D=d, BLOCK_M=block_m, BLOCK_A=block_a, BLOCK_D=max(16, triton.next_power_of_2(d)),
                       UPCAST=upcast, IEEE=upcast, GROUPED=grouping is not None, BLOCK_G=block_g, BLOCK_T=block_t,
-                      POOL=pool),
+                      POOL=pool, SOFTMAX=softmax),
                  4 if d <= 64 else 8)
     sys.exit(1 if failures else 0)
 ''')
@@ -116,4 +122,4 @@ def test_every_kernel_compiles_for_sm90():
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
-    assert proc.stdout.count("ok ") == 26, proc.stdout
+    assert proc.stdout.count("ok ") == 30, proc.stdout
