@@ -337,3 +337,24 @@ def test_retained_rows_halo(benchmark, t):
 def test_retained_rows_reference(benchmark, t):
     benchmark.group = f"retained rows T={t} N=2048"
     benchmark(_synced, ref_archive.retained_rows, *_retained_state(t))
+
+
+# ------------------------------------------------------------------ bars: recall's 75th percentiles of a [Hq, N] mass
+def _bar_rows():
+    gen = torch.Generator(device=DEVICE).manual_seed(6)
+    return torch.rand(HQ + 1, 2048, generator=gen, device=DEVICE) ** 3
+
+
+def test_bars_halo(benchmark):
+    """Bitwise-search quantile, one launch for all 33 rows, against two `kthvalue` selections (the reference)."""
+    benchmark.group = f"bars {HQ + 1}x2048"
+    rows = _bar_rows()
+    got = benchmark(_synced, halo_kernels.bars, rows, 0.75, 1e-6)
+    torch.testing.assert_close(got, ref_archive.bars(rows, 0.75, 1e-6), rtol=1e-6, atol=0)
+    _record_ratio(benchmark, lambda: _synced(halo_kernels.bars, rows, 0.75, 1e-6),
+                  lambda: _synced(ref_archive.bars, rows, 0.75, 1e-6), kernel="bars", shape=f"{HQ + 1}x2048 fp32")
+
+
+def test_bars_reference(benchmark):
+    benchmark.group = f"bars {HQ + 1}x2048"
+    benchmark(_synced, ref_archive.bars, _bar_rows(), 0.75, 1e-6)

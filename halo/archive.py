@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .archive_mass import bars, row_weights
+from .archive_mass import BAR_MIN, BAR_QUANTILE, row_weights
 from .memory_positions import rotate_keys
 
 FIELDS = ("serials", "positions", "token_ids", "sources", "units")
@@ -114,7 +114,7 @@ class RecallArchive:
 
         query: [Hq, T, D]; key: [Hkv, >= n_past + T, D] the layer's keys (the first n_past retained); heads: how
         heads read a hit (HaloConfig.recall_heads, `halo.archive_mass.pool_heads`); backend: the cache's
-        `halo.backend.Backend` (its `retained_lse`, `retained_mass` and `archive_ratio`); retained_mass: float32
+        `halo.backend.Backend` (its `retained_lse`, `retained_mass`, `bars` and `archive_ratio`); retained_mass: float32
         [>= n_past], the head-mean mass these rows gave the retained slots (the layer's brightness column mass,
         already computed by the step: the floor is read from it, and with heads "mean" nothing per head is
         formed); None: the mean of the per-head mass. An entry's `mass` is its ratio over the bar times
@@ -131,11 +131,12 @@ class RecallArchive:
         lse = backend.retained_lse(query, key, scaling, n_past)
         per_head = None if heads == "mean" and retained_mass is not None else \
             backend.retained_mass(query, key, scaling, n_past, lse)
-        floor = bars(retained_mass[:n_past] if retained_mass is not None else per_head.mean(0))
+        floor = backend.bars(retained_mass[:n_past] if retained_mass is not None else per_head.mean(0), BAR_QUANTILE,
+                             BAR_MIN)
         if heads == "mean":  # ratio_scales(.., "mean") * floor: the head-mean bar cancels
             scale = torch.full((hq,), 1.0 / hq, device=query.device)
         else:  # the mass over each head's bar, in brightness's currency
-            scale = floor / bars(per_head)
+            scale = floor / backend.bars(per_head, BAR_QUANTILE, BAR_MIN)
         valid = self.fields["serials"][ring, :width] >= 0
         keys = self.keys[ring, :, :width] if self.inv_freq is None else self._rotated(ring, width, archived_rope)
         mass = backend.archive_ratio(query, keys, valid, scaling, lse,

@@ -27,6 +27,9 @@ _BLOCK_ELEMENTS = 1 << 22
 BAR_QUANTILE = 0.75
 """The bar: this quantile of the mass the retained tokens drew (at a head, or at the head mean)."""
 
+BAR_MIN = 1e-6
+"""The least a bar can be (a bar divides)."""
+
 
 def _retained_logits(query: torch.Tensor, key: torch.Tensor, scaling: float, n_past: int) -> torch.Tensor:
     """float32 [Hq, T, n_past + T]: scaled logits of the rows against the slots, -inf where a row does not see."""
@@ -81,19 +84,19 @@ def retained_mass(query: torch.Tensor, key: torch.Tensor, scaling: float, n_past
     return torch.einsum("t,htn->hn", row_weights(n_past, t_rows, key.device), probs)
 
 
-def bars(values: torch.Tensor) -> torch.Tensor:
-    """float32 [...]: the `BAR_QUANTILE` quantile of float32 [..., n] along its last dim (n >= 1), at least 1e-6.
+def bars(values: torch.Tensor, quantile: float = BAR_QUANTILE, minimum: float = BAR_MIN) -> torch.Tensor:
+    """float32 [...]: the `quantile` quantile of float32 [..., n] along its last dim (n >= 1), at least `minimum`.
 
-    `torch.quantile`'s linear interpolation, read with two `kthvalue` selections instead of a full sort (on CUDA
-    one small launch each; the sort and its bookkeeping were most of a recall scoring's launches).
+    `torch.quantile`'s linear interpolation, read with two `kthvalue` selections instead of a full sort.
+    `halo_kernels.bars` is its fused twin (one launch for every row, no sort and no selection call).
     """
     n = values.shape[-1]
-    rank = BAR_QUANTILE * (n - 1)
-    below = int(rank)
+    rank = quantile * (n - 1)
+    below = min(int(rank), n - 1)
     low = values.kthvalue(below + 1, dim=-1).values
     if below + 1 < n and rank > below:
         low = torch.lerp(low, values.kthvalue(below + 2, dim=-1).values, rank - below)
-    return low.clamp(min=1e-6)
+    return low.clamp(min=minimum)
 
 
 def row_weights(n_past: int, t_rows: int, device) -> torch.Tensor:

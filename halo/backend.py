@@ -17,6 +17,7 @@ and for per-layer memory (halo.layered_cache), every layer at once:
 and for recall (halo.archive_mass):
     retained_lse(query, key, scaling, n_past) -> float32 [Hq, T]
     retained_mass(query, key, scaling, n_past, row_lse) -> float32 [Hq, n_past]
+    bars(values, quantile, minimum) -> float32 [...]              a quantile of each row of [..., n]
     archive_ratio(query, keys, valid, scaling, row_lse, row_weight, head_scale, heads) -> float32 [A]
 """
 
@@ -57,6 +58,7 @@ class Backend:
     compact_layers_: Callable
     retained_lse: Callable
     retained_mass: Callable
+    bars: Callable
     archive_ratio: Callable
 
     @classmethod
@@ -64,14 +66,14 @@ class Backend:
         return cls(name, module.attention_column_mass, module.attention_column_mass_and_update,
                    module.update_brightness, module.cull_scores, module.select_victims, module.compact_,
                    module.update_brightness_layers, module.select_victims_layers, module.compact_layers_,
-                   module.retained_lse, module.retained_mass, module.archive_ratio)
+                   module.retained_lse, module.retained_mass, module.bars, module.archive_ratio)
 
 
 REFERENCE = Backend("reference", _brightness.attention_column_mass, _brightness.attention_column_mass_and_update,
                     _brightness.update_brightness, _cull.cull_scores, _cull.select_victims, _compact.compact_,
                     _brightness.update_brightness_layers, _layer_cull.select_victims_layers, _compact.compact_layers_,
                     _archive_mass.retained_lse, _archive_mass.retained_mass,
-                    _archive_mass.archive_ratio)
+                    _archive_mass.bars, _archive_mass.archive_ratio)
 
 CPU_OPERATOR = dataclasses.replace(REFERENCE, name="cpu-operator",
                                    attention_column_mass=_decode_mass.attention_column_mass,

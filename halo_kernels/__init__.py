@@ -16,6 +16,7 @@ Every op has a plain-PyTorch reference twin with the same signature (`halo.brigh
                   heads) -> float32 [A]                                                 archive_mass.py
     retained_lse(query, key, scaling, n_past) -> float32 [Hq, T]                         retained_rows.py
     retained_mass(query, key, scaling, n_past, row_lse) -> float32 [Hq, n_past]          retained_rows.py
+    bars(values, quantile, minimum) -> float32 [...]                                    bars.py
 
 Per-layer memory (every layer keeps its own slots; fields are [L, C] and counts int64 [L] on the device):
 
@@ -57,6 +58,7 @@ if _TRITON_ERROR is None:
     from .brightness_layers import update_brightness_layers
     from .brightness_update import update_brightness
     from .column_mass import attention_column_mass, attention_column_mass_and_update
+    from .bars import bars
     from .retained_rows import retained_lse, retained_mass
     from .compact import compact_
     from .compact_layers import compact_layers_
@@ -85,6 +87,7 @@ else:
     archive_ratio = _missing("archive_ratio")
     retained_lse = _missing("retained_lse")
     retained_mass = _missing("retained_mass")
+    bars = _missing("bars")
 
 __all__ = [
     "available",
@@ -101,4 +104,5 @@ __all__ = [
     "archive_ratio",
     "retained_lse",
     "retained_mass",
+    "bars",
 ]
