@@ -77,11 +77,8 @@ def retained_mass(query: torch.Tensor, key: torch.Tensor, scaling: float, n_past
     slot j drew at head h, `sum_t n_t * exp(scaling * q_{h,t} . k_j - lse[h, t])`. `halo_kernels.retained_mass` is
     its fused twin. Arguments as `retained_rows`, with row_lse float32 [Hq, T]."""
     check_row_inputs(query, key, n_past)
-    hq, t_rows, d = query.shape
-    hkv = key.shape[0]
-    logits = torch.matmul(query.float().reshape(hkv, (hq // hkv) * t_rows, d), key[:, :n_past].float().transpose(1, 2))
-    probs = torch.exp(logits.mul_(scaling).view(hq, t_rows, n_past) - row_lse.float()[..., None])
-    return torch.einsum("t,htn->hn", row_weights(n_past, t_rows, key.device), probs)
+    probs = torch.exp(_retained_logits(query, key, scaling, n_past)[..., :n_past] - row_lse.float()[..., None])
+    return torch.einsum("t,htn->hn", row_weights(n_past, query.shape[1], key.device), probs)
 
 
 def bars(values: torch.Tensor, quantile: float = BAR_QUANTILE, minimum: float = BAR_MIN) -> torch.Tensor:

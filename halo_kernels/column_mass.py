@@ -257,7 +257,7 @@ def _config(d: int, rows: int, block_n: int | None = None):
 
 
 def row_stats(query, key, scaling, n_past, lse: bool = False, block_n: int | None = None,
-               splits: int | None = None):
+              splits: int | None = None):
     """Pass 1 (and the merge when it is split): float32 [Hq * T] (row max, coef, coef_last), or with `lse` the
     rows' natural logsumexp in the second vector (rows ordered kvh * G * T + t * G + g, as the kernels index them)."""
     hq, t_rows, d = query.shape
