@@ -132,7 +132,7 @@ def bench_recall_scoring_share_of_decode_step(benchmark):
     for layer in layers:
         backend.attention_column_mass(query, keys_of[layer], decoder.d ** -0.5, GPU_CONTEXT - 1, column_mass[layer])
 
-    def scorer(from_brightness: bool):  # False: the retained rows' per-head mass and lse computed here (reference)
+    def scorer(from_brightness: bool):  # False: the head-mean bar from the per-head retained mass, not brightness
         def score():
             for layer in layers:
                 archive.score(layer, query, keys_of[layer], decoder.d ** -0.5, GPU_CONTEXT - 1, config.recall_heads,

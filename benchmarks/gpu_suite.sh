@@ -448,6 +448,7 @@ fi
 CUDA_TESTS=(
     tests/halo_kernels/test_archive_mass.py
     tests/halo_kernels/test_retained_rows.py
+    tests/halo_kernels/test_bars.py
     tests/halo_kernels/test_brightness_layers.py
     tests/halo_kernels/test_brightness_update.py
     tests/halo_kernels/test_cache_integration.py

@@ -128,13 +128,18 @@ class RecallArchive:
         if width == 0 or n_past == 0:
             return
         hq = query.shape[0]
+        if retained_mass is not None and (retained_mass.dtype != torch.float32 or retained_mass.dim() != 1
+                                          or retained_mass.numel() < n_past or retained_mass.device != query.device):
+            raise ValueError(f"RecallArchive.score: retained_mass must be a float32 vector of at least {n_past} slots "
+                             f"on {query.device}, got {retained_mass.dtype} {tuple(retained_mass.shape)} on "
+                             f"{retained_mass.device}")
         lse = backend.retained_lse(query, key, scaling, n_past)
         per_head = None if heads == "mean" and retained_mass is not None else \
             backend.retained_mass(query, key, scaling, n_past, lse)
         floor = backend.bars(retained_mass[:n_past] if retained_mass is not None else per_head.mean(0), BAR_QUANTILE,
                              BAR_MIN)
         if heads == "mean":  # ratio_scales(.., "mean") * floor: the head-mean bar cancels
-            scale = torch.full((hq,), 1.0 / hq, device=query.device)
+            scale = torch.full((hq,), 1.0 / hq, dtype=torch.float32, device=query.device)
         else:  # the mass over each head's bar, in brightness's currency
             scale = floor / backend.bars(per_head, BAR_QUANTILE, BAR_MIN)
         valid = self.fields["serials"][ring, :width] >= 0

@@ -77,6 +77,8 @@ def retained_mass(query: torch.Tensor, key: torch.Tensor, scaling: float, n_past
     slot j drew at head h, `sum_t n_t * exp(scaling * q_{h,t} . k_j - lse[h, t])`. `halo_kernels.retained_mass` is
     its fused twin. Arguments as `retained_rows`, with row_lse float32 [Hq, T]."""
     check_row_inputs(query, key, n_past)
+    if tuple(row_lse.shape) != tuple(query.shape[:2]):
+        raise ValueError(f"retained_mass: row_lse must be [Hq, T] = {list(query.shape[:2])}, got {tuple(row_lse.shape)}")
     probs = torch.exp(_retained_logits(query, key, scaling, n_past)[..., :n_past] - row_lse.float()[..., None])
     return torch.einsum("t,htn->hn", row_weights(n_past, query.shape[1], key.device), probs)
 
@@ -87,7 +89,10 @@ def bars(values: torch.Tensor, quantile: float = BAR_QUANTILE, minimum: float = 
     `torch.quantile`'s linear interpolation, read with two `kthvalue` selections instead of a full sort.
     `halo_kernels.bars` is its fused twin (one launch for every row, no sort and no selection call).
     """
-    n = values.shape[-1]
+    n = values.shape[-1] if values.dim() else 0
+    if n == 0 or not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"bars: values need at least one entry along the last dim and the quantile must lie in "
+                         f"[0, 1], got shape {tuple(values.shape)} and {quantile}")
     rank = quantile * (n - 1)
     below = min(int(rank), n - 1)
     low = values.kthvalue(below + 1, dim=-1).values

@@ -200,3 +200,23 @@ def test_scores_with_the_brightness_mass_equal_scores_computed_alone(heads):
         runs.append(archive.take_scores())
     for name in ("mass", "floor", "serials"):
         torch.testing.assert_close(runs[0][name], runs[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_score_names_a_bad_retained_mass_and_keeps_its_scores():
+    """A retained mass that is not float32, too short or elsewhere is refused before anything is scored."""
+    from halo.backend import REFERENCE
+
+    gen = torch.Generator().manual_seed(6)
+    query, key = torch.randn(4, 1, 4, generator=gen), torch.randn(2, 9, 4, generator=gen)
+    archive = _archive(capacity=4, layers=(1,))
+    archive.add(1, torch.randn(2, 3, 4, generator=gen), _values([0, 1, 2]))
+    for bad in (torch.zeros(8, dtype=torch.float64), torch.zeros(5), torch.zeros(2, 8)):
+        with pytest.raises(ValueError, match="retained_mass must be a float32 vector of at least 8"):
+            archive.score(1, query, key, 0.5, 8, "mean", REFERENCE, bad)
+    assert archive.take_scores() is None
+    with pytest.raises(ValueError, match="row_lse must be"):
+        from halo.archive_mass import retained_mass
+        retained_mass(query, key, 0.5, 8, torch.zeros(1, 1))
+    with pytest.raises(ValueError, match="quantile must lie"):
+        from halo.archive_mass import bars
+        bars(torch.rand(3, 4), 1.5)
