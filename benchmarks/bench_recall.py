@@ -9,14 +9,15 @@ The archive is filled through `RecallArchive.add` with random keys (feeding 10k 
 On a GPU machine without the embedded package both pairs run on a random TinyLlama-shaped model
 (benchmarks/session_models.py).
 
-On CUDA, `bench_recall_scoring_share_of_decode_step` measures issue 14's GPU aim: scoring 100k archived tokens at
+On CUDA, `bench_recall_scoring_share_of_decode_step` (last in this file) measures issue 14's GPU aim: scoring 100k archived tokens at
 the default retrieval layers for one decode step's query, eager and as a CUDA graph, against a graph-captured
 TinyLlama decode step at 2k retained tokens (bench_targets' `StaticDecoder`); target <= 5%. The head-mean mass
 the retained slots drew is taken from the brightness pass, as a Session's step does (it computes it for every layer
 anyway); the same scoring with that mass and the per-head rows recomputed is timed beside it. It also times what a
 Session does after each scored step before it knows whether anything comes back (`take_scores` and the test
 against the bar: one host sync), with a host clock, and stores the torch profiler's table of 5 eager scorings in
-extra_info["profile"] (the suite's bench_targets.json).
+extra_info["profile"] (the suite's bench_targets.json). `bench_recall_scoring_memory_positions` times the same
+scoring with memory positions (every archived key rotated to its rank at each scoring), as a row of its own.
 """
 
 import math
@@ -50,7 +51,8 @@ def _fill(archive: RecallArchive, count: int, generator: torch.Generator) -> Non
     for layer in archive.layers:
         keys = torch.randn(heads, count, dim, generator=generator).to(archive.device)
         archive.add(layer, keys, {"serials": serials, "positions": serials % BUDGET, "token_ids": serials + 100,
-                                  "sources": torch.zeros_like(serials), "units": torch.full_like(serials, -1)})
+                                  "sources": torch.zeros_like(serials), "units": torch.full_like(serials, -1)},
+                    rope=None if archive.inv_freq is None else serials % BUDGET)
 
 
 def _session(model, tok, **recall) -> Session:
@@ -109,36 +111,83 @@ def _graph_ms(fn) -> tuple[float, str]:
         return float("nan"), f"capture failed: {type(exc).__name__}: {str(exc)[:60]}"
 
 
+def _scoring_setup(device: str, dtype: torch.dtype, shape: dict, context: int, archived: int,
+                   memory_positions: bool = False):
+    """(decoder, config, scorer): a StaticDecoder of `shape` holding `context - 1` retained tokens, an archive of
+    `archived` random keys at the default retrieval layers (with memory positions: stored at position 0 and rotated
+    to a rank at each scoring), one decode query, and `scorer(from_brightness)`, a function scoring every ring for
+    that query: with the head-mean bar read from the brightness column mass the step computed (True), or from the
+    per-head retained mass (False)."""
+    from bench_targets import StaticDecoder, build_llama
+    from halo.backend import select_backend
+    from halo.memory_positions import rope_inv_freq
+
+    decoder = StaticDecoder(build_llama(shape, device, dtype), capacity=context + 16)
+    decoder.fill(context)  # the retained keys the bar is read from, and the query row's own slot
+    config = HaloConfig(recall=True, recall_capacity=archived)
+    layers = config.recall_layer_indices(decoder.layers)
+    inv_freq = rope_inv_freq(decoder.model, decoder.d).to(device) if memory_positions else None
+    archive = RecallArchive(layers, archived, decoder.hkv, decoder.d, dtype, torch.device(device), inv_freq)
+    gen = torch.Generator().manual_seed(0)
+    _fill(archive, archived, gen)
+    query = torch.randn(decoder.hq, 1, decoder.d, generator=gen).to(device, dtype)
+    backend = select_backend("auto", torch.device(device))
+    keys_of = {layer: decoder.kv[layer, 0, 0, :, :context] for layer in layers}
+    # the head-mean mass the retained slots drew: a Session's brightness pass computes it every step anyway
+    column_mass = {layer: torch.zeros(context, device=device) for layer in layers}
+    for layer in layers:
+        backend.attention_column_mass(query, keys_of[layer], decoder.d ** -0.5, context - 1, column_mass[layer])
+    ranks = (lambda positions: positions % context) if memory_positions else None  # a rank for every entry
+
+    def scorer(from_brightness: bool):
+        def score():
+            for layer in layers:
+                archive.score(layer, query, keys_of[layer], decoder.d ** -0.5, context - 1, config.recall_heads,
+                              backend, column_mass[layer] if from_brightness else None, ranks)
+        return score
+
+    return decoder, config, archive, scorer
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def bench_recall_scoring_memory_positions(benchmark):
+    """The aim's scoring with memory positions (HaloConfig(rope_positions="memory")): the archive keeps keys at
+    position 0 and on CUDA rotates every filled entry afresh to its present rank at each scoring (float32, then
+    rounded to bf16 for the kernel). Its own row in the suite's targets table, without a target of its own."""
+    from bench_targets import TINYLLAMA, cuda_ms, decode_ms, report, synced
+
+    decoder, _, archive, scorer = _scoring_setup("cuda", torch.bfloat16, TINYLLAMA, GPU_CONTEXT, GPU_ARCHIVED,
+                                                 memory_positions=True)
+    step_ms = decode_ms(decoder, GPU_CONTEXT)
+    decoder.fill(GPU_CONTEXT)
+    score = scorer(True)
+    score()
+    scored = archive.take_scores()
+    assert scored["mass"].numel() == GPU_ARCHIVED * len(archive.layers) and bool(torch.isfinite(scored["mass"]).all())
+    eager_ms = cuda_ms(score)
+    graph_ms, graph_note = _graph_ms(score)
+    archive.take_scores()
+    best = eager_ms if math.isnan(graph_ms) else min(eager_ms, graph_ms)
+    report(benchmark, "recall scoring, memory positions / decode step",
+           f"TinyLlama bf16 N={GPU_CONTEXT} A={GPU_ARCHIVED // 1000}k x {len(archive.layers)} layers",
+           100 * best / step_ms, "%", "-", None,
+           f"decode {step_ms:.3f} ms (graph); scoring eager {eager_ms:.3f} ms, {graph_note} {graph_ms:.3f} ms "
+           f"(every archived key rotated to its rank first)",
+           decode_ms=step_ms, scoring_eager_ms=eager_ms, scoring_graph_ms=graph_ms)
+    benchmark.pedantic(synced(score), rounds=ROUNDS, warmup_rounds=2)
+    archive.take_scores()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def bench_recall_scoring_share_of_decode_step(benchmark):
     from torch.profiler import ProfilerActivity, profile
 
-    from bench_targets import TINYLLAMA, StaticDecoder, build_llama, cuda_ms, decode_ms, report, synced
-    from halo.backend import select_backend
+    from bench_targets import TINYLLAMA, cuda_ms, decode_ms, report, synced
 
-    decoder = StaticDecoder(build_llama(TINYLLAMA, "cuda", torch.bfloat16), capacity=GPU_CONTEXT + 16)
+    decoder, config, archive, scorer = _scoring_setup("cuda", torch.bfloat16, TINYLLAMA, GPU_CONTEXT, GPU_ARCHIVED)
+    layers = archive.layers
     step_ms = decode_ms(decoder, GPU_CONTEXT)
-    decoder.fill(GPU_CONTEXT - 1)  # the retained keys the bar is read from (decode_ms may have been cached)
-    config = HaloConfig(recall=True, recall_capacity=GPU_ARCHIVED)
-    layers = config.recall_layer_indices(decoder.layers)
-    archive = RecallArchive(layers, GPU_ARCHIVED, decoder.hkv, decoder.d, torch.bfloat16, torch.device("cuda"))
-    gen = torch.Generator().manual_seed(0)
-    _fill(archive, GPU_ARCHIVED, gen)
-    query = torch.randn(decoder.hq, 1, decoder.d, generator=gen).to("cuda", torch.bfloat16)
-    backend = select_backend("auto", torch.device("cuda"))
-    keys_of = {layer: decoder.kv[layer, 0, 0, :, :GPU_CONTEXT] for layer in layers}
-    # the head-mean mass the retained slots drew: a Session's brightness pass computes it every step anyway
-    column_mass = {layer: torch.zeros(GPU_CONTEXT, device="cuda") for layer in layers}
-    for layer in layers:
-        backend.attention_column_mass(query, keys_of[layer], decoder.d ** -0.5, GPU_CONTEXT - 1, column_mass[layer])
-
-    def scorer(from_brightness: bool):  # False: the head-mean bar from the per-head retained mass, not brightness
-        def score():
-            for layer in layers:
-                archive.score(layer, query, keys_of[layer], decoder.d ** -0.5, GPU_CONTEXT - 1, config.recall_heads,
-                              backend, column_mass[layer] if from_brightness else None)
-        return score
-
+    decoder.fill(GPU_CONTEXT)  # as _scoring_setup left it (decode_ms fills and steps the same buffer)
     score, standalone = scorer(True), scorer(False)
     score()
     scored = archive.take_scores()

@@ -152,12 +152,13 @@ class RecallArchive:
 
     def _rotated(self, ring: int, width: int, archived_rope) -> torch.Tensor:
         """Memory positions: ring `ring`'s first `width` keys rotated to the RoPE positions `archived_rope` gives
-        their text positions. On CUDA all of them afresh (float32, no host sync); on the CPU the copy in `_turned`,
+        their text positions. On CUDA all of them afresh (no host sync; in float32, then rounded to the key dtype);
+        on the CPU the copy in `_turned`,
         where only the entries that are new or whose rank moved are rotated again, from their key at position 0
         (rounded once to the key dtype, as a stored key is; never rotation upon rotation)."""
         rope, keys = archived_rope(self.fields["positions"][ring, :width]), self.keys[ring, :, :width]
-        if self._turned is None:
-            return rotate_keys(keys, rope, self.inv_freq)
+        if self._turned is None:  # rounded once to the key dtype, as the CPU's copy: the kernel's tensor-core path
+            return rotate_keys(keys, rope, self.inv_freq).to(self.key_dtype)
         moved = torch.nonzero(rope != self._turned_rope[ring, :width]).flatten()
         if moved.numel():
             self._turned[ring][:, moved] = rotate_keys(keys[:, moved], rope[moved], self.inv_freq).to(self.key_dtype)
