@@ -108,3 +108,34 @@ def test_mass_names_bad_row_lse(device):
         retained_mass(query, key, 0.25, 4, torch.zeros(4, 1, device=device))
     with pytest.raises(ValueError, match="retained_mass: row_lse must be a float32"):
         retained_mass(query, key, 0.25, 4, torch.zeros(4, 2, dtype=torch.float64, device=device))
+
+
+@pytest.mark.parametrize("heads", ["mean", "group"])
+def test_a_recall_scoring_has_no_host_sync(device, heads):
+    """RecallArchive.score on CUDA with the kernels (retained_lse, retained_mass, bars, archive_ratio) and the
+    brightness column mass: no host sync (issue 14's CUDA path)."""
+    if device != "cuda":
+        pytest.skip("CUDA sync debug mode")
+    from halo.archive import RecallArchive
+    from halo.backend import select_backend
+
+    backend = select_backend("triton", torch.device(device))
+    gen = torch.Generator().manual_seed(7)
+    archive = RecallArchive((1,), 300, 2, 64, torch.bfloat16, torch.device(device))
+    serials = torch.arange(250, device=device)
+    archive.add(1, torch.randn(2, 250, 64, generator=gen).to(device), {
+        "serials": serials, "positions": serials, "token_ids": serials, "sources": torch.zeros_like(serials),
+        "units": torch.full_like(serials, -1)})
+    query, key, scaling, n_past = _inputs(8, 2, 1, 700, 64, torch.bfloat16, device)
+    mass = torch.zeros(n_past + 1, device=device)
+    backend.attention_column_mass(query, key, scaling, n_past, mass)
+    archive.score(1, query, key, scaling, n_past, heads, backend, mass)  # compile outside the check
+    assert archive.take_scores() is not None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        archive.score(1, query, key, scaling, n_past, heads, backend, mass)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    scored = archive.take_scores()
+    assert scored["mass"].shape == (250,) and bool(torch.isfinite(scored["mass"]).all())
