@@ -160,3 +160,16 @@ def update_brightness_layers(brightness: torch.Tensor, mass: torch.Tensor, decay
     idx = torch.arange(brightness.shape[1], device=brightness.device)[None, :]
     seen_by = (t_rows - (idx - n_past.to(brightness.device)[:, None]).clamp(min=0)).clamp(min=0).to(torch.float32)
     brightness.copy_((brightness + mass * alpha - decay * seen_by).clamp_(0.0, MAX_BRIGHTNESS))
+
+
+def value_norms(values: torch.Tensor) -> torch.Tensor:
+    """float32 [T]: each row's value vector norm, averaged over KV heads, from values [Hkv, T, D] (any dtype)."""
+    return values.float().norm(dim=-1).mean(0)
+
+
+def value_weights(norms: torch.Tensor, power: float) -> torch.Tensor:
+    """float32 [n]: `(norms / mean) ** power` normalised to mean 1 over the n slots given (HaloConfig.value_weight):
+    a layer's attention mass times these still reads 1.0 per row on average, and a slot whose value is large earns
+    more of it, since a row reads `p_j * v_j` from it, not `p_j` alone."""
+    weights = norms.clamp(min=1e-12).pow(power)
+    return weights / weights.mean()

@@ -147,6 +147,10 @@ class HaloConfig:
         rope_positions: "text" (default, DESIGN.md): RoPE sees each token's position in the text; "memory": RoPE
             sees its rank among the remembered tokens, so the holes the cull leaves close (halo.memory_positions;
             models with rotary embeddings only).
+        value_weight: p >= 0. With p > 0 (per-layer memory only) a slot's attention income at a layer is weighed
+            by `(|v| / mean |v|) ** p`, its value vector's norm (mean over KV heads) over the mean of the layer's
+            held slots: what the rows actually read from it, not only how much they looked. 0 (default): the
+            attention alone, DESIGN.md's rule (README, Brightness).
     """
 
     budget: int = 512
@@ -183,6 +187,7 @@ class HaloConfig:
     recall_context: int = 8
     recall_grace: int = 64
     rope_positions: str = "text"
+    value_weight: float = 0.0
 
     def __post_init__(self):
         self.sources = dict(self.sources)
@@ -207,7 +212,7 @@ class HaloConfig:
                 f"budget ({self.budget}) must be larger than the protected set: sink_tokens ({self.sink_tokens}) "
                 f"+ recent_tokens ({self.recent_tokens}) = {protected}"
             )
-        for name in ("alpha", "dark_bias"):
+        for name in ("alpha", "dark_bias", "value_weight"):
             value = getattr(self, name)
             if not (value >= 0) or math.isinf(value):
                 raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
@@ -241,6 +246,9 @@ class HaloConfig:
             raise ValueError("marker_text must not be empty")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.value_weight and self.granularity != "layer":
+            raise ValueError("value_weight needs per-layer memory (granularity='layer'); the token-level cache "
+                             "reads attention alone")
         self._validate_recall()
         if self.rope_positions not in ROPE_POSITIONS:
             raise ValueError(f"rope_positions must be one of {ROPE_POSITIONS}, got {self.rope_positions!r}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .brightness import value_norms, value_weights
 from .cache import HaloCache
 from .cull import unit_runs
 from .forward import CullResult, Eviction, ForwardSpec, causal_visibility, visible_before
@@ -40,6 +41,11 @@ class LayeredHaloCache(RecallMemory, HaloCache):
     """
 
     per_layer = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.config.value_weight:  # each slot's value norm, written with its K/V (HaloConfig.value_weight)
+            self.add_slot_field("value_norm", torch.float32, 0.0)
 
     def reset(self) -> None:
         """Forget everything (journal included); buffers are kept."""
@@ -105,11 +111,21 @@ class LayeredHaloCache(RecallMemory, HaloCache):
             targets.append(torch.nonzero(match, as_tuple=True))
         return targets
 
+    def layer_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        views = super().layer_update(layer_idx, key_states, value_states)
+        if self.config.value_weight:
+            n_past, t_rows = self._counts[layer_idx], self._flight.spec.new_rows
+            norms = value_norms(value_states[0, :, :t_rows])
+            self._store.fields["value_norm"][layer_idx, n_past:n_past + t_rows] = norms
+        return views
+
     def _write_patches(self, layer_idx: int, keys_new: torch.Tensor, values_new: torch.Tensor) -> None:
         slots, rows = self._patches[layer_idx]
         keys, values = self._store.layer_kv[layer_idx]
         keys.index_copy_(1, slots, keys_new[:, rows])
         values.index_copy_(1, slots, values_new[:, rows])
+        if self.config.value_weight:
+            self._store.fields["value_norm"][layer_idx].index_copy_(0, slots, value_norms(values_new[:, rows]))
 
     def attention_mask(self, layer_idx: int = 0) -> torch.Tensor | None:
         spec, n = self._flight.spec, self._counts[layer_idx]
@@ -132,6 +148,10 @@ class LayeredHaloCache(RecallMemory, HaloCache):
         if self.scores_recall(self._flight.spec.source, query.shape[1], layer_idx):
             self.archive.score(layer_idx, query, key, scaling, self._counts[layer_idx], self.config.recall_heads,
                                self.backend, fields["mass"][layer_idx], self.archived_rope)
+        if self.config.value_weight:  # after recall's bar, which reads the attention alone
+            end = self._counts[layer_idx] + query.shape[1]
+            fields["mass"][layer_idx, :end] *= value_weights(fields["value_norm"][layer_idx, :end],
+                                                              self.config.value_weight)
         if last:
             width = self._n_valid + query.shape[1]
             self.backend.update_brightness_layers(fields["brightness"][:, :width], fields["mass"][:, :width],

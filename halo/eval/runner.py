@@ -91,10 +91,17 @@ def policy_setup(name: str, config: HaloConfig) -> tuple[str, HaloConfig]:
     base, extras = _split_extras(name)
     for suffix, granularity in GRANULARITY_SUFFIXES.items():
         if base.endswith(suffix):
-            return base.removesuffix(suffix), config.replace(**{**extras, "granularity": granularity})
+            return base.removesuffix(suffix), _with_granularity(config.replace(**extras), granularity)
     if base != "halo" and "recall" not in extras:
-        config = config.replace(granularity="token")  # the baselines as published (and `full`: nothing to cull)
+        config = _with_granularity(config, "token")  # the baselines as published (and `full`: nothing to cull)
     return base, config.replace(**extras)
+
+
+def _with_granularity(config: HaloConfig, granularity: str) -> HaloConfig:
+    """`config` at `granularity`; a token-level row drops `value_weight`, which only per-layer memory reads."""
+    if granularity == "token":
+        return config.replace(granularity="token", value_weight=0.0)
+    return config.replace(granularity=granularity)
 
 
 def base_policy(name: str) -> str:
