@@ -168,8 +168,8 @@ def value_norms(values: torch.Tensor) -> torch.Tensor:
 
 
 def value_weights(norms: torch.Tensor, power: float) -> torch.Tensor:
-    """float32 [n]: `(norms / mean) ** power` normalised to mean 1 over the n slots given (HaloConfig.value_weight):
-    a layer's attention mass times these still reads 1.0 per row on average, and a slot whose value is large earns
-    more of it, since a row reads `p_j * v_j` from it, not `p_j` alone."""
+    """float32 [n]: `norms ** power` over its mean over the n slots given (HaloConfig.value_weight), so the weights
+    average 1: a layer's attention mass times these still reads 1.0 per row on average, and a slot whose value is
+    large earns more of it, since a row reads `p_j * v_j` from it, not `p_j` alone."""
     weights = norms.clamp(min=1e-12).pow(power)
     return weights / weights.mean()

@@ -148,8 +148,8 @@ class HaloConfig:
             sees its rank among the remembered tokens, so the holes the cull leaves close (halo.memory_positions;
             models with rotary embeddings only).
         value_weight: p >= 0. With p > 0 (per-layer memory only) a slot's attention income at a layer is weighed
-            by `(|v| / mean |v|) ** p`, its value vector's norm (mean over KV heads) over the mean of the layer's
-            held slots: what the rows actually read from it, not only how much they looked. 0 (default): the
+            by `|v| ** p` over its mean over the layer's held slots, |v| its value vector's norm (mean over KV
+            heads): what the rows actually read from it, not only how much they looked. 0 (default): the
             attention alone, DESIGN.md's rule (README, Brightness).
     """
 
