@@ -24,9 +24,6 @@ import triton.language as tl
 
 from ._common import check_device, next_power_of_2
 
-_SHIFT = 2**31
-
-
 @triton.jit
 def _order_key(x):
     """int64 in [0, 2**32) with the order of float32 x."""

@@ -11,7 +11,7 @@ def check_mass_inputs(query: torch.Tensor, key: torch.Tensor, n_past: int, mass:
     hq, t, _ = query.shape
     if mass.dtype != torch.float32 or mass.dim() != 1 or mass.numel() < n_past + t:
         raise ValueError(f"mass must be a float32 vector of at least {n_past + t} slots, got {mass.dtype} {tuple(mass.shape)}")
-    if query.device != key.device or mass.device != key.device:
+    if mass.device != key.device:  # query and key: checked above
         raise ValueError(f"device mismatch: query {query.device}, key {key.device}, mass {mass.device}")
 
 

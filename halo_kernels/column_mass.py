@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_mass_inputs
+from .checks import check_row_inputs
 
 from ._common import FLOAT_DTYPES, cdiv, check_device, interpreting, next_power_of_2, parallel_target
 from .brightness_update import brightness_step
@@ -225,18 +225,23 @@ def _check_vector(op: str, name: str, tensor: torch.Tensor, n: int) -> None:
         raise ValueError(f"{op}: {name} must be contiguous (stride 1), got stride {tensor.stride(0)}")
 
 
-def _check_inputs(op: str, query, key, n_past, mass, last_row_mass) -> None:
-    if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor):
-        raise ValueError(f"{op}: query and key must be tensors")
+def check_rows(op: str, query, key, n_past) -> None:
+    """ValueError prefixed with `op` when query rows [Hq, T, D] and keys [Hkv, N, D] do not fit these kernels:
+    shapes and GQA grouping, n_past a host int in range, one fp16/bf16/fp32 dtype, one device the kernels run on."""
     try:
-        check_mass_inputs(query, key, n_past, mass)
+        check_row_inputs(query, key, n_past)
     except ValueError as err:
         raise ValueError(f"{op}: {err}") from None
-    t_rows = query.shape[1]
     if query.dtype not in FLOAT_DTYPES or key.dtype != query.dtype:
         raise ValueError(f"{op}: query and key must share one dtype among fp16/bf16/fp32, got {query.dtype} and {key.dtype}")
-    if not isinstance(n_past, int):
+    if not isinstance(n_past, int) or isinstance(n_past, bool):
         raise ValueError(f"{op}: n_past must be an int, got {type(n_past).__name__}")
+    check_device(op, query=query, key=key)
+
+
+def _check_inputs(op: str, query, key, n_past, mass, last_row_mass) -> None:
+    check_rows(op, query, key, n_past)
+    t_rows = query.shape[1]
     _check_vector(op, "mass", mass, n_past + t_rows)
     if last_row_mass is not None:
         _check_vector(op, "last_row_mass", last_row_mass, n_past + t_rows)

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from ._common import FLOAT_DTYPES, check_device
+from ._common import check_device
 from .archive_mass import launch
-from .checks import check_row_inputs
-from .column_mass import row_stats
+from .column_mass import check_rows, row_stats
 
 
 def retained_lse(query: torch.Tensor, key: torch.Tensor, scaling: float, n_past: int) -> torch.Tensor:
@@ -32,7 +31,7 @@ def retained_lse(query: torch.Tensor, key: torch.Tensor, scaling: float, n_past:
             n_past: retained slots before the rows (host int).
     Raises ValueError naming the problem (shape, dtype, device, n_past).
     """
-    _check("retained_lse", query, key, n_past)
+    check_rows("retained_lse", query, key, n_past)
     hq, t_rows, _ = query.shape
     hkv = key.shape[0]
     if t_rows == 0:
@@ -52,7 +51,7 @@ def retained_mass(query: torch.Tensor, key: torch.Tensor, scaling: float, n_past
         row_lse: float32 [Hq, T], the rows' logsumexp (`retained_lse`), any strides.
     Raises ValueError naming the problem (shape, dtype, device, n_past).
     """
-    _check("retained_mass", query, key, n_past)
+    check_rows("retained_mass", query, key, n_past)
     hq, t_rows, _ = query.shape
     if not isinstance(row_lse, torch.Tensor) or row_lse.dtype != torch.float32 or tuple(row_lse.shape) != (hq, t_rows):
         raise ValueError(f"retained_mass: row_lse must be a float32 [Hq, T] = [{hq}, {t_rows}] tensor, got "
@@ -60,18 +59,6 @@ def retained_mass(query: torch.Tensor, key: torch.Tensor, scaling: float, n_past
     check_device("retained_mass", key=key, row_lse=row_lse)
     weight = torch.arange(n_past + 1, n_past + t_rows + 1, device=key.device, dtype=torch.float32)
     return launch(query, key[:, :n_past], None, scaling, row_lse, weight, softmax=True)
-
-
-def _check(op: str, query, key, n_past) -> None:
-    try:
-        check_row_inputs(query, key, n_past)
-    except ValueError as err:
-        raise ValueError(f"{op}: {err}") from None
-    if query.dtype not in FLOAT_DTYPES or key.dtype != query.dtype:
-        raise ValueError(f"{op}: query and key must share one dtype among fp16/bf16/fp32, got {query.dtype} and {key.dtype}")
-    if not isinstance(n_past, int) or isinstance(n_past, bool):
-        raise ValueError(f"{op}: n_past must be an int, got {type(n_past).__name__}")
-    check_device(op, query=query, key=key)
 
 
 __all__ = ["retained_lse", "retained_mass"]
