@@ -6,6 +6,7 @@ Distribution name `halo-weave` (the PyPI name `halo` is a terminal-spinner libra
 from .cache import HaloCache
 from .config import HaloConfig, SourcePolicy, default_sources
 from .journal import Journal, JournalEntry
+from .head_cache import HeadHaloCache
 from .layered_cache import LayeredHaloCache
 from .models import ModelNotFoundError, load_model
 from .policy import CullPolicy, HaloPolicy
@@ -14,7 +15,8 @@ from .session import MemorySnapshot, Session
 __version__ = "0.1.0"
 
 __all__ = [
-    "CullPolicy", "HaloCache", "HaloConfig", "HaloPolicy", "Journal", "JournalEntry", "LayeredHaloCache",
+    "CullPolicy", "HaloCache", "HaloConfig", "HaloPolicy", "HeadHaloCache", "Journal", "JournalEntry",
+    "LayeredHaloCache",
     "MemorySnapshot",
     "ModelNotFoundError", "Session", "SourcePolicy", "default_sources", "load_model",
 ]

@@ -70,12 +70,12 @@ class HaloCache(MemoryPositions, RetainedReader, Cache):
     per_layer = False
     """False: every layer holds the same slots (per-slot fields [C]); True in LayeredHaloCache (fields [L, C])."""
 
-    per_layer_class: type | None = None
-    """The class `HaloCache(...)` builds for granularity "layer" (LayeredHaloCache registers itself)."""
+    granularity_classes: dict[str, type] = {}
+    """The class `HaloCache(...)` builds per granularity other than "token" (each registers itself)."""
 
     def __new__(cls, model=None, config: HaloConfig | None = None, **kwargs):
-        if cls is HaloCache and (config or HaloConfig()).granularity == "layer":  # one memory per layer
-            cls = HaloCache.per_layer_class
+        if cls is HaloCache:  # one memory per layer, or per KV head
+            cls = HaloCache.granularity_classes.get((config or HaloConfig()).granularity, HaloCache)
         return super().__new__(cls)
 
     def __init__(self, model=None, config: HaloConfig | None = None, *, policy: CullPolicy | None = None,
@@ -104,7 +104,7 @@ class HaloCache(MemoryPositions, RetainedReader, Cache):
         self.journal = Journal(self.config.source_names, skip_source=self.config.source_code("marker"))
         self._store = SlotStore(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device,
                                 self.config.budget + self.config.chunk_size,
-                                groups=self.num_layers if self.per_layer else None)
+                                groups=self.num_rows if self.per_layer else None)
         self._init_memory_positions(model)
         policies = list(self.config.sources.values())
         self._initial = torch.tensor([p.initial for p in policies], dtype=torch.float32, device=self.device)

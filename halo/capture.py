@@ -55,6 +55,8 @@ def halo_attention_forward(module, query, key, value, attention_mask, scaling=No
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     mask = cache.attention_mask(layer_idx)
+    if mask is not None and mask.shape[1] not in (1, query.shape[1]):  # one mask per KV head (per-head memory)
+        mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)
     out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     cache.capture_layer(layer_idx, query[0], key[0], scaling)
     return out, None

@@ -102,3 +102,26 @@ def compact_layers_(kv: torch.Tensor, slot_tensors: list[torch.Tensor], victims:
     for tensor in slot_tensors:
         tensor.scatter_(1, dst, torch.gather(tensor, 1, src))
     return new_counts
+
+
+def compact_heads_(kv: torch.Tensor, slot_tensors: list[torch.Tensor], victims: torch.Tensor,
+                   counts: torch.Tensor) -> torch.Tensor:
+    """Per-head memory: evict each (layer, KV head)'s own `victims` and compact it in place; returns the new counts.
+
+    Args:
+        kv: [L, 2, Hkv, C, D] K/V buffers; slot_tensors: per-slot tensors [L * Hkv, C] (row l * Hkv + h describes
+            head h of layer l) moved alike.
+        victims: int64 [L * Hkv, k] per-row victims padded with -1 (see `compaction_moves_layers`).
+        counts: int64 [L * Hkv] valid slots per row before the eviction.
+    The same moves as `compact_layers_`, with the K/V of row r read and written at layer r // Hkv, head r % Hkv.
+    """
+    new_counts = counts - (victims >= 0).sum(1).to(counts.device)
+    if victims.shape[1] == 0:
+        return new_counts
+    src, dst = compaction_moves_layers(victims, counts, kv.shape[3])
+    rows = torch.arange(victims.shape[0], device=kv.device)[:, None]
+    layer, head = rows // kv.shape[2], rows % kv.shape[2]
+    kv[layer, :, head, dst] = kv[layer, :, head, src]
+    for tensor in slot_tensors:
+        tensor.scatter_(1, dst, torch.gather(tensor, 1, src))
+    return new_counts

@@ -68,8 +68,8 @@ def default_sources() -> dict[str, SourcePolicy]:
 
 ROPE_POSITIONS = ("text", "memory")
 """HaloConfig.rope_positions values: RoPE sees the text positions, or the ranks in the remembered memory."""
-GRANULARITIES = ("token", "layer")
-"""HaloConfig.granularity values: one retained token set for all layers, or one per layer."""
+GRANULARITIES = ("token", "layer", "head")
+"""HaloConfig.granularity values: one retained token set for all layers, one per layer, or one per KV head."""
 REPAIR_GUIDANCE = ("hard", "soft", "none")
 """HaloConfig.repair_guidance values: what a repair model sees of dim window context (`halo.repair.base`)."""
 RECALL_HEADS = ("mean", "group", "each")
@@ -98,7 +98,8 @@ class HaloConfig:
         marker_text: text of an elision marker; it replaces whole lines, so it ends with a newline.
         granularity: "token" keeps one set of retained tokens for every layer (brightness fed by the attention
             averaged over layers); "layer" gives every layer its own brightness and its own `budget` slots, fed
-            by that layer's attention alone (halo.layered_cache): a token is remembered while any layer holds it.
+            by that layer's attention alone (halo.layered_cache): a token is remembered while any layer holds it;
+            "head" gives every KV head of every layer its own (halo.head_cache), fed by its query heads alone.
         kernels: "auto" uses the fused Triton kernels on CUDA, and on CPU the PyTorch path with the compiled decode
             column mass of halo._C (halo.decode_mass; the plain PyTorch path where it is not built);
             "reference" forces the plain PyTorch path everywhere; "triton" forces the kernels (on CPU only under
@@ -246,6 +247,9 @@ class HaloConfig:
             raise ValueError("marker_text must not be empty")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.granularity == "head" and self.rope_positions == "memory":
+            raise ValueError("rope_positions='memory' needs granularity 'layer' or 'token' (per-head memory keeps "
+                             "text positions)")
         if self.value_weight and self.granularity != "layer":
             raise ValueError("value_weight needs per-layer memory (granularity='layer'); the token-level cache "
                              "reads attention alone")

@@ -42,6 +42,11 @@ class LayeredHaloCache(RecallMemory, HaloCache):
 
     per_layer = True
 
+    @property
+    def num_rows(self) -> int:
+        """Rows of the per-slot fields, each one retained token set: one per layer."""
+        return self.num_layers
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.config.value_weight:  # each slot's value norm, written with its K/V (HaloConfig.value_weight)
@@ -50,8 +55,8 @@ class LayeredHaloCache(RecallMemory, HaloCache):
     def reset(self) -> None:
         """Forget everything (journal included); buffers are kept."""
         super().reset()
-        self._counts = [0] * self.num_layers
-        self._counts_t = torch.zeros(self.num_layers, dtype=torch.int64, device=self.device)
+        self._counts = [0] * self.num_rows
+        self._counts_t = torch.zeros(self.num_rows, dtype=torch.int64, device=self.device)
         self._units_seen = False
         self._order: torch.Tensor | None = None  # position_order(), kept until the slots change
         self._tokens: dict[str, torch.Tensor] | None = None  # _remembered(), the same
@@ -84,7 +89,7 @@ class LayeredHaloCache(RecallMemory, HaloCache):
         if self._capacity_seen != self.capacity:  # the buffers grew: their new slots are free
             self._clear_free(self.capacity)
         self._patches = None if spec.patch_slots is None else self._patch_targets(spec.patch_slots)
-        t_rows, layers = spec.new_rows, self.num_layers
+        t_rows, layers = spec.new_rows, self.num_rows
         idx = self._counts_t[:, None] + torch.arange(t_rows, device=self.device)[None, :]  # [L, T]
         units = spec.units if spec.units is not None else torch.full((t_rows,), -1, device=self.device)
         serials = torch.arange(self._next_serial, self._next_serial + t_rows, device=self.device)
@@ -103,11 +108,11 @@ class LayeredHaloCache(RecallMemory, HaloCache):
             self._units_seen = True
 
     def _patch_targets(self, patch_slots: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer: (its slots holding the patched tokens, the patch rows that write them), from view slots."""
+        """Per row: (its slots holding the patched tokens, the patch rows that write them), from view slots."""
         wanted = self.token_view().serials[patch_slots]
         targets = []
-        for layer in range(self.num_layers):
-            match = self.serials[layer, : self._counts[layer], None] == wanted[None, :]  # [n_l, k]
+        for row in range(self.num_rows):
+            match = self.serials[row, : self._counts[row], None] == wanted[None, :]  # [n_r, k]
             targets.append(torch.nonzero(match, as_tuple=True))
         return targets
 
@@ -143,8 +148,7 @@ class LayeredHaloCache(RecallMemory, HaloCache):
 
     def _accumulate(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float, last: bool) -> None:
         fields = self._store.fields
-        self.backend.attention_column_mass(query, key, scaling, self._counts[layer_idx], fields["mass"][layer_idx],
-                                           fields["last_mass"][layer_idx])
+        self._column_mass(layer_idx, query, key, scaling)
         if self.scores_recall(self._flight.spec.source, query.shape[1], layer_idx):
             self.archive.score(layer_idx, query, key, scaling, self._counts[layer_idx], self.config.recall_heads,
                                self.backend, fields["mass"][layer_idx], self.archived_rope)
@@ -157,6 +161,12 @@ class LayeredHaloCache(RecallMemory, HaloCache):
             self.backend.update_brightness_layers(fields["brightness"][:, :width], fields["mass"][:, :width],
                                                   self._decay[fields["sources"][:, :width]], self._counts_t,
                                                   query.shape[1], self.config.alpha)
+
+    def _column_mass(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """Add one layer's attention mass (query [Hq, T, D], key [Hkv, N, D]) to its row of the step fields."""
+        fields = self._store.fields
+        self.backend.attention_column_mass(query, key, scaling, self._counts[layer_idx], fields["mass"][layer_idx],
+                                           fields["last_mass"][layer_idx])
 
     def abort_forward(self) -> None:
         """Drop the forward in flight without committing it; the slots it wrote become free again."""
@@ -214,6 +224,10 @@ class LayeredHaloCache(RecallMemory, HaloCache):
         gone, runs = self._evict(victims)
         return CullResult([gone], runs)
 
+    def _compact(self, victims: torch.Tensor) -> torch.Tensor:
+        """Evict every row's `victims` from the K/V and the slot fields in place; returns the new row counts."""
+        return self.backend.compact_layers_(self._store.kv, list(self._store.fields.values()), victims, self._counts_t)
+
     def evict(self, victims: torch.Tensor) -> Eviction:
         """Evict each layer's `victims` (int64 [L, k], padded with -1) and compact; returns the tokens that no
         layer holds any more (journaled)."""
@@ -223,13 +237,13 @@ class LayeredHaloCache(RecallMemory, HaloCache):
         n, fields = self._n_valid, self._store.fields
         self._slots_changed()
         taken = victims >= 0
-        rows = torch.arange(self.num_layers, device=self.device)[:, None].expand_as(victims)[taken]
+        rows = torch.arange(self.num_rows, device=self.device)[:, None].expand_as(victims)[taken]
         cols = victims[taken]
         left = {name: fields[name][rows, cols] for name in ("serials", "positions", "token_ids", "sources", "units",
                                                             "brightness")}
         if self.archive is not None:
             self._archive_victims(victims)
-        self._counts_t = self.backend.compact_layers_(self._store.kv, list(fields.values()), victims, self._counts_t)
+        self._counts_t = self._compact(victims)
         self._clear_free(n)
         self._counts = self._counts_t.tolist()
         self._n_valid = max(self._counts)
@@ -342,8 +356,9 @@ class LayeredHaloCache(RecallMemory, HaloCache):
 
     def load_state_dict(self, state: dict) -> None:
         counts = state.get("layer_counts")
-        if not isinstance(counts, list) or len(counts) != self.num_layers:
-            raise ValueError(f"saved per-layer memory needs layer_counts for {self.num_layers} layers")
+        if not isinstance(counts, list) or len(counts) != self.num_rows:
+            raise ValueError(f"saved {self.config.granularity}-level memory needs layer_counts for {self.num_rows} "
+                             "retained token sets")
         if max(counts) != int(state["counters"]["n_valid"]) or min(counts) < 0:
             raise ValueError(f"saved layer_counts {counts} do not match n_valid {state['counters']['n_valid']}")
         self._check_recall_state(state)
@@ -356,4 +371,4 @@ class LayeredHaloCache(RecallMemory, HaloCache):
         self._units_seen = bool((self.units[:, : self._n_valid] >= 0).any())
 
 
-HaloCache.per_layer_class = LayeredHaloCache
+HaloCache.granularity_classes["layer"] = LayeredHaloCache

@@ -15,7 +15,7 @@ class MemorySnapshot:
         positions: int64 [n] absolute positions; token_ids: int64 [n]; brightness: float32 [n];
         sources: source name per token; units: int64 [n] unit id (-1 for plain tokens);
         layers: int64 [n] how many layers hold the token (every layer, unless granularity is "layer"; brightness
-        is then the mean over those layers);
+        is then the mean over those layers); with granularity "head", how many (layer, KV head) pairs hold it;
         recalled: bool [n] tokens brought back by recall (HaloConfig.recall).
     """
 

@@ -3,8 +3,9 @@
 The HTML page has no external resources: inline CSS, no scripts. Each remembered token is a <span> whose
 background is the viridis colour of its brightness (0-255) and whose title gives position, source, brightness
 and, for repaired tokens, `old -> new`. Elision markers and repaired tokens are outlined. With per-layer memory
-(granularity "layer") the title also says how many layers hold the token, and a token held by fewer than all
-of them is drawn fainter (opacity from 0.35 for one layer to 1 for all). All text is escaped.
+(granularity "layer") the title also says how many layers hold the token (per-head memory: how many KV heads of
+all layers), and a token held by fewer than all of them is drawn fainter (opacity from 0.35 for one to 1 for
+all). All text is escaped.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def render_html(session, *, title: str = "Halo Weave memory", cmap: str = "virid
     token_ids = mem.token_ids.tolist()
     bright = mem.brightness.tolist()
     units = mem.units.tolist()
-    layers, all_layers = mem.layers.tolist(), session.cache.num_layers
+    layers, all_layers = mem.layers.tolist(), getattr(session.cache, "num_rows", session.cache.num_layers)
+    held_by = "KV heads" if session.config.granularity == "head" else "layers"
     recalled = mem.recalled.tolist()
     i, n = 0, len(positions)
     while i < n:
@@ -117,7 +119,7 @@ def render_html(session, *, title: str = "Halo Weave memory", cmap: str = "virid
         tip = f"position {pos}; source {source}; brightness {bright[i]:.1f}; token {tid}"
         held = ""
         if layers[i] < all_layers:
-            tip += f"; held by {layers[i]} of {all_layers} layers"
+            tip += f"; held by {layers[i]} of {all_layers} {held_by}"
             held = f"opacity:{0.35 + 0.65 * (layers[i] - 1) / max(1, all_layers - 1):.2f};"
         cls = "t"
         if pos in diffs:

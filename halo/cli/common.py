@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..config import HaloConfig
+from ..config import GRANULARITIES, HaloConfig
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -28,9 +28,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=int, default=None, help=f"most tokens per forward when feeding (default {d.chunk_size})")
     parser.add_argument("--dark-bias", type=float, default=None, help=f"weight of the dark-neighbourhood term in the cull score (default {d.dark_bias})")
     parser.add_argument("--cull-threshold", type=float, default=None, help="brightness at which tokens die of neglect even under budget (default: off)")
-    parser.add_argument("--granularity", choices=("token", "layer"), default=None,
-                        help="'layer': every layer keeps its own budget of tokens by its own attention; 'token': "
-                        f"one token set for all layers (default {d.granularity})")
+    parser.add_argument("--granularity", choices=GRANULARITIES, default=None,
+                        help="'layer': every layer keeps its own budget of tokens by its own attention; 'head': every "
+                        f"KV head of every layer; 'token': one token set for all layers (default {d.granularity})")
     parser.add_argument("--repair", default=None, metavar="BACKEND",
                         help="single-pass repair of dim tokens next to the holes: 'self' (the host model) or a "
                         "masked-LM name or folder (default: off)")

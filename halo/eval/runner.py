@@ -79,9 +79,9 @@ REPAIR_SUFFIX = "+repair"
 RECALL_SUFFIX = "+recall"
 """`halo+recall` runs that policy per layer with recall switched on (HaloConfig(recall=True), halo.recall)."""
 EXTRA_SUFFIXES = {REPAIR_SUFFIX: {"repair": "self"}, RECALL_SUFFIX: {"recall": True, "granularity": "layer"}}
-GRANULARITY_SUFFIXES = {"-layer": "layer", "-token": "token"}
+GRANULARITY_SUFFIXES = {"-layer": "layer", "-token": "token", "-head": "head"}
 """`tova-layer` (any evicting policy plus `-layer`) runs that policy with one retained set per layer
-(HaloConfig(granularity="layer")), `halo-token` with one set for all layers. Without a suffix the published
+(HaloConfig(granularity="layer")), `halo-head` with one per KV head, `halo-token` with one set for all layers. Without a suffix the published
 baselines run token-level, as published, and `halo` runs with the config's granularity (per layer by default)."""
 
 
@@ -98,9 +98,10 @@ def policy_setup(name: str, config: HaloConfig) -> tuple[str, HaloConfig]:
 
 
 def _with_granularity(config: HaloConfig, granularity: str) -> HaloConfig:
-    """`config` at `granularity`; a token-level row drops `value_weight`, which only per-layer memory reads."""
-    if granularity == "token":
-        return config.replace(granularity="token", value_weight=0.0)
+    """`config` at `granularity`; a token- or head-level row drops `value_weight`, which only per-layer memory
+    reads."""
+    if granularity != "layer":
+        return config.replace(granularity=granularity, value_weight=0.0)
     return config.replace(granularity=granularity)
 
 

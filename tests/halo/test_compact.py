@@ -30,3 +30,31 @@ def test_moves_are_o_evicted_and_self_copies_for_tail_victims():
     src, dst = compaction_moves(torch.tensor([1, 9, 4]), n_valid=10, capacity=12)
     # keep = 7: holes 1, 4 are filled from tail survivors 7, 8; victim 9 in the tail copies onto itself
     assert sorted(zip(src.tolist(), dst.tolist())) == [(7, 1), (8, 4), (9, 9)]
+
+
+@pytest.mark.parametrize("layers,heads,capacity", [(2, 3, 17), (1, 1, 9), (3, 2, 33)])
+def test_compact_heads_moves_each_head_like_its_own_layer(layers, heads, capacity):
+    """Row l * Hkv + h of a per-head memory compacts head h of layer l exactly as compact_layers_ compacts a
+    one-layer, one-head buffer holding only that head."""
+    from halo.compact import compact_heads_, compact_layers_
+    gen = torch.Generator().manual_seed(layers * 100 + heads)
+    kv = torch.randn(layers, 2, heads, capacity, 5, generator=gen)
+    rows = layers * heads
+    counts = torch.randint(capacity // 2, capacity, (rows,), generator=gen)
+    field = torch.arange(rows * capacity).reshape(rows, capacity)
+    victims = torch.full((rows, 4), -1, dtype=torch.int64)
+    for row in range(rows):
+        k = int(torch.randint(0, 5, (1,), generator=gen))
+        victims[row, :k] = torch.randperm(int(counts[row]), generator=gen)[:k].sort().values
+    expected_kv, expected_field = kv.clone(), field.clone()
+    expected_counts = []
+    for row in range(rows):
+        layer, head = divmod(row, heads)
+        one = expected_kv[layer, :, head][None, :, None].clone()  # [1, 2, 1, C, D]
+        mine = expected_field[row][None].clone()
+        expected_counts += compact_layers_(one, [mine], victims[row][None], counts[row][None]).tolist()
+        expected_kv[layer, :, head] = one[0, :, 0]
+        expected_field[row] = mine[0]
+    new_counts = compact_heads_(kv, [field], victims, counts)
+    assert new_counts.tolist() == expected_counts
+    assert torch.equal(kv, expected_kv) and torch.equal(field, expected_field)

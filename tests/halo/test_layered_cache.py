@@ -63,7 +63,7 @@ def test_halo_cache_follows_the_granularity(tiny_model):
     assert type(HaloCache(tiny_model, HaloConfig(granularity="layer"))) is LayeredHaloCache
     assert type(HaloCache(tiny_model, HaloConfig(granularity="token"))) is HaloCache
     with pytest.raises(ValueError, match="granularity"):
-        HaloConfig(granularity="head")
+        HaloConfig(granularity="channel")
 
 
 def test_without_eviction_the_layered_cache_generates_like_the_token_cache(tiny_pair):

@@ -1,0 +1,113 @@
+"""HeadHaloCache: per-head memory. Every KV head of every layer keeps the tokens it attends to.
+
+`HaloConfig(granularity="head")`. The per-layer memory of `halo.layered_cache` one level finer: the per-slot
+fields are [L * Hkv, C], row `l * Hkv + h` listing the slots of KV head h of layer l in its own slot order, over
+the same K/V buffers [L, 2, Hkv, C, D] (head h of layer l keeps its slots in `kv[l, :, h]`). A row's brightness
+is fed by the attention of its own query heads alone (the GQA group of the KV head, mean over those heads), and
+after every stream forward each row culls its own dimmest units down to the budget. Heads of one model attend to
+different things (position, syntax, one entity); a layer-wide set keeps what the heads agree on, a per-head set
+what each needs, which lowers perplexity under the same budget (README, Memory per head).
+
+A layer's heads may hold different counts (a whole word or line can leave a row a few slots short): the layer's
+attention then sees `layer_length(l)` (its fullest head) + the new rows, each head with its own mask, its free
+slots hidden. A token is remembered while any (layer, head) holds it; `snapshot()["layers"]` counts the rows.
+Recall, memory positions and value weighting stay with per-layer memory (HaloConfig refuses the mix).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import capture
+from .cache import HaloCache
+from .compact import compact_heads_
+from .forward import causal_visibility, visible_before
+from .layered_cache import LayeredHaloCache
+
+
+class HeadHaloCache(LayeredHaloCache):
+    """HaloCache with one retained token set per (layer, KV head) (HaloConfig.granularity == "head").
+
+    Cull policies see [L * Hkv, n] per-slot fields and return scores of that shape, as for per-layer memory.
+    """
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the per-slot fields: one per KV head of every layer (row l * Hkv + h)."""
+        return self.num_layers * self.num_kv_heads
+
+    def _head_counts(self, layer_idx: int) -> list[int]:
+        heads = self.num_kv_heads
+        return self._counts[layer_idx * heads:(layer_idx + 1) * heads]
+
+    def layer_length(self, layer_idx: int) -> int:
+        """Slots of layer `layer_idx`'s fullest head (the length its attention sees before the new rows)."""
+        return max(self._head_counts(layer_idx))
+
+    # ------------------------------------------------------------ the forward
+    def layer_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Write this forward's K/V for one layer, each head after its own slots; return [1, Hkv, n+T, D] views
+        with n = layer_length(layer_idx) (the shorter heads' extra slots are masked by `attention_mask`)."""
+        if layer_idx == 0:
+            self._begin_forward(key_states)
+        f = self._flight
+        if f is None or key_states.shape[-2] != f.spec.rows:
+            raise RuntimeError(f"HaloCache: layer {layer_idx} updated outside a forward that began at layer 0")
+        t_rows, counts = f.spec.new_rows, self._head_counts(layer_idx)
+        keys, values = self._store.layer_kv[layer_idx]
+        for head, n_past in enumerate(counts):
+            keys[head, n_past:n_past + t_rows] = key_states[0, head, :t_rows]
+            values[head, n_past:n_past + t_rows] = value_states[0, head, :t_rows]
+        if self._patches is not None:
+            self._write_patches(layer_idx, key_states[0, :, t_rows:], value_states[0, :, t_rows:])
+        capture.set_active(self, layer_idx)
+        end = max(counts) + t_rows
+        return keys[None, :, :end], values[None, :, :end]
+
+    def _write_patches(self, layer_idx: int, keys_new: torch.Tensor, values_new: torch.Tensor) -> None:
+        keys, values = self._store.layer_kv[layer_idx]
+        for head in range(self.num_kv_heads):
+            slots, rows = self._patches[layer_idx * self.num_kv_heads + head]
+            keys[head].index_copy_(0, slots, keys_new[head, rows])
+            values[head].index_copy_(0, slots, values_new[head, rows])
+
+    def attention_mask(self, layer_idx: int = 0) -> torch.Tensor | None:
+        """None when every head of the layer holds the same count and the rows need no mask; else bool
+        [1, 1, R, n+T] (the same for every head) or [1, Hkv, R, n+T] (one per KV head; `halo.capture` repeats it
+        over each head's query heads)."""
+        spec, counts = self._flight.spec, self._head_counts(layer_idx)
+        width = max(counts) + spec.new_rows
+        if spec.visible is None and len(set(counts)) == 1:
+            if counts[0] == 0 or spec.new_rows == 1:
+                return None
+            return causal_visibility(counts[0], spec.new_rows, self.device)[None, None]
+        masks = []
+        for head, n in enumerate(counts):
+            row = layer_idx * self.num_kv_heads + head
+            if spec.visible is None:
+                seen = causal_visibility(n, spec.new_rows, self.device)
+            else:
+                if spec.horizon is None:
+                    raise ValueError("a per-head cache needs ForwardSpec.horizon with a custom visibility")
+                retained = visible_before(self.positions[row, :n], spec.horizon)
+                if self._patches is not None:  # a patch row also sees its own slot in this head
+                    slots, rows = self._patches[row]
+                    retained[spec.new_rows + rows, slots] = True
+                seen = torch.cat([retained, spec.visible[:, spec.n_past:]], dim=1)
+            masks.append(torch.nn.functional.pad(seen, (0, width - seen.shape[1])))
+        return torch.stack(masks)[None]
+
+    def _column_mass(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """Each KV head's mass from its own query heads, over its own slots and the new rows."""
+        fields, heads, t_rows = self._store.fields, self.num_kv_heads, query.shape[1]
+        group = query.shape[0] // heads
+        for head, n_past in enumerate(self._head_counts(layer_idx)):
+            row = layer_idx * heads + head
+            self.backend.attention_column_mass(query[head * group:(head + 1) * group], key[head:head + 1, :n_past + t_rows],
+                                               scaling, n_past, fields["mass"][row], fields["last_mass"][row])
+
+    def _compact(self, victims: torch.Tensor) -> torch.Tensor:
+        return compact_heads_(self._store.kv, list(self._store.fields.values()), victims, self._counts_t)
+
+
+HaloCache.granularity_classes["head"] = HeadHaloCache
