@@ -143,7 +143,7 @@ def bench_default_cache_generate_step(benchmark, session_model, record_ratio):
         record_ratio(benchmark, _session_group(granularity, positions), "reference")
 
 
-VARIANTS = (("token", "text"), ("layer", "text"), ("layer", "memory"))
+VARIANTS = (("token", "text"), ("layer", "text"), ("layer", "memory"), ("head", "text"))
 """(granularity, rope_positions) of the Halo sessions timed against DynamicCache."""
 
 
@@ -155,8 +155,8 @@ def _session_group(granularity: str, positions: str) -> str:
 @pytest.mark.parametrize("granularity,positions", VARIANTS)
 def bench_session_generate_step(benchmark, model_pair, record_ratio, granularity, positions):
     """One `Session.generate` token at budget BUDGET after FED tokens were fed: every step evicts one token
-    (with granularity "layer": one per layer, each layer by its own brightness; with memory positions the keys
-    after each hole are rotated to their new ranks before the next step)."""
+    (with granularity "layer": one per layer, each layer by its own brightness; "head": one per KV head of every
+    layer; with memory positions the keys after each hole are rotated to their new ranks before the next step)."""
     from halo import Session
 
     model, tokenizer = model_pair

@@ -114,6 +114,15 @@ def causal_visibility(n_past: int, t_rows: int, device) -> torch.Tensor:
     return cols[None, :] <= n_past + torch.arange(t_rows, device=device)[:, None]
 
 
+def head_visibility(counts: torch.Tensor, t_rows: int, width: int) -> torch.Tensor:
+    """bool [Hkv, T, width] for a per-head memory (halo.head_cache), head h holding `counts[h]` slots (int64 [Hkv],
+    a device tensor) followed by the T new rows: row t of head h sees slot j when j <= counts[h] + t, so a head's
+    free slots past its own (its layer's attention sees its fullest head) stay hidden."""
+    cols = torch.arange(width, device=counts.device)
+    rows = torch.arange(t_rows, device=counts.device)
+    return cols[None, None, :] <= counts[:, None, None] + rows[None, :, None]
+
+
 def visible_before(slot_positions: torch.Tensor, row_positions: torch.Tensor) -> torch.Tensor:
     """bool [R, n]: row r may see retained slot j when the slot's position is before the row's."""
     return slot_positions[None, :] < row_positions[:, None]

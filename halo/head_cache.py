@@ -21,7 +21,7 @@ import torch
 from . import capture
 from .cache import HaloCache
 from .compact import compact_heads_
-from .forward import causal_visibility, visible_before
+from .forward import causal_visibility, head_visibility, visible_before
 from .layered_cache import LayeredHaloCache
 
 
@@ -40,6 +40,10 @@ class HeadHaloCache(LayeredHaloCache):
         heads = self.num_kv_heads
         return self._counts[layer_idx * heads:(layer_idx + 1) * heads]
 
+    def _head_counts_t(self, layer_idx: int) -> torch.Tensor:
+        heads = self.num_kv_heads
+        return self._counts_t[layer_idx * heads:(layer_idx + 1) * heads]
+
     def layer_length(self, layer_idx: int) -> int:
         """Slots of layer `layer_idx`'s fullest head (the length its attention sees before the new rows)."""
         return max(self._head_counts(layer_idx))
@@ -55,7 +59,7 @@ class HeadHaloCache(LayeredHaloCache):
             raise RuntimeError(f"HaloCache: layer {layer_idx} updated outside a forward that began at layer 0")
         t_rows, counts = f.spec.new_rows, self._head_counts(layer_idx)
         keys, values = self._store.layer_kv[layer_idx]
-        for head, n_past in enumerate(counts):
+        for head, n_past in enumerate(counts):  # each head after its own slots (slices beat one scatter on CPU)
             keys[head, n_past:n_past + t_rows] = key_states[0, head, :t_rows]
             values[head, n_past:n_past + t_rows] = value_states[0, head, :t_rows]
         if self._patches is not None:
@@ -81,30 +85,31 @@ class HeadHaloCache(LayeredHaloCache):
             if counts[0] == 0 or spec.new_rows == 1:
                 return None
             return causal_visibility(counts[0], spec.new_rows, self.device)[None, None]
+        if spec.visible is None:
+            return head_visibility(self._head_counts_t(layer_idx), spec.new_rows, width)[None]
+        if spec.horizon is None:
+            raise ValueError("a per-head cache needs ForwardSpec.horizon with a custom visibility")
         masks = []
         for head, n in enumerate(counts):
             row = layer_idx * self.num_kv_heads + head
-            if spec.visible is None:
-                seen = causal_visibility(n, spec.new_rows, self.device)
-            else:
-                if spec.horizon is None:
-                    raise ValueError("a per-head cache needs ForwardSpec.horizon with a custom visibility")
-                retained = visible_before(self.positions[row, :n], spec.horizon)
-                if self._patches is not None:  # a patch row also sees its own slot in this head
-                    slots, rows = self._patches[row]
-                    retained[spec.new_rows + rows, slots] = True
-                seen = torch.cat([retained, spec.visible[:, spec.n_past:]], dim=1)
+            retained = visible_before(self.positions[row, :n], spec.horizon)
+            if self._patches is not None:  # a patch row also sees its own slot in this head
+                slots, rows = self._patches[row]
+                retained[spec.new_rows + rows, slots] = True
+            seen = torch.cat([retained, spec.visible[:, spec.n_past:]], dim=1)
             masks.append(torch.nn.functional.pad(seen, (0, width - seen.shape[1])))
         return torch.stack(masks)[None]
 
     def _column_mass(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        """Each KV head's mass from its own query heads, over its own slots and the new rows."""
+        """Each KV head's mass from its own query heads, over its own slots and the new rows: the backend's column
+        mass once per head (on the CPU the decode operator; timed faster than one batched PyTorch pass per layer)."""
         fields, heads, t_rows = self._store.fields, self.num_kv_heads, query.shape[1]
         group = query.shape[0] // heads
         for head, n_past in enumerate(self._head_counts(layer_idx)):
             row = layer_idx * heads + head
-            self.backend.attention_column_mass(query[head * group:(head + 1) * group], key[head:head + 1, :n_past + t_rows],
-                                               scaling, n_past, fields["mass"][row], fields["last_mass"][row])
+            self.backend.attention_column_mass(query[head * group:(head + 1) * group],
+                                               key[head:head + 1, :n_past + t_rows], scaling, n_past,
+                                               fields["mass"][row], fields["last_mass"][row])
 
     def _compact(self, victims: torch.Tensor) -> torch.Tensor:
         return compact_heads_(self._store.kv, list(self._store.fields.values()), victims, self._counts_t)

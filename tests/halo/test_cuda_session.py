@@ -22,6 +22,7 @@ QUESTION = "what is my locker code?"
 CONFIGS = {
     "default": {},
     "token": {"granularity": "token"},
+    "head": {"granularity": "head"},
     "recall": {"recall": True, "recall_threshold": 0.0},
     "recall-memory-positions": {"recall": True, "recall_threshold": 0.0, "rope_positions": "memory"},
 }

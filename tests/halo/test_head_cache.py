@@ -8,7 +8,7 @@ from tiny import tiny_llama
 from halo import HaloConfig, HeadHaloCache, Session, SourcePolicy, default_sources
 from halo.cache import HaloCache
 from halo.eval.runner import policy_setup
-from halo.forward import stream_spec
+from halo.forward import head_visibility, stream_spec
 from halo.model_runner import ModelRunner
 
 TEXT = ("the quick brown fox jumps over the lazy dog and keeps running far away into the night while "
@@ -262,3 +262,9 @@ def test_html_view_says_how_many_heads_hold_each_token(tiny_pair, tmp_path):
     rows = session.cache.num_rows
     partial = int((session.memory().layers < rows).sum())
     assert partial > 0 and page.count(f"of {rows} KV heads") == partial
+
+
+def test_visibility_hides_each_heads_free_slots():
+    seen = head_visibility(torch.tensor([2, 4]), 2, 6)
+    assert seen[0].tolist() == [[True] * 3 + [False] * 3, [True] * 4 + [False] * 2]
+    assert seen[1].tolist() == [[True] * 5 + [False], [True] * 6]

@@ -52,24 +52,23 @@ def test_generate_with_kernels_equals_reference(device, monkeypatch):
     assert len(cache_k.journal) == len(cache_r.journal) > 0
 
 
-def test_per_layer_generate_with_kernels_equals_reference(device):
-    """Per-layer memory without units (plain generate): the layers' victims, compaction and brightness update
-    run on the kernels and leave every layer's slots as the reference leaves them."""
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_per_layer_generate_with_kernels_equals_reference(device, granularity):
+    """Per-layer (and per-head) memory without units (plain generate): every row's victims, compaction and
+    brightness update run on the kernels and leave every row's slots as the reference leaves them."""
     if not halo_kernels.available():
         pytest.skip("no Triton backend")
-    from halo.layered_cache import LayeredHaloCache
-
     model = tiny_llama(seed=5, layers=3, heads=4, kv_heads=2, hidden=64).to(device)
     ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(6)).to(device)
     caches = []
     for kernels in ("triton", "reference"):
-        config = HaloConfig(budget=24, recent_tokens=4, sink_tokens=2, chunk_size=8, granularity="layer",
+        config = HaloConfig(budget=24, recent_tokens=4, sink_tokens=2, chunk_size=8, granularity=granularity,
                             kernels=kernels)
-        cache = LayeredHaloCache(model, config)
+        cache = HaloCache(model, config)
         caches.append((model.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=cache), cache))
     (out_k, cache_k), (out_r, cache_r) = caches
     assert cache_k.backend.name == "triton" and torch.equal(out_k, out_r)
-    assert cache_k.layer_counts.tolist() == cache_r.layer_counts.tolist() == [24] * 3
+    assert cache_k.layer_counts.tolist() == cache_r.layer_counts.tolist() == [24] * cache_k.num_rows
     assert torch.equal(cache_k.positions[:, :24], cache_r.positions[:, :24])
     assert torch.equal(cache_k.kv[:, :, :, :24], cache_r.kv[:, :, :, :24])
     torch.testing.assert_close(cache_k.brightness[:, :24], cache_r.brightness[:, :24], rtol=1e-4, atol=1e-3)
