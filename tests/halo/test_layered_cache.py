@@ -46,14 +46,14 @@ def check_accounting(session, fed: int):
     cache, config = session.cache, session.config
     counts = cache.layer_counts.tolist()
     assert max(counts) == cache.n_valid <= config.budget
-    for layer in range(cache.num_layers):
-        positions = cache.positions[layer, : counts[layer]].tolist()
+    for row in range(cache.num_rows):  # a layer's (or a KV head's) slots
+        positions = cache.positions[row, : counts[row]].tolist()
         assert len(set(positions)) == len(positions)
     mem = session.memory()
     real = [p for p, s in zip(mem.positions.tolist(), mem.sources) if s != "marker"]
     journal = [e.position for e in session.journal.evicted]
     assert sorted(real + journal) == list(range(fed))  # remembered + journal = fed, exactly once each
-    assert ((mem.layers >= 1) & (mem.layers <= cache.num_layers)).all()
+    assert ((mem.layers >= 1) & (mem.layers <= cache.num_rows)).all()
     stats = session.stats()
     assert stats["remembered"] == len(mem) and stats["remembered"] - stats["markers"] + stats["evicted"] == fed
     return mem
@@ -158,12 +158,13 @@ def test_save_and_load_continue_exactly(tiny_pair, tmp_path):
     assert [e.position for e in loaded.journal.evicted] == [e.position for e in session.journal.evicted]
 
 
-def test_a_state_with_wrong_layer_counts_is_refused_and_changes_nothing(tiny_pair):
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_a_state_with_wrong_layer_counts_is_refused_and_changes_nothing(tiny_pair, granularity):
     model, tok = tiny_pair
-    session = layered(model, tok)
+    session = layered(model, tok, granularity=granularity)
     session.feed(TEXT)
     state = session.cache.state_dict()
-    other = layered(model, tok)
+    other = layered(model, tok, granularity=granularity)
     other.feed("hello there")
     before = other.cache.layer_counts.clone(), other.cache.kv.clone()
     with pytest.raises(ValueError, match="layer_counts"):
@@ -231,9 +232,11 @@ def test_repair_diffs_reach_every_layer_that_holds_the_token(tiny_pair):
     assert session.memory().token_ids[target] == new
 
 
-def test_self_repair_runs_on_per_layer_memory(tiny_pair):
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_self_repair_runs_on_per_layer_memory(tiny_pair, granularity):
     model, tok = tiny_pair
-    session = layered(model, tok, repair="self", repair_threshold=200.0, repair_radius=16, repair_margin=0.0)
+    session = layered(model, tok, repair="self", repair_threshold=200.0, repair_radius=16, repair_margin=0.0,
+                      granularity=granularity)
     for word in TEXT.split():
         session.feed(" " + word)
     check_accounting(session, session.cache.seen)
@@ -242,9 +245,10 @@ def test_self_repair_runs_on_per_layer_memory(tiny_pair):
     assert {(p, old) for p, old, _ in session.diffs} == journal
 
 
-def test_an_interrupted_forward_changes_nothing_and_the_session_goes_on(tiny_pair):
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_an_interrupted_forward_changes_nothing_and_the_session_goes_on(tiny_pair, granularity):
     model, tok = tiny_pair
-    session = layered(model, tok)
+    session = layered(model, tok, granularity=granularity)
     session.feed(TEXT)
     before = session.memory(), session.cache.layer_counts.clone(), session.cache.positions.clone()
 
