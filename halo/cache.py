@@ -48,7 +48,7 @@ def _slot_property(name: str, doc: str):
 class HaloCache(MemoryPositions, RetainedReader, Cache):
     """Fixed-budget KV cache with brightness, cull, compaction and a journal, one token set for every layer.
     `HaloCache(model, config)` with `config.granularity == "layer"` builds a `halo.layered_cache.LayeredHaloCache`
-    (one token set per layer) instead.
+    (one token set per layer) instead, with "head" a `halo.head_cache.HeadHaloCache` (one per KV head).
 
     Args:
         model: a transformers causal LM; passing it sizes the buffers and switches on the attention capture.

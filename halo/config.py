@@ -251,8 +251,8 @@ class HaloConfig:
             raise ValueError("rope_positions='memory' needs granularity 'layer' or 'token' (per-head memory keeps "
                              "text positions)")
         if self.value_weight and self.granularity != "layer":
-            raise ValueError("value_weight needs per-layer memory (granularity='layer'); the token-level cache "
-                             "reads attention alone")
+            raise ValueError(f"value_weight needs per-layer memory (granularity='layer'); the {self.granularity}-"
+                             "level cache reads attention alone")
         self._validate_recall()
         if self.rope_positions not in ROPE_POSITIONS:
             raise ValueError(f"rope_positions must be one of {ROPE_POSITIONS}, got {self.rope_positions!r}")

@@ -31,6 +31,8 @@ class HeadHaloCache(LayeredHaloCache):
     Cull policies see [L * Hkv, n] per-slot fields and return scores of that shape, as for per-layer memory.
     """
 
+    granularity = "head"
+
     @property
     def num_rows(self) -> int:
         """Rows of the per-slot fields: one per KV head of every layer (row l * Hkv + h)."""

@@ -155,7 +155,7 @@ def select_unit_victims_layers(scores: torch.Tensor, positions: torch.Tensor, br
         freed = torch.bincount(layer[picked], minlength=layers)
     if bool((freed < need).any()):
         bad = int(torch.nonzero(freed < need).flatten()[0])
-        where = f" in layer {bad}" if layers > 1 else ""
+        where = f" in row {bad} (a layer, or a KV head of a layer)" if layers > 1 else ""
         raise RuntimeError(f"cannot cull {int(need[bad])} tokens{where}: only {int(freed[bad])} are unprotected")
     width = int(freed.max()) if picked.numel() else 0
     out = torch.full((layers, width), -1, dtype=torch.int64, device=device)

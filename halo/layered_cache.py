@@ -41,6 +41,8 @@ class LayeredHaloCache(RecallMemory, HaloCache):
     """
 
     per_layer = True
+    granularity = "layer"
+    """The HaloConfig.granularity this class serves (the constructor refuses any other)."""
 
     @property
     def num_rows(self) -> int:
@@ -49,6 +51,9 @@ class LayeredHaloCache(RecallMemory, HaloCache):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.config.granularity != self.granularity:  # the config's refusals are keyed on its granularity
+            raise ValueError(f"{type(self).__name__} serves granularity {self.granularity!r}, but the config says "
+                             f"{self.config.granularity!r}; build the cache with HaloCache(model, config)")
         if self.config.value_weight:  # each slot's value norm, written with its K/V (HaloConfig.value_weight)
             self.add_slot_field("value_norm", torch.float32, 0.0)
 
@@ -71,7 +76,7 @@ class LayeredHaloCache(RecallMemory, HaloCache):
 
     @property
     def layer_counts(self) -> torch.Tensor:
-        """int64 [L] retained slots per layer (a copy)."""
+        """int64 [rows] retained slots per row: per layer, or per KV head of every layer (a copy)."""
         return self._counts_t.clone()
 
     def _slots_changed(self) -> None:

@@ -37,7 +37,7 @@ class CullPolicy(ABC):
     @abstractmethod
     def scores(self, cache) -> torch.Tensor:
         """float32 [cache.n_valid] cull score per slot (lower dies first); [L, n_valid], one row per layer, for a
-        per-layer memory (`cache.per_layer`, whose per-slot fields are [L, C])."""
+        per-layer memory (`cache.per_layer`, whose per-slot fields are [L, C]; per-head memory: [L * Hkv, n_valid])."""
 
 
 @dataclass

@@ -9,7 +9,8 @@ every field with its slot. The buffers are replaced only to grow (one forward la
 
 With `groups=L` (per-layer memory, halo.layered_cache) every per-slot field is [L, C] instead: row l describes
 the slots of layer l, which keeps its own tokens in its own slot order; `n` then means the slots used by the
-fullest layer (the rest of a row past that layer's own count is free).
+fullest layer (the rest of a row past that layer's own count is free). Per-head memory (halo.head_cache) passes
+`groups=L * Hkv`, a row per KV head of every layer.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from ..session import Session
 from ..units import tokenize_lines
 from .coherence import session_coherence
 from .conversation import FACT_KINDS, FLOOD_SIZES, Conversation, Message, answer_matches, make_conversations
-from .runner import base_policy, budget_label, eval_config, parse_budget, policy_setup, resolve_budget
+from .runner import base_policy, budget_label, check_policies, eval_config, parse_budget, policy_setup, resolve_budget
 
 CONVERSATION_POLICIES = ("full", "streaming", "h2o", "tova", "halo", "oracle")
 """Default rows of the conversation suite."""
@@ -163,14 +163,6 @@ def answer(model, tokenizer, feeds: list[Feed], config: HaloConfig, policy_name:
     return reply, dict(session.stats(), coherence=session_coherence(session))
 
 
-def _check_policies(policies) -> None:
-    """ValueError naming the first policy that is neither a row of its own (full, oracle) nor a cull policy."""
-    for name in policies:
-        base, _ = policy_setup(name, HaloConfig())
-        if base not in UNLIMITED:
-            make_policy(base)  # ValueError on an unknown name
-
-
 def run_conversations(model, tokenizer, *, count: int = CONVERSATION_COUNT, budgets=CONVERSATION_BUDGETS,
                       policies=CONVERSATION_POLICIES, seed: int = 0, sinks: int = 4, recent: int | None = None,
                       chunk: int = CONVERSATION_CHUNK, flood_sizes=FLOOD_SIZES, answer_tokens: int = ANSWER_TOKENS,
@@ -187,10 +179,10 @@ def run_conversations(model, tokenizer, *, count: int = CONVERSATION_COUNT, budg
     from tqdm import tqdm
 
     policies = list(policies)
-    _check_policies(policies)
+    overrides = dict(config_overrides or {})
+    check_policies(policies, overrides, UNLIMITED)
     specs = [parse_budget(b) for b in budgets]
     conversations = make_conversations(count, seed, flood_sizes=flood_sizes)
-    overrides = dict(config_overrides or {})
     per_budget = [p for p in policies if base_policy(p) != "full"]
     runs = len(conversations) * (len(policies) - len(per_budget) + len(per_budget) * len(specs))
     results: dict[tuple[str, str], list[dict]] = {}

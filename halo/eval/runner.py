@@ -118,10 +118,14 @@ def _split_extras(name: str) -> tuple[str, dict]:
     return name, extras
 
 
-def _check_policy(name: str) -> None:
-    base, _ = policy_setup(name, HaloConfig())
-    if base != "full":
-        make_policy(base)
+def check_policies(policies, overrides: dict | None = None, own_rows=("full",)) -> None:
+    """ValueError, before any row runs, naming the first policy that is neither a row of its own (`own_rows`) nor
+    a cull policy, or whose config (the overrides, then its suffixes) HaloConfig refuses."""
+    for name in policies:
+        if name not in own_rows:
+            base, _ = policy_setup(name, HaloConfig(**(overrides or {})))
+            if base not in own_rows:
+                make_policy(base)
 
 
 def _session(model, tokenizer, config: HaloConfig, policy_name: str, seed: int) -> Session:
@@ -217,11 +221,9 @@ def evaluate(model, tokenizer, texts: list[str], *, budgets=("1/4", "1/8"), poli
     from tqdm import tqdm
 
     policies = list(policies)
-    for name in policies:
-        if name != "full":
-            _check_policy(name)  # fail early on unknown names
-    specs = [parse_budget(b) for b in budgets]
     overrides = dict(config_overrides or {})
+    check_policies(policies, overrides)
+    specs = [parse_budget(b) for b in budgets]
     encoded = []
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]

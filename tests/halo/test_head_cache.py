@@ -225,3 +225,23 @@ def test_visibility_hides_each_heads_free_slots():
     seen = head_visibility(torch.tensor([2, 4]), 2, 6)
     assert seen[0].tolist() == [[True] * 3 + [False] * 3, [True] * 4 + [False] * 2]
     assert seen[1].tolist() == [[True] * 5 + [False], [True] * 6]
+
+
+def test_a_cache_class_refuses_a_config_of_another_granularity(tiny_model):
+    from halo import LayeredHaloCache
+    with pytest.raises(ValueError, match="HeadHaloCache serves granularity 'head'"):
+        HeadHaloCache(tiny_model, HaloConfig(value_weight=1.0, budget=16, recent_tokens=4))
+    with pytest.raises(ValueError, match="LayeredHaloCache serves granularity 'layer'"):
+        LayeredHaloCache(tiny_model, HaloConfig(granularity="head", budget=16, recent_tokens=4))
+
+
+@pytest.mark.parametrize("suite", ["essays", "conversation"])
+def test_eval_refuses_a_setting_the_head_row_cannot_take_before_any_row_runs(suite):
+    from halo.eval.conversation_runner import run_conversations
+    from halo.eval.runner import evaluate
+    with pytest.raises(ValueError, match="rope_positions='memory' needs granularity"):
+        if suite == "essays":  # no model: the check comes before the first row
+            evaluate(None, None, ["text"], policies=["full", "halo", "halo-head"],
+                     config_overrides={"rope_positions": "memory"})
+        else:
+            run_conversations(None, None, policies=["full", "halo-head"], config_overrides={"rope_positions": "memory"})
