@@ -66,10 +66,10 @@ def test_select_unit_victims_layers_equals_each_layer_alone(seed, threshold):
         assert (row[row.numel() - int((row < 0).sum()):] < 0).all()  # padding only at the end
 
 
-def test_select_unit_victims_layers_names_the_layer_that_cannot_cull():
+def test_select_unit_victims_layers_names_the_row_that_cannot_cull():
     scores = torch.zeros(2, 4)
     protected = torch.tensor([[False] * 4, [True, True, True, False]])
-    with pytest.raises(RuntimeError, match="layer 1"):
+    with pytest.raises(RuntimeError, match=r"in row 1 \(a layer"):
         select_unit_victims_layers(scores, torch.arange(4).repeat(2, 1), scores, protected,
                                    torch.full((2, 4), -1), torch.tensor([2, 2]), None)
 
