@@ -5,8 +5,8 @@ Distribution name `halo-weave` (the PyPI name `halo` is a terminal-spinner libra
 
 from .cache import HaloCache
 from .config import HaloConfig, SourcePolicy, default_sources
-from .journal import Journal, JournalEntry
 from .head_cache import HeadHaloCache
+from .journal import Journal, JournalEntry
 from .layered_cache import LayeredHaloCache
 from .models import ModelNotFoundError, load_model
 from .policy import CullPolicy, HaloPolicy

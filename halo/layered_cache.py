@@ -234,8 +234,8 @@ class LayeredHaloCache(RecallMemory, HaloCache):
         return self.backend.compact_layers_(self._store.kv, list(self._store.fields.values()), victims, self._counts_t)
 
     def evict(self, victims: torch.Tensor) -> Eviction:
-        """Evict each layer's `victims` (int64 [L, k], padded with -1) and compact; returns the tokens that no
-        layer holds any more (journaled)."""
+        """Evict each row's `victims` (int64 [rows, k], padded with -1; a row per layer, or per KV head) and
+        compact; returns the tokens that no row holds any more (journaled)."""
         return self._evict(victims)[0]
 
     def _evict(self, victims: torch.Tensor) -> tuple[Eviction, list[tuple[int, int, int]]]:

@@ -79,8 +79,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--policies", type=_csv(str), default=None,
                         help="comma-separated policies: full, streaming, h2o, tova, random, halo, and oracle "
                         "(conversation suite only); add -layer to an evicting policy (tova-layer, h2o-layer) to keep "
-                        "one token set per layer, -head for one per KV head (halo-head), -token for one set for all layers (halo-token; plain halo "
-                        "follows HaloConfig.granularity, per layer by default), +repair (e.g. halo+repair) to run it with "
+                        "one token set per layer, -head for one per KV head (halo-head), -token for one set for all "
+                        "layers (halo-token; plain halo follows HaloConfig.granularity, per layer by default), +repair (e.g. halo+repair) to run it with "
                         f"single-pass self repair; default {','.join(ESSAY_POLICIES)} (essays), "
                         f"{','.join(CONVERSATION_POLICIES)} (conversation)")
     parser.add_argument("--text", type=Path, nargs="+", default=None,

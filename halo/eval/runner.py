@@ -81,8 +81,9 @@ RECALL_SUFFIX = "+recall"
 EXTRA_SUFFIXES = {REPAIR_SUFFIX: {"repair": "self"}, RECALL_SUFFIX: {"recall": True, "granularity": "layer"}}
 GRANULARITY_SUFFIXES = {"-layer": "layer", "-token": "token", "-head": "head"}
 """`tova-layer` (any evicting policy plus `-layer`) runs that policy with one retained set per layer
-(HaloConfig(granularity="layer")), `halo-head` with one per KV head, `halo-token` with one set for all layers. Without a suffix the published
-baselines run token-level, as published, and `halo` runs with the config's granularity (per layer by default)."""
+(HaloConfig(granularity="layer")), `halo-head` with one per KV head, `halo-token` with one set for all layers.
+Without a suffix the published baselines run token-level, as published, and `halo` runs with the config's
+granularity (per layer by default)."""
 
 
 def policy_setup(name: str, config: HaloConfig) -> tuple[str, HaloConfig]:
