@@ -19,6 +19,7 @@
 #define HALO_X86_AVX2 1
 #endif
 
+#include <algorithm>
 #include <optional>
 
 namespace halo {
@@ -79,32 +80,26 @@ at::Tensor gqa_logits(const at::Tensor& query, const at::Tensor& key, int64_t gr
   return at::matmul(query.reshape({hkv, group, d}), key.transpose(1, 2)).reshape({hq, n});
 }
 
-}  // namespace
 
-void decode_column_mass_cpu(const at::Tensor& query, const at::Tensor& key, double scaling, at::Tensor mass,
-                            const std::optional<at::Tensor>& last_row_mass) {
-  TORCH_CHECK(query.dim() == 2, "decode_column_mass: query must be [Hq, D], got shape ", query.sizes());
-  TORCH_CHECK(key.dim() == 3, "decode_column_mass: key must be [Hkv, N, D], got shape ", key.sizes());
-  TORCH_CHECK(query.device().is_cpu() && key.device().is_cpu(), "decode_column_mass: query and key must be on CPU");
-  TORCH_CHECK(query.scalar_type() == at::kFloat && key.scalar_type() == at::kFloat,
-              "decode_column_mass: query and key must be float32, got ", query.scalar_type(), " and ",
-              key.scalar_type());
-  const int64_t hq = query.size(0), d = query.size(1), hkv = key.size(0), n = key.size(1);
-  TORCH_CHECK(key.size(2) == d, "decode_column_mass: head dims differ: query ", d, ", key ", key.size(2));
-  TORCH_CHECK(hkv > 0 && hq % hkv == 0, "decode_column_mass: query heads (", hq,
-              ") must be a multiple of key heads (", hkv, ")");
-  TORCH_CHECK(n > 0, "decode_column_mass: no visible keys");
-  check_mass_target(mass, "mass", n);
-  if (last_row_mass.has_value()) check_mass_target(*last_row_mass, "last_row_mass", n);
+void check_query_key(const at::Tensor& query, const at::Tensor& key, const char* op) {
+  TORCH_CHECK(query.dim() == 2, op, ": query must be [Hq, D], got shape ", query.sizes());
+  TORCH_CHECK(key.dim() == 3, op, ": key must be [Hkv, N, D], got shape ", key.sizes());
+  TORCH_CHECK(query.device().is_cpu() && key.device().is_cpu(), op, ": query and key must be on CPU");
+  TORCH_CHECK(query.scalar_type() == at::kFloat && key.scalar_type() == at::kFloat, op,
+              ": query and key must be float32, got ", query.scalar_type(), " and ", key.scalar_type());
+  TORCH_CHECK(key.size(2) == query.size(1), op, ": head dims differ: query ", query.size(1), ", key ", key.size(2));
+  TORCH_CHECK(key.size(0) > 0 && query.size(0) % key.size(0) == 0, op, ": query heads (", query.size(0),
+              ") must be a multiple of key heads (", key.size(0), ")");
+}
 
-  const int64_t group = hq / hkv;
-  at::Tensor logits = gqa_logits(query, key, group);
+// Adds (n / Hq) * sum_h p[h, j] for the n = key.size(1) visible slots into m (and last when given).
+void add_column_mass(const at::Tensor& query, const at::Tensor& key, double scaling, float* m, float* last) {
+  const int64_t hq = query.size(0), n = key.size(1);
+  at::Tensor logits = gqa_logits(query, key, hq / key.size(0));
   logits.mul_(scaling);
   const at::Tensor probs = at::_softmax(logits, -1, false).contiguous();
   const float* p = probs.const_data_ptr<float>();
   const float weight = static_cast<float>(n) / static_cast<float>(hq);
-  float* m = mass.data_ptr<float>();
-  float* last = last_row_mass.has_value() ? last_row_mass->data_ptr<float>() : nullptr;
   for (int64_t j = 0; j < n; ++j) {
     float column = 0.f;
     for (int64_t h = 0; h < hq; ++h) column += p[h * n + j];
@@ -114,10 +109,64 @@ void decode_column_mass_cpu(const at::Tensor& query, const at::Tensor& key, doub
   }
 }
 
+}  // namespace
+
+void decode_column_mass_cpu(const at::Tensor& query, const at::Tensor& key, double scaling, at::Tensor mass,
+                            const std::optional<at::Tensor>& last_row_mass) {
+  check_query_key(query, key, "decode_column_mass");
+  const int64_t n = key.size(1);
+  TORCH_CHECK(n > 0, "decode_column_mass: no visible keys");
+  check_mass_target(mass, "mass", n);
+  if (last_row_mass.has_value()) check_mass_target(*last_row_mass, "last_row_mass", n);
+  add_column_mass(query, key, scaling, mass.data_ptr<float>(),
+                  last_row_mass.has_value() ? last_row_mass->data_ptr<float>() : nullptr);
+}
+
+// Per-head memory (halo.head_cache): KV head h holds counts[h] retained slots and the decode row's own slot right
+// after them, so its query heads see key[h, :counts[h] + 1]; row h of mass receives that head's column mass
+// (the mean over its G query heads, weight (counts[h] + 1) / G). One call per layer instead of one per head.
+void decode_column_mass_heads_cpu(const at::Tensor& query, const at::Tensor& key, double scaling,
+                                  const at::Tensor& counts, at::Tensor mass,
+                                  const std::optional<at::Tensor>& last_row_mass) {
+  check_query_key(query, key, "decode_column_mass_heads");
+  const int64_t hkv = key.size(0), group = query.size(0) / hkv;
+  TORCH_CHECK(counts.device().is_cpu() && counts.scalar_type() == at::kLong && counts.dim() == 1 &&
+                  counts.size(0) == hkv,
+              "decode_column_mass_heads: counts must be a CPU int64 [Hkv] tensor, got ", counts.scalar_type(), " ",
+              counts.sizes());
+  const auto check_rows = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2 && t.size(0) == hkv &&
+                    t.stride(1) == 1,
+                "decode_column_mass_heads: ", name, " must be float32 [Hkv, C] on CPU with contiguous rows, got ",
+                t.scalar_type(), " ", t.sizes());
+  };
+  check_rows(mass, "mass");
+  if (last_row_mass.has_value()) check_rows(*last_row_mass, "last_row_mass");
+  const int64_t* count = counts.const_data_ptr<int64_t>();
+  const int64_t room = std::min(key.size(1), last_row_mass.has_value() ? std::min(mass.size(1), last_row_mass->size(1))
+                                                                       : mass.size(1));
+  for (int64_t h = 0; h < hkv; ++h) {  // every head checked before any is written
+    TORCH_CHECK(count[h] >= 0 && count[h] + 1 <= room, "decode_column_mass_heads: head ", h, " holds ", count[h],
+                " slots; the key view has ", key.size(1), " and mass ", mass.size(1));
+  }
+  for (int64_t h = 0; h < hkv; ++h) {
+    const int64_t n = count[h] + 1;
+    float* last = last_row_mass.has_value() ? last_row_mass->data_ptr<float>() + h * last_row_mass->stride(0)
+                                            : nullptr;
+    add_column_mass(query.narrow(0, h * group, group), key.narrow(0, h, 1).narrow(1, 0, n), scaling,
+                    mass.data_ptr<float>() + h * mass.stride(0), last);
+  }
+}
+
 }  // namespace halo
 
 TORCH_LIBRARY_FRAGMENT(halo, m) {
   m.def("decode_column_mass(Tensor query, Tensor key, float scaling, Tensor(a!) mass, Tensor(b!)? last_row_mass) -> ()");
+  m.def("decode_column_mass_heads(Tensor query, Tensor key, float scaling, Tensor counts, Tensor(a!) mass, "
+        "Tensor(b!)? last_row_mass) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(halo, CPU, m) { m.impl("decode_column_mass", &halo::decode_column_mass_cpu); }
+TORCH_LIBRARY_IMPL(halo, CPU, m) {
+  m.impl("decode_column_mass", &halo::decode_column_mass_cpu);
+  m.impl("decode_column_mass_heads", &halo::decode_column_mass_heads_cpu);
+}

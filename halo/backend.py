@@ -12,6 +12,7 @@ and `halo.compact` define the semantics; `halo_kernels` holds the fused twins):
     compact_(kv, slot_tensors, victims, n_valid) -> int
 and for per-layer memory (halo.layered_cache), every layer at once:
     update_brightness_layers(brightness, mass, decay, n_past, t_rows, alpha)
+    attention_column_mass_heads(query, key, scaling, counts, mass, last_row_mass=None)   per KV head (head_cache)
     select_victims_layers(scores, positions, protected, k) -> int64 [L, k]
     compact_layers_(kv, slot_tensors, victims, counts) -> int64 [L]
 and for recall (halo.archive_mass):
@@ -24,6 +25,7 @@ and for recall (halo.archive_mass):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
@@ -60,24 +62,27 @@ class Backend:
     retained_mass: Callable
     bars: Callable
     archive_ratio: Callable
+    attention_column_mass_heads: Callable
 
     @classmethod
     def from_module(cls, name: str, module: ModuleType) -> "Backend":
+        heads = functools.partial(_brightness.attention_column_mass_heads, per_head=module.attention_column_mass)
         return cls(name, module.attention_column_mass, module.attention_column_mass_and_update,
                    module.update_brightness, module.cull_scores, module.select_victims, module.compact_,
                    module.update_brightness_layers, module.select_victims_layers, module.compact_layers_,
-                   module.retained_lse, module.retained_mass, module.bars, module.archive_ratio)
+                   module.retained_lse, module.retained_mass, module.bars, module.archive_ratio, heads)
 
 
 REFERENCE = Backend("reference", _brightness.attention_column_mass, _brightness.attention_column_mass_and_update,
                     _brightness.update_brightness, _cull.cull_scores, _cull.select_victims, _compact.compact_,
                     _brightness.update_brightness_layers, _layer_cull.select_victims_layers, _compact.compact_layers_,
                     _archive_mass.retained_lse, _archive_mass.retained_mass,
-                    _archive_mass.bars, _archive_mass.archive_ratio)
+                    _archive_mass.bars, _archive_mass.archive_ratio, _brightness.attention_column_mass_heads)
 
 CPU_OPERATOR = dataclasses.replace(REFERENCE, name="cpu-operator",
                                    attention_column_mass=_decode_mass.attention_column_mass,
-                                   attention_column_mass_and_update=_decode_mass.attention_column_mass_and_update)
+                                   attention_column_mass_and_update=_decode_mass.attention_column_mass_and_update,
+                                   attention_column_mass_heads=_decode_mass.attention_column_mass_heads)
 """The reference, with a decode row's column mass computed by the C++ operator of `halo._C` (halo.decode_mass)."""
 
 

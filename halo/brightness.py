@@ -81,6 +81,27 @@ def attention_column_mass(
         mass[:n] += total
 
 
+def attention_column_mass_heads(query: torch.Tensor, key: torch.Tensor, scaling: float, counts: list[int],
+                                mass: torch.Tensor, last_row_mass: torch.Tensor | None = None, *,
+                                per_head=attention_column_mass) -> None:
+    """Per-head memory (halo.head_cache): each KV head's column mass from its own query heads, in place.
+
+    Args:
+        query: [Hq, T, D]; key: [Hkv, N, D], the layer's key view; KV head h's query heads are
+            `query[h * G:(h + 1) * G]` (G = Hq / Hkv).
+        counts: retained slots of each KV head before this forward (host ints, Hkv of them); head h's new rows sit
+            at slots `counts[h] .. counts[h] + T - 1`, and N >= max(counts) + T.
+        mass, last_row_mass: float32 [Hkv, C]: row h receives `per_head(query of head h, key[h:h + 1], scaling,
+            counts[h], ...)`, the column mass over head h's own slots (the mean over its G query heads).
+        per_head: the single-head column mass to run (a backend's `attention_column_mass`).
+    """
+    heads = key.shape[0]
+    group = query.shape[0] // heads
+    for head, n_past in enumerate(counts):
+        per_head(query[head * group:(head + 1) * group], key[head:head + 1, : n_past + query.shape[1]], scaling,
+                 n_past, mass[head], None if last_row_mass is None else last_row_mass[head])
+
+
 @functools.lru_cache(maxsize=64)
 def _row_weight(n: int, hq: int, group: int, device: torch.device) -> torch.Tensor:
     """float32 [group]: n / Hq for each query head of a KV group, as the general path computes it."""

@@ -29,6 +29,9 @@ def operator_available() -> bool:
         return False
     # It only writes its arguments in place: nothing to shape for FakeTensor / torch.compile / opcheck.
     torch.library.register_fake("halo::decode_column_mass")(lambda query, key, scaling, mass, last_row_mass: None)
+    if hasattr(torch.ops.halo, "decode_column_mass_heads"):
+        torch.library.register_fake("halo::decode_column_mass_heads")(
+            lambda query, key, scaling, counts, mass, last_row_mass: None)
     return True
 
 
@@ -46,6 +49,18 @@ def attention_column_mass(query: torch.Tensor, key: torch.Tensor, scaling: float
         return
     reference.check_mass_inputs(query, key, n_past, mass)
     torch.ops.halo.decode_column_mass(query[:, 0], key[:, : n_past + 1], scaling, mass, last_row_mass)
+
+
+def attention_column_mass_heads(query: torch.Tensor, key: torch.Tensor, scaling: float, counts: list[int],
+                                mass: torch.Tensor, last_row_mass: torch.Tensor | None = None) -> None:
+    """`halo.brightness.attention_column_mass_heads`, a decode row of every KV head in one operator call
+    (`torch.ops.halo.decode_column_mass_heads`) where the operator takes it, else head by head."""
+    if not (_takes(query, key) and hasattr(torch.ops.halo, "decode_column_mass_heads")):
+        reference.attention_column_mass_heads(query, key, scaling, counts, mass, last_row_mass,
+                                              per_head=attention_column_mass)
+        return
+    torch.ops.halo.decode_column_mass_heads(query[:, 0], key, scaling, torch.tensor(counts, dtype=torch.int64),
+                                            mass, last_row_mass)
 
 
 def attention_column_mass_and_update(query: torch.Tensor, key: torch.Tensor, scaling: float, n_past: int,

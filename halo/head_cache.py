@@ -103,15 +103,11 @@ class HeadHaloCache(LayeredHaloCache):
         return torch.stack(masks)[None]
 
     def _column_mass(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        """Each KV head's mass from its own query heads, over its own slots and the new rows: the backend's column
-        mass once per head (on the CPU the decode operator; timed faster than one batched PyTorch pass per layer)."""
-        fields, heads, t_rows = self._store.fields, self.num_kv_heads, query.shape[1]
-        group = query.shape[0] // heads
-        for head, n_past in enumerate(self._head_counts(layer_idx)):
-            row = layer_idx * heads + head
-            self.backend.attention_column_mass(query[head * group:(head + 1) * group],
-                                               key[head:head + 1, :n_past + t_rows], scaling, n_past,
-                                               fields["mass"][row], fields["last_mass"][row])
+        """Each KV head's mass from its own query heads, over its own slots and the new rows (on the CPU a decode
+        row of every head in one call of the decode operator)."""
+        fields, rows = self._store.fields, slice(layer_idx * self.num_kv_heads, (layer_idx + 1) * self.num_kv_heads)
+        self.backend.attention_column_mass_heads(query, key, scaling, self._head_counts(layer_idx),
+                                                 fields["mass"][rows], fields["last_mass"][rows])
 
     def _compact(self, victims: torch.Tensor) -> torch.Tensor:
         return compact_heads_(self._store.kv, list(self._store.fields.values()), victims, self._counts_t)

@@ -116,3 +116,66 @@ def test_cpu_caches_choose_the_operator_and_match_the_reference():
     a, r = caches["auto"], caches["reference"]
     assert torch.equal(a.positions[: a.n_valid].sort().values, r.positions[: r.n_valid].sort().values)
     torch.testing.assert_close(a.brightness[: a.n_valid], r.brightness[: r.n_valid], rtol=1e-5, atol=1e-3)
+
+
+HEAD_SHAPES = [  # hq, hkv, counts per KV head (retained slots before the decode row), d
+    (9, 3, [512, 17, 300], 64),
+    (1, 1, [1022], 8),     # (1, 1, 1023) visible slots
+    (6, 2, [0, 6], 24),
+    (5, 5, [3, 1, 4, 1, 5], 12),  # a head dim that is not a multiple of 8
+]
+
+
+def _head_case(hq, hkv, counts, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    width = max(counts) + 1
+    query = torch.randn(hq, 1, d, generator=g)
+    key = torch.randn(hkv, width + 3, d, generator=g)[:, :width]  # the layer's view over a larger buffer
+    mass = torch.rand(hkv, width + 4, generator=g) * 100
+    last = torch.rand(hkv, width + 4, generator=g)
+    return query, key, mass, last
+
+
+@needs_operator
+@pytest.mark.parametrize("hq,hkv,counts,d", HEAD_SHAPES)
+@pytest.mark.parametrize("with_last", [True, False])
+def test_decode_row_of_every_head_matches_the_reference_head_by_head(hq, hkv, counts, d, with_last):
+    from halo.brightness import attention_column_mass_heads
+    query, key, mass, last = _head_case(hq, hkv, counts, d, seed=sum(counts))
+    base, want_mass, want_last = mass.clone(), mass.clone(), last.clone()
+    attention_column_mass_heads(query, key, 0.3, counts, want_mass, want_last if with_last else None)
+    decode_mass.attention_column_mass_heads(query, key, 0.3, counts, mass, last if with_last else None)
+    torch.testing.assert_close(mass, want_mass, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, want_last, rtol=1e-5, atol=1e-5)
+    group = hq // hkv
+    for head, n in enumerate(counts):  # the reference is the per-layer column mass of each head alone
+        alone = torch.zeros(mass.shape[1])
+        reference_mass(query[head * group:(head + 1) * group], key[head:head + 1], 0.3, n, alone)
+        torch.testing.assert_close(want_mass[head, : n + 1] - base[head, : n + 1], alone[: n + 1], rtol=1e-4,
+                                   atol=1e-4)
+        assert torch.equal(mass[head, n + 1:], want_mass[head, n + 1:])  # a head's free slots are untouched
+
+
+@needs_operator
+def test_heads_opcheck():
+    for hq, hkv, counts, d in HEAD_SHAPES:
+        query, key, mass, last = _head_case(hq, hkv, counts, d, seed=len(counts))
+        counts_t = torch.tensor(counts)
+        torch.library.opcheck(torch.ops.halo.decode_column_mass_heads.default,
+                              (query[:, 0], key, 0.5, counts_t, mass, last))
+        torch.library.opcheck(torch.ops.halo.decode_column_mass_heads.default,
+                              (query[:, 0], key, 0.5, counts_t, mass, None))
+
+
+@needs_operator
+@pytest.mark.parametrize("counts,mass,match", [
+    (torch.tensor([1, 2]), torch.zeros(3, 8), "mass must be float32 \\[Hkv, C\\]"),
+    (torch.tensor([1, 2, 3]), torch.zeros(2, 8), "counts must be a CPU int64 \\[Hkv\\]"),
+    (torch.tensor([1.0, 2.0]), torch.zeros(2, 8), "counts must be a CPU int64"),
+    (torch.tensor([1, 7]), torch.zeros(2, 8), "head 1 holds 7 slots; the key view has 5"),
+])
+def test_heads_operator_errors_name_the_problem(counts, mass, match):
+    before = mass.clone()
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.halo.decode_column_mass_heads(torch.zeros(4, 8), torch.zeros(2, 5, 8), 0.5, counts, mass, None)
+    assert torch.equal(mass, before)
