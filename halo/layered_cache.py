@@ -253,7 +253,9 @@ class LayeredHaloCache(RecallMemory, HaloCache):
         self._counts = self._counts_t.tolist()
         self._n_valid = max(self._counts)
         # a token dies when the last layer holding it lets go (several layers may drop it in the same cull)
-        dead = ~torch.isin(left["serials"], fields["serials"][:, :n])
+        held = torch.zeros(self._next_serial + 1, dtype=torch.bool, device=self.device)  # by serial + 1 (free: -1)
+        held[fields["serials"][:, :n].flatten() + 1] = True  # one scatter, where isin sorts every held serial
+        dead = ~held[left["serials"] + 1]
         if not bool(dead.any()):  # every victim still lives in some other layer
             nothing = left["positions"][:0]
             return Eviction(nothing, left["token_ids"][:0], left["brightness"][:0]), []
