@@ -218,7 +218,7 @@ def select_word_victims_layers(scores: torch.Tensor, order: torch.Tensor, bright
     unit_rank = torch.cumsum(changes, 1)
     width = int(freed.max())
     sort_key = torch.where(taken, unit_rank * (n + 1) + slots, (n + 2) * (n + 1))
-    picked = torch.sort(sort_key, dim=1).indices[:, :width]
+    picked = torch.topk(sort_key, width, dim=1, largest=False).indices  # the taken first (keys unique), in order
     out = torch.gather(slots, 1, picked)
     return out.masked_fill(~torch.gather(taken, 1, picked), -1)
 
