@@ -2,9 +2,9 @@
 
 Same signatures and semantics as `halo.brightness.attention_column_mass`, `attention_column_mass_and_update`
 and `attention_column_mass_heads` (per-head memory: `torch.ops.halo.decode_column_mass_heads`, every KV head of a
-layer in one call, each over its own count of slots). A decode step (one float32 query row on CPU) runs the C++ operator of
-`halo._C` (csrc/decode_column_mass.cpp: one batched matmul, ATen's softmax and one weighted column sum over
-heads, in one call); every other case (several rows, another dtype or device) runs the PyTorch reference. On
+layer in one call, each over its own count of slots). A decode step (one float32 query row on CPU) runs the C++
+operator of `halo._C` (csrc/decode_column_mass.cpp: one batched matmul, ATen's softmax and one weighted column
+sum over heads, in one call); every other case (several rows, another dtype or device) runs the PyTorch reference. On
 CPU the reference spends a decode step's Halo time mostly in per-op dispatch (a dozen small ops per layer on
 every layer), which is what the operator removes. Equal to the reference within float32 rounding (the sum over
 heads is taken in another order).
