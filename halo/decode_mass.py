@@ -21,18 +21,18 @@ from . import brightness as reference
 
 @functools.lru_cache(maxsize=None)
 def operator_available() -> bool:
-    """True when `halo._C` imports and registers `torch.ops.halo.decode_column_mass`."""
+    """True when `halo._C` imports and registers `torch.ops.halo.decode_column_mass` and
+    `decode_column_mass_heads` (one source file builds both; a stale build without the second is not used)."""
     try:
         import halo._C  # noqa: F401  (loading the library registers the operators)
     except ImportError:
         return False
-    if not hasattr(torch.ops.halo, "decode_column_mass"):
+    if not (hasattr(torch.ops.halo, "decode_column_mass") and hasattr(torch.ops.halo, "decode_column_mass_heads")):
         return False
-    # It only writes its arguments in place: nothing to shape for FakeTensor / torch.compile / opcheck.
+    # They only write their arguments in place: nothing to shape for FakeTensor / torch.compile / opcheck.
     torch.library.register_fake("halo::decode_column_mass")(lambda query, key, scaling, mass, last_row_mass: None)
-    if hasattr(torch.ops.halo, "decode_column_mass_heads"):
-        torch.library.register_fake("halo::decode_column_mass_heads")(
-            lambda query, key, scaling, counts, mass, last_row_mass: None)
+    torch.library.register_fake("halo::decode_column_mass_heads")(
+        lambda query, key, scaling, counts, mass, last_row_mass: None)
     return True
 
 
@@ -56,7 +56,7 @@ def attention_column_mass_heads(query: torch.Tensor, key: torch.Tensor, scaling:
                                 mass: torch.Tensor, last_row_mass: torch.Tensor | None = None) -> None:
     """`halo.brightness.attention_column_mass_heads`, a decode row of every KV head in one operator call
     (`torch.ops.halo.decode_column_mass_heads`) where the operator takes it, else head by head."""
-    if not (_takes(query, key) and hasattr(torch.ops.halo, "decode_column_mass_heads")):
+    if not _takes(query, key):
         reference.attention_column_mass_heads(query, key, scaling, counts, mass, last_row_mass,
                                               per_head=attention_column_mass)
         return
