@@ -24,7 +24,8 @@ from .backend import select_backend
 from .cache_layer import HaloLayer
 from .config import HaloConfig
 from .cull import select_unit_victims, unit_runs
-from .forward import CullResult, Eviction, ForwardSpec, StepResult, causal_visibility, default_spec
+from .forward import CullResult, Eviction, ForwardSpec, StepResult, causal_mask, default_spec
+from .inputs import check_key_states
 from .journal import Journal
 from .memory_positions import MemoryPositions
 from .policy import CullPolicy, HaloPolicy
@@ -177,18 +178,15 @@ class HaloCache(MemoryPositions, RetainedReader, Cache):
             self._driven = False
         return output, self._commit()
 
-    def _begin_forward(self, key_states: torch.Tensor) -> None:
+    def _enter_layer(self, layer_idx: int, key_states: torch.Tensor) -> _Flight:
+        """The forward in flight at `layer_idx`, checked against its key states; layer 0 begins it."""
+        if layer_idx > 0:
+            if self._flight is None or key_states.shape[-2] != self._flight.spec.rows:
+                raise RuntimeError(f"HaloCache: layer {layer_idx} updated outside a forward that began at layer 0")
+            return self._flight
         if self._flight is not None:  # an undriven forward that never reached its last layer
             self._commit()
-        b, hkv, rows, d = key_states.shape
-        if b != 1:
-            raise ValueError(f"HaloCache holds one conversation (batch size 1); got batch size {b}")
-        if hkv != self.num_kv_heads or d != self.head_dim:
-            raise ValueError(f"key states of shape {tuple(key_states.shape)} do not match the cache's "
-                             f"{self.num_kv_heads} KV heads of dim {self.head_dim}")
-        if key_states.dtype != self.dtype or key_states.device != self.device:
-            raise ValueError(f"key states are {key_states.dtype} on {key_states.device}; the cache holds "
-                             f"{self.dtype} on {self.device}")
+        rows = check_key_states(key_states, self.num_kv_heads, self.head_dim, self.dtype, self.device)
         hooked = capture.take_input_ids()
         spec, self._spec = self._spec or default_spec(self, rows, hooked, self._default_source), None
         if spec.rows != rows:
@@ -198,6 +196,7 @@ class HaloCache(MemoryPositions, RetainedReader, Cache):
             self._store.grow(n + t_rows, n)
         self._write_new_slots(spec)
         self._flight = _Flight(spec)
+        return self._flight
 
     def _write_new_slots(self, spec: ForwardSpec) -> None:
         """Fill the per-slot fields of the forward's new slots and clear the step fields."""
@@ -216,11 +215,7 @@ class HaloCache(MemoryPositions, RetainedReader, Cache):
 
     def layer_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         """Write this forward's K/V for one layer into the buffers; return the visible [1, Hkv, n+T, D] views."""
-        if layer_idx == 0:
-            self._begin_forward(key_states)
-        f = self._flight
-        if f is None or key_states.shape[-2] != f.spec.rows:
-            raise RuntimeError(f"HaloCache: layer {layer_idx} updated outside a forward that began at layer 0")
+        f = self._enter_layer(layer_idx, key_states)
         n_past, t_rows, patches = self.layer_length(layer_idx), f.spec.new_rows, f.spec.patch_slots
         end, (keys, values) = n_past + t_rows, self._store.layer_kv[layer_idx]
         keys[:, n_past:end], values[:, n_past:end] = key_states[0, :, :t_rows], value_states[0, :, :t_rows]
@@ -251,9 +246,7 @@ class HaloCache(MemoryPositions, RetainedReader, Cache):
         spec = self._flight.spec
         if spec.visible is not None:
             return spec.visible[None, None]
-        if spec.n_past == 0 or spec.new_rows == 1:
-            return None  # SDPA's is_causal (prefill from empty) or no mask (one row sees everything)
-        return causal_visibility(spec.n_past, spec.new_rows, self.device)[None, None]
+        return causal_mask(spec.n_past, spec.new_rows, self.device)
 
     def capture_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         """Accumulate one layer's attention mass (the last layer also updates brightness); close an undriven

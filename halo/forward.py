@@ -114,6 +114,14 @@ def causal_visibility(n_past: int, t_rows: int, device) -> torch.Tensor:
     return cols[None, :] <= n_past + torch.arange(t_rows, device=device)[:, None]
 
 
+def causal_mask(n_past: int, t_rows: int, device) -> torch.Tensor | None:
+    """The plain causal mask of a forward over `n_past` retained slots, as attention takes it: None when SDPA needs
+    none (a prefill from empty runs is_causal; a single row sees everything), else bool [1, 1, T, n_past + T]."""
+    if n_past == 0 or t_rows == 1:
+        return None
+    return causal_visibility(n_past, t_rows, device)[None, None]
+
+
 def head_visibility(counts: torch.Tensor, t_rows: int, width: int) -> torch.Tensor:
     """bool [Hkv, T, width] for a per-head memory (halo.head_cache), head h holding `counts[h]` slots (int64 [Hkv],
     a device tensor) followed by the T new rows: row t of head h sees slot j when j <= counts[h] + t, so a head's

@@ -21,7 +21,7 @@ import torch
 from . import capture
 from .cache import HaloCache
 from .compact import compact_heads_
-from .forward import causal_visibility, head_visibility, visible_before
+from .forward import causal_mask, head_visibility
 from .layered_cache import LayeredHaloCache
 
 
@@ -54,11 +54,7 @@ class HeadHaloCache(LayeredHaloCache):
     def layer_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         """Write this forward's K/V for one layer, each head after its own slots; return [1, Hkv, n+T, D] views
         with n = layer_length(layer_idx) (the shorter heads' extra slots are masked by `attention_mask`)."""
-        if layer_idx == 0:
-            self._begin_forward(key_states)
-        f = self._flight
-        if f is None or key_states.shape[-2] != f.spec.rows:
-            raise RuntimeError(f"HaloCache: layer {layer_idx} updated outside a forward that began at layer 0")
+        f = self._enter_layer(layer_idx, key_states)
         t_rows, counts = f.spec.new_rows, self._head_counts(layer_idx)
         keys, values = self._store.layer_kv[layer_idx]
         for head, n_past in enumerate(counts):  # each head after its own slots (slices beat one scatter on CPU)
@@ -84,23 +80,12 @@ class HeadHaloCache(LayeredHaloCache):
         spec, counts = self._flight.spec, self._head_counts(layer_idx)
         width = max(counts) + spec.new_rows
         if spec.visible is None and len(set(counts)) == 1:
-            if counts[0] == 0 or spec.new_rows == 1:
-                return None
-            return causal_visibility(counts[0], spec.new_rows, self.device)[None, None]
+            return causal_mask(counts[0], spec.new_rows, self.device)
         if spec.visible is None:
             return head_visibility(self._head_counts_t(layer_idx), spec.new_rows, width)[None]
-        if spec.horizon is None:
-            raise ValueError("a per-head cache needs ForwardSpec.horizon with a custom visibility")
-        masks = []
-        for head, n in enumerate(counts):
-            row = layer_idx * self.num_kv_heads + head
-            retained = visible_before(self.positions[row, :n], spec.horizon)
-            if self._patches is not None:  # a patch row also sees its own slot in this head
-                slots, rows = self._patches[row]
-                retained[spec.new_rows + rows, slots] = True
-            seen = torch.cat([retained, spec.visible[:, spec.n_past:]], dim=1)
-            masks.append(torch.nn.functional.pad(seen, (0, width - seen.shape[1])))
-        return torch.stack(masks)[None]
+        first = layer_idx * self.num_kv_heads
+        masks = [self._row_visibility(first + head, spec) for head in range(self.num_kv_heads)]
+        return torch.stack([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])[None]
 
     def _column_mass(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         """Each KV head's mass from its own query heads, over its own slots and the new rows (on the CPU a decode

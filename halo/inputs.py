@@ -30,3 +30,18 @@ def check_pinned_fits(config, pinned_tokens: int, source: str, count: int) -> No
         raise ValueError(f"budget ({config.budget}) is below the protected set this would make: {pinned_tokens} "
                          f"pinned + {count} new pinned '{source}' tokens + {config.sink_tokens} sinks + "
                          f"{config.recent_tokens} recent")
+
+
+def check_key_states(key_states: torch.Tensor, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                     device: torch.device) -> int:
+    """ValueError unless a layer's key states [1, Hkv, rows, D] fit a HaloCache's buffers; returns rows."""
+    b, hkv, rows, d = key_states.shape
+    if b != 1:
+        raise ValueError(f"HaloCache holds one conversation (batch size 1); got batch size {b}")
+    if hkv != num_kv_heads or d != head_dim:
+        raise ValueError(f"key states of shape {tuple(key_states.shape)} do not match the cache's "
+                         f"{num_kv_heads} KV heads of dim {head_dim}")
+    if key_states.dtype != dtype or key_states.device != device:
+        raise ValueError(f"key states are {key_states.dtype} on {key_states.device}; the cache holds "
+                         f"{dtype} on {device}")
+    return rows

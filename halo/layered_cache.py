@@ -24,7 +24,7 @@ import torch
 from .brightness import value_norms, value_weights
 from .cache import HaloCache
 from .cull import unit_runs
-from .forward import CullResult, Eviction, ForwardSpec, causal_visibility, visible_before
+from .forward import CullResult, Eviction, ForwardSpec, causal_mask, visible_before
 from .layer_cull import (FREE_POSITION, pack_rows, position_order_layers, select_unit_victims_layers,
                          select_word_victims_layers)
 from .recall_memory import RecallMemory
@@ -138,18 +138,22 @@ class LayeredHaloCache(RecallMemory, HaloCache):
             self._store.fields["value_norm"][layer_idx].index_copy_(0, slots, value_norms(values_new[:, rows]))
 
     def attention_mask(self, layer_idx: int = 0) -> torch.Tensor | None:
-        spec, n = self._flight.spec, self._counts[layer_idx]
+        spec = self._flight.spec
         if spec.visible is not None:
-            if spec.horizon is None:
-                raise ValueError("a per-layer cache needs ForwardSpec.horizon with a custom visibility")
-            retained = visible_before(self.positions[layer_idx, :n], spec.horizon)
-            if self._patches is not None:  # a patch row also sees its own slot in this layer
-                slots, rows = self._patches[layer_idx]
-                retained[spec.new_rows + rows, slots] = True
-            return torch.cat([retained, spec.visible[:, spec.n_past:]], dim=1)[None, None]
-        if n == 0 or spec.new_rows == 1:
-            return None
-        return causal_visibility(n, spec.new_rows, self.device)[None, None]
+            return self._row_visibility(layer_idx, spec)[None, None]
+        return causal_mask(self._counts[layer_idx], spec.new_rows, self.device)
+
+    def _row_visibility(self, row: int, spec: ForwardSpec) -> torch.Tensor:
+        """bool [R, n + T] of a forward with a custom visibility, for one row (a layer, or a KV head) holding n
+        slots: its retained slots before each row's horizon (a patch row also sees its own slot), then the new
+        rows as the spec says."""
+        if spec.horizon is None:
+            raise ValueError(f"a per-{self.granularity} cache needs ForwardSpec.horizon with a custom visibility")
+        retained = visible_before(self.positions[row, : self._counts[row]], spec.horizon)
+        if self._patches is not None:
+            slots, rows = self._patches[row]
+            retained[spec.new_rows + rows, slots] = True
+        return torch.cat([retained, spec.visible[:, spec.n_past:]], dim=1)
 
     def _accumulate(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float, last: bool) -> None:
         fields = self._store.fields
