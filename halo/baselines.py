@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .mean_income import MeanIncomePolicy
 from .policy import CullPolicy, HaloPolicy
 
 
@@ -106,6 +107,7 @@ POLICIES = {
     "tova": TOVAPolicy,
     "random": RandomPolicy,
     "halo": HaloPolicy,
+    "halo-mean": MeanIncomePolicy,
 }
 """Name -> policy class of every evicting policy (the evaluator adds `full`, no eviction)."""
 

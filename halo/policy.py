@@ -65,16 +65,20 @@ class HaloPolicy(CullPolicy):
 
     Attributes:
         line_pooling: "mean" (default) or "max" (a line scores as its best-scoring token, like a word).
+        dark_bias: weight of the neighbourhood mean; None (default) reads the cache's `HaloConfig.dark_bias`.
     """
 
     name = "halo"
     line_pooling: str = "mean"
+    dark_bias: float | None = None
     _priority: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _line_codes: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.line_pooling not in ("mean", "max"):
             raise ValueError(f"line_pooling must be 'mean' or 'max', got {self.line_pooling!r}")
+        if self.dark_bias is not None and not 0.0 <= float(self.dark_bias) < float("inf"):
+            raise ValueError(f"dark_bias must be None or a finite value >= 0, got {self.dark_bias!r}")
 
     def attach(self, cache) -> None:
         """Read the per-source priorities and the line sources of the cache's config (a policy serves one cache)."""
@@ -86,15 +90,20 @@ class HaloPolicy(CullPolicy):
         cfg, n = cache.config, cache.n_valid
         if self._priority is None:
             self.attach(cache)
-        sources = cache.sources[..., :n]
-        if cache.brightness.dim() == 2:  # per-layer memory: [L, C] fields
-            scores = cull_scores_layers(cache.brightness[:, :n], cache.positions[:, :n], cache.layer_counts,
-                                        cfg.dark_bias, cfg.dark_radius, cache.position_order())
+        sources, basis = cache.sources[..., :n], self.score_basis(cache)
+        dark_bias = cfg.dark_bias if self.dark_bias is None else self.dark_bias
+        if basis.dim() == 2:  # per-layer memory: [L, C] fields
+            scores = cull_scores_layers(basis[:, :n], cache.positions[:, :n], cache.layer_counts,
+                                        dark_bias, cfg.dark_radius, cache.position_order())
         else:
-            scores = cache.backend.cull_scores(cache.brightness, cache.positions, n, cfg.dark_bias, cfg.dark_radius)
+            scores = cache.backend.cull_scores(basis, cache.positions, n, dark_bias, cfg.dark_radius)
         scores = scores + self._priority[sources]
         if self.line_pooling == "mean":
             lines = torch.isin(sources, self._line_codes)
             if scores.is_cuda or bool(lines.any()):  # on the CPU the check costs less than pooling nothing
                 scores = unit_means(scores, cache.units[..., :n], lines)
         return scores
+
+    def score_basis(self, cache) -> torch.Tensor:
+        """float32 [C] ([rows, C] per layer or head): the per-slot value the score biases and shifts (brightness)."""
+        return cache.brightness

@@ -79,6 +79,8 @@ REPAIR_SUFFIX = "+repair"
 RECALL_SUFFIX = "+recall"
 """`halo+recall` runs that policy per layer with recall switched on (HaloConfig(recall=True), halo.recall)."""
 EXTRA_SUFFIXES = {REPAIR_SUFFIX: {"repair": "self"}, RECALL_SUFFIX: {"recall": True, "granularity": "layer"}}
+HALO_POLICIES = ("halo", "halo-mean")
+"""Rows that run with the config's granularity when the name has no granularity suffix."""
 GRANULARITY_SUFFIXES = {"-layer": "layer", "-token": "token", "-head": "head"}
 """`tova-layer` (any evicting policy plus `-layer`) runs that policy with one retained set per layer
 (HaloConfig(granularity="layer")), `halo-head` with one per KV head, `halo-token` with one set for all layers.
@@ -93,7 +95,7 @@ def policy_setup(name: str, config: HaloConfig) -> tuple[str, HaloConfig]:
     for suffix, granularity in GRANULARITY_SUFFIXES.items():
         if base.endswith(suffix):
             return base.removesuffix(suffix), _with_granularity(config.replace(**extras), granularity)
-    if base != "halo" and "recall" not in extras:
+    if base not in HALO_POLICIES and "recall" not in extras:
         config = _with_granularity(config, "token")  # the baselines as published (and `full`: nothing to cull)
     return base, config.replace(**extras)
 

@@ -87,7 +87,7 @@ def test_h2o_accumulates_the_mass_each_token_received(pair, ids):
 
 
 def test_make_policy_names():
-    assert ALL_POLICY_NAMES[0] == "full" and set(ALL_POLICY_NAMES[1:]) == {"streaming", "h2o", "tova", "random", "halo"}
+    assert ALL_POLICY_NAMES[0] == "full" and set(ALL_POLICY_NAMES[1:]) == {"streaming", "h2o", "tova", "random", "halo", "halo-mean"}
     assert isinstance(make_policy("streaming"), StreamingPolicy) and isinstance(make_policy("h2o"), H2OPolicy)
     assert make_policy("random", seed=5).seed == 5
     for name in POLICIES:

@@ -1,0 +1,105 @@
+"""MeanIncomePolicy: the mean attention income per row since birth, kept through culls, at every granularity."""
+
+import pytest
+import torch
+
+from halo.eval import eval_config, stream_nll
+from halo.eval.runner import policy_setup
+from halo.mean_income import INCOME_SCALE, MeanIncomePolicy
+from halo.text import embedded_text
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_tok):
+    from tiny import tiny_llama
+
+    return tiny_llama(vocab=len(tiny_tok)), tiny_tok
+
+
+@pytest.fixture(scope="module")
+def ids(tiny_tok):
+    return tiny_tok(embedded_text(max_chars=2000), add_special_tokens=False)["input_ids"][:60]
+
+
+def _fields(cache, policy=MeanIncomePolicy()):
+    n = cache.n_valid
+    return (cache.slot_field(policy.income_field)[..., :n], cache.slot_field(policy.income_field + "_rows")[..., :n],
+            policy.score_basis(cache)[..., :n])
+
+
+@pytest.mark.parametrize("granularity", ["token", "layer", "head"])
+def test_mean_income_is_the_mass_since_birth_over_the_rows_seen(pair, ids, granularity):
+    """Without eviction every slot holds the sum of the mass it was paid and one row per step since its birth."""
+    model, tok = pair
+    text = ids[:30]
+    expected: dict[tuple[int, int], float] = {}
+
+    def track(session):
+        cache = session.cache
+        n = cache.n_valid
+        mass = cache.mass[..., :n] if cache.per_layer else cache.mass[None, :n] / cache.num_layers
+        positions = cache.positions[..., :n] if cache.per_layer else cache.positions[None, :n]
+        income, rows, basis = (t if cache.per_layer else t[None] for t in _fields(cache))
+        for r in range(positions.shape[0]):
+            for j, pos in enumerate(positions[r, : int(cache.layer_counts[r]) if cache.per_layer else n].tolist()):
+                expected[r, pos] = expected.get((r, pos), 0.0) + float(mass[r, j])
+                assert float(income[r, j]) == pytest.approx(expected[r, pos], rel=1e-5, abs=1e-6)
+                assert float(rows[r, j]) == cache.seen - pos
+                assert float(basis[r, j]) == pytest.approx(INCOME_SCALE * expected[r, pos] / (cache.seen - pos + 16),
+                                                           rel=1e-5, abs=1e-5)
+
+    name = "halo-mean" if granularity == "layer" else f"halo-mean-{granularity}"
+    stream_nll(model, tok, text, eval_config(40, sinks=2, recent=4), name, on_step=track)
+
+
+@pytest.mark.parametrize("name", ["halo-mean", "halo-mean-head"])
+def test_rows_and_income_follow_their_tokens_through_culls(pair, ids, name):
+    """Compaction moves the fields with the slots, and a slot refilled by a newborn starts from zero."""
+    model, tok = pair
+
+    def check(session):
+        cache = session.cache
+        income, rows, _ = _fields(cache)
+        for r in range(rows.shape[0]):
+            k = int(cache.layer_counts[r])
+            assert rows[r, :k].tolist() == (cache.seen - cache.positions[r, :k]).to(torch.float32).tolist()
+            assert bool((income[r, :k] >= 0).all())
+
+    run = stream_nll(model, tok, ids, eval_config(16, sinks=2, recent=4), name, on_step=check)
+    assert run.max_retained == 16
+
+
+def test_a_chunk_counts_the_rows_that_saw_each_new_slot(pair, tiny_tok):
+    from halo import HaloConfig, Session
+
+    model, tok = pair
+    session = Session(model, tok, HaloConfig(budget=32, chunk_size=8, recent_tokens=8), policy=MeanIncomePolicy())
+    session.step(torch.arange(5), "user")
+    _, rows, _ = _fields(session.cache)
+    assert rows.tolist() == [[5.0, 4.0, 3.0, 2.0, 1.0]] * rows.shape[0]
+
+
+def test_rows_run_at_the_config_granularity_and_bad_prior_is_refused():
+    base = eval_config(32)
+    assert policy_setup("halo-mean", base) == ("halo-mean", base.replace(granularity="layer"))
+    assert policy_setup("halo-mean-head", base)[1].granularity == "head"
+    assert policy_setup("halo-mean-token", base)[1].granularity == "token"
+    with pytest.raises(ValueError, match="prior_rows"):
+        MeanIncomePolicy(prior_rows=0.0)
+
+
+def test_dark_bias_of_a_halo_policy_is_its_own_or_the_configs(pair, ids):
+    from halo import Session
+    from halo.policy import HaloPolicy
+
+    model, tok = pair
+    assert MeanIncomePolicy().dark_bias == 0.0 and HaloPolicy().dark_bias is None
+    with pytest.raises(ValueError, match="dark_bias"):
+        HaloPolicy(dark_bias=float("nan"))
+    session = Session(model, tok, eval_config(16, sinks=2, recent=4, dark_bias=0.5))
+    for token in ids[:40]:
+        session.step(torch.tensor([token]), "user")
+    cache = session.cache
+    from_config = HaloPolicy().scores(cache)
+    assert torch.equal(HaloPolicy(dark_bias=0.5).scores(cache), from_config)
+    assert not torch.equal(HaloPolicy(dark_bias=0.0).scores(cache), from_config)
