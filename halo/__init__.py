@@ -9,6 +9,7 @@ from .head_cache import HeadHaloCache
 from .journal import Journal, JournalEntry
 from .layered_cache import LayeredHaloCache
 from .models import ModelNotFoundError, load_model
+from .mean_income import MeanIncomePolicy
 from .policy import CullPolicy, HaloPolicy
 from .session import MemorySnapshot, Session
 
@@ -17,6 +18,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CullPolicy", "HaloCache", "HaloConfig", "HaloPolicy", "HeadHaloCache", "Journal", "JournalEntry",
     "LayeredHaloCache",
-    "MemorySnapshot",
+    "MeanIncomePolicy", "MemorySnapshot",
     "ModelNotFoundError", "Session", "SourcePolicy", "default_sources", "load_model",
 ]
