@@ -139,30 +139,33 @@ def bench_default_cache_generate_step(benchmark, session_model, record_ratio):
             cache.crop(-1)
 
         benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=3)
-    for granularity, positions in VARIANTS:
-        record_ratio(benchmark, _session_group(granularity, positions), "reference")
+    for granularity, positions, policy in VARIANTS:
+        record_ratio(benchmark, _session_group(granularity, positions, policy), "reference")
 
 
-VARIANTS = (("token", "text"), ("layer", "text"), ("layer", "memory"), ("head", "text"))
-"""(granularity, rope_positions) of the Halo sessions timed against DynamicCache."""
+VARIANTS = (("token", "text", "halo"), ("layer", "text", "halo"), ("layer", "memory", "halo"),
+            ("head", "text", "halo"), ("head", "text", "halo-mean"))
+"""(granularity, rope_positions, cull policy) of the Halo sessions timed against DynamicCache."""
 
 
-def _session_group(granularity: str, positions: str) -> str:
+def _session_group(granularity: str, positions: str, policy: str) -> str:
     suffix = ("" if granularity == "token" else f"-{granularity}") + ("" if positions == "text" else f"-{positions}")
-    return SESSION_GROUP + suffix
+    return SESSION_GROUP + suffix + policy.removeprefix("halo")
 
 
-@pytest.mark.parametrize("granularity,positions", VARIANTS)
-def bench_session_generate_step(benchmark, model_pair, record_ratio, granularity, positions):
+@pytest.mark.parametrize("granularity,positions,policy", VARIANTS)
+def bench_session_generate_step(benchmark, model_pair, record_ratio, granularity, positions, policy):
     """One `Session.generate` token at budget BUDGET after FED tokens were fed: every step evicts one token
     (with granularity "layer": one per layer, each layer by its own brightness; "head": one per KV head of every
-    layer; with memory positions the keys after each hole are rotated to their new ranks before the next step)."""
+    layer; with memory positions the keys after each hole are rotated to their new ranks before the next step;
+    `halo-mean` ranks by the mean attention income, halo.MeanIncomePolicy)."""
     from halo import Session
+    from halo.baselines import make_policy
 
     model, tokenizer = model_pair
     config = HaloConfig(budget=BUDGET, recent_tokens=64, chunk_size=64, granularity=granularity,
                         rope_positions=positions)
-    session = Session(model, tokenizer, config)
+    session = Session(model, tokenizer, config, policy=make_policy(policy))
     session.feed_ids(_fed_ids(model))
     evicted = session.stats()["evicted"]
 
@@ -174,7 +177,7 @@ def bench_session_generate_step(benchmark, model_pair, record_ratio, granularity
     assert stats["retained"] <= BUDGET
     if granularity == "token":  # at least one token a step (a whole word can take more)
         assert stats["evicted"] >= evicted + (1 if benchmark.disabled else ROUNDS + 3)
-    record_ratio(benchmark, _session_group(granularity, positions), "halo")
+    record_ratio(benchmark, _session_group(granularity, positions, policy), "halo")
 
 
 # ------------------------------------------------------------ where the CUDA step's time goes (last)

@@ -84,11 +84,11 @@
 #                         x 1|8
 #                      2  self repair left context ref|halo        7 x 2270, 7 x 316 + 2270 (CPU, measured)       20
 #                         imports ~10 s                                          file total (2-core rates)  ~63
-#   bench_step        10  decode / repaired / generate steps       the embedded SmolLM2 package (94 MB) is not   ~65
+#   bench_step        11  decode / repaired / generate steps       the embedded SmolLM2 package (94 MB) is not   ~70
 #                         (token, layer, layer+memory positions,   on the device: a random TinyLlama-shaped model
-#                         head), and the HaloCache step under the  (session_models.py); 10 x 23 x 15-50 ms + feeds
-#                         torch profiler (table -> bench_step.json) (58 s for 8 of them on the H200; the head
-#                                                                  step, new, is last in its group and may be cut)
+#                         head, head with halo-mean), and the      (session_models.py); 11 x 23 x 15-50 ms + feeds
+#                         HaloCache step under the torch profiler  (58 s for 8 of them on the H200; the two head
+#                         (table -> bench_step.json)               steps, new, are last in their group and may be cut)
 #   summary            -  JSON -> table (no torch import)                                                       ~1
 #   expected total  ~420 s (the H200 run of 2026-11-29: 396 s at a 450 s budget); hard bound SUITE_BUDGET_S = 480 s
 # ---------------------------------------------------------------------------------------------------------------

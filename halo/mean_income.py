@@ -20,6 +20,8 @@ from .policy import HaloPolicy
 INCOME_SCALE = 128.0
 """Brightness units of a mean income of 1.0 (uniform attention), the `initial` of conversation text, so the source
 priorities and the dark bias keep their meaning in the same units."""
+PRIOR_BUDGET_FRACTION = 8
+"""The default prior weighs budget / 8 rows."""
 
 
 @dataclass
@@ -37,19 +39,20 @@ class MeanIncomePolicy(HaloPolicy):
     `cull_threshold` read it); the per-source `decay` does not enter this score.
 
     Attributes:
-        prior_rows: weight, in rows, of the zero prior (16, from a simulation on development essays).
+        prior_rows: weight, in rows, of the zero prior; None (default): the cache's budget / 8 (tuned on
+            development essays: the best fixed prior was larger at a budget of 1/4 of the text than at 1/8).
         dark_bias: 0 (no bias toward dark regions), not the config's: measured better with the mean income.
     """
 
     name = "halo-mean"
     dark_bias: float | None = 0.0
-    prior_rows: float = 16.0
+    prior_rows: float | None = None
     income_field: str = "mean_income"
 
     def __post_init__(self):
         super().__post_init__()
-        if not float(self.prior_rows) > 0.0:
-            raise ValueError(f"prior_rows must be > 0, got {self.prior_rows!r}")
+        if self.prior_rows is not None and not 0.0 < float(self.prior_rows) < float("inf"):
+            raise ValueError(f"prior_rows must be None or a finite value > 0, got {self.prior_rows!r}")
 
     def attach(self, cache) -> None:
         super().attach(cache)
@@ -77,4 +80,5 @@ class MeanIncomePolicy(HaloPolicy):
 
     def score_basis(self, cache) -> torch.Tensor:
         income, rows = cache.slot_field(self.income_field), cache.slot_field(self.income_field + "_rows")
-        return income * (INCOME_SCALE / (rows + self.prior_rows))
+        prior = cache.config.budget / PRIOR_BUDGET_FRACTION if self.prior_rows is None else self.prior_rows
+        return income * (INCOME_SCALE / (rows + prior))

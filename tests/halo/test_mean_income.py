@@ -45,7 +45,7 @@ def test_mean_income_is_the_mass_since_birth_over_the_rows_seen(pair, ids, granu
                 expected[r, pos] = expected.get((r, pos), 0.0) + float(mass[r, j])
                 assert float(income[r, j]) == pytest.approx(expected[r, pos], rel=1e-5, abs=1e-6)
                 assert float(rows[r, j]) == cache.seen - pos
-                assert float(basis[r, j]) == pytest.approx(INCOME_SCALE * expected[r, pos] / (cache.seen - pos + 16),
+                assert float(basis[r, j]) == pytest.approx(INCOME_SCALE * expected[r, pos] / (cache.seen - pos + 40 / 8),
                                                            rel=1e-5, abs=1e-5)
 
     name = "halo-mean" if granularity == "layer" else f"halo-mean-{granularity}"
@@ -103,3 +103,21 @@ def test_dark_bias_of_a_halo_policy_is_its_own_or_the_configs(pair, ids):
     from_config = HaloPolicy().scores(cache)
     assert torch.equal(HaloPolicy(dark_bias=0.5).scores(cache), from_config)
     assert not torch.equal(HaloPolicy(dark_bias=0.0).scores(cache), from_config)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_save_and_load_carry_the_income_and_name_the_policy(pair, tmp_path, granularity):
+    from halo import HaloConfig, Session
+
+    model, tok = pair
+    config = HaloConfig(budget=24, recent_tokens=4, sink_tokens=2, granularity=granularity)
+    session = Session(model, tok, config, policy=MeanIncomePolicy())
+    session.feed("The pass key is 52445. " * 6, "user")
+    session.save(tmp_path / "memory")
+    loaded = Session.load(tmp_path / "memory", model, tok, policy=MeanIncomePolicy())
+    assert torch.equal(session.cache.policy.scores(session.cache), loaded.cache.policy.scores(loaded.cache))
+    for field in ("mean_income", "mean_income_rows"):
+        n = session.cache.n_valid
+        assert torch.equal(session.cache.slot_field(field)[..., :n], loaded.cache.slot_field(field)[..., :n])
+    with pytest.raises(ValueError, match="halo-mean"):
+        Session.load(tmp_path / "memory", model, tok)
