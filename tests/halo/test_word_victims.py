@@ -1,0 +1,98 @@
+"""torch.ops.halo.word_victims_rows against its reference twin halo.layer_cull.select_word_victims_layers."""
+
+import pytest
+import torch
+
+from halo import layer_cull
+from halo.layer_cull import FREE_POSITION, position_order_layers
+from halo.word_victims import operator_available, select_word_victims_layers
+
+pytestmark = pytest.mark.skipif(not operator_available(), reason="halo._C without word_victims_rows")
+
+
+def _rows(seed: int, rows: int, width: int, *, need_max: int = 4, protect: float = 0.1):
+    """A cache-like case: each row holds a random subset of 3 * width positions in shuffled slots, words are runs
+    of positions (some one-token words plain, unit -1), free slots protected, integer scores with ties."""
+    g = torch.Generator().manual_seed(seed)
+    span = 3 * width
+    starts = torch.rand(span, generator=g) < 0.4
+    starts[0] = True
+    single = starts & torch.cat([starts[1:], torch.tensor([True])])
+    word = torch.where(single & (torch.rand(span, generator=g) < 0.5), -1, torch.cumsum(starts.long(), 0))
+    counts = torch.randint(max(1, width // 4), width + 1, (rows,), generator=g)
+    positions = torch.full((rows, width), FREE_POSITION, dtype=torch.int64)
+    units = torch.full((rows, width), -1, dtype=torch.int64)
+    for r in range(rows):
+        c = int(counts[r])
+        held = torch.sort(torch.randperm(span, generator=g)[:c]).values
+        slots = torch.randperm(c, generator=g)
+        positions[r, slots], units[r, slots] = held, word[held]
+    free = torch.arange(width)[None, :] >= counts[:, None]
+    protected = (torch.rand(rows, width, generator=g) < protect) | free
+    brightness = torch.randint(0, 8, (rows, width), generator=g).float() * 30
+    scores = brightness + torch.randint(0, 3, (rows, width), generator=g).float()
+    need = torch.randint(0, need_max + 1, (rows,), generator=g)
+    return scores, position_order_layers(positions), brightness, protected, units, need
+
+
+def _both(case, threshold):
+    expected = layer_cull.select_word_victims_layers(*case, threshold)
+    got = select_word_victims_layers(*case, threshold)
+    return expected, got
+
+
+@pytest.mark.parametrize("threshold", [None, 45.0])
+@pytest.mark.parametrize("seed", range(12))
+def test_operator_equals_reference(seed, threshold):
+    expected, got = _both(_rows(seed, 5, 40), threshold)
+    assert (got is None) == (expected is None)
+    if expected is not None:
+        assert got.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("rows,width", [(1, 1), (1, 1023), (90, 513), (3, 7)])
+def test_odd_shapes(rows, width):
+    for seed in range(3):
+        expected, got = _both(_rows(seed, rows, width, need_max=max(1, width // 8), protect=0.05), None)
+        assert (got is None) == (expected is None)
+        if expected is not None:
+            assert got.tolist() == expected.tolist()
+
+
+def test_rows_that_must_cut_protected_units_return_none():
+    case = list(_rows(0, 4, 30))
+    case[3] = torch.ones_like(case[3])  # everything protected
+    case[5] = torch.tensor([0, 1, 0, 0])
+    assert select_word_victims_layers(*case, None) is None
+    assert layer_cull.select_word_victims_layers(*case, None) is None
+
+
+def test_float64_and_empty_rows_take_the_reference():
+    scores, order, brightness, protected, units, need = _rows(1, 3, 20)
+    got = select_word_victims_layers(scores.double(), order, brightness.double(), protected, units, need, None)
+    assert got.tolist() == layer_cull.select_word_victims_layers(scores, order, brightness, protected, units, need,
+                                                                 None).tolist()
+    empty = select_word_victims_layers(scores[:, :0], order[:, :0], brightness[:, :0], protected[:, :0],
+                                       units[:, :0], need, None)
+    assert empty.shape == (3, 0)
+
+
+def test_opcheck():
+    scores, order, brightness, protected, units, need = _rows(2, 4, 24)
+    for threshold in (None, 45.0):
+        torch.library.opcheck(torch.ops.halo.word_victims_rows.default,
+                              (scores, order, brightness, protected, units, need, threshold))
+
+
+def test_errors_name_the_argument():
+    scores, order, brightness, protected, units, need = _rows(3, 2, 10)
+    with pytest.raises(RuntimeError, match="units must be"):
+        torch.ops.halo.word_victims_rows(scores, order, brightness, protected, units.int(), need, None)
+    with pytest.raises(RuntimeError, match=r"order must be \[2, 10\]"):
+        torch.ops.halo.word_victims_rows(scores, order[:, :5], brightness, protected, units, need, None)
+    with pytest.raises(RuntimeError, match="need must be"):
+        torch.ops.halo.word_victims_rows(scores, order, brightness, protected, units, need[:1], None)
+    bad = order.clone()
+    bad[0, 0] = 99
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.halo.word_victims_rows(scores, bad, brightness, protected, units, need, None)
