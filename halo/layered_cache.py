@@ -28,7 +28,7 @@ from .forward import CullResult, Eviction, ForwardSpec, causal_mask, visible_bef
 from .layer_cull import FREE_POSITION, pack_rows, position_order_layers, select_unit_victims_layers
 from .recall_memory import RecallMemory
 from .token_view import TokenView
-from .word_victims import select_word_victims_layers
+from .cull_ops import select_word_victims_layers
 
 
 class LayeredHaloCache(RecallMemory, HaloCache):

@@ -1,12 +1,13 @@
 """Halo's cull order ranked by each token's mean attention income since it was born, instead of its brightness.
 
 Why (measured on SmolLM2-135M; see README, "What limits perplexity under budget"): a cull that knows the attention
-the full cache will pay each token later in the text (an oracle, `halo eval` cannot run one) loses almost nothing
+the full cache will pay each token later in the text (an oracle; benchmarks/future_oracle.py simulates it) loses almost nothing
 at 1/4 of the embedded text, so what separates Halo from that bound is how well the past predicts the future. The
 leaky brightness sum clamps at 255, so a token that drew a burst of attention (the brackets of a grammar block
 while the model read it) stays at the ceiling for hundreds of rows after the model stopped reading it, while
 newlines and full stops that every later row keeps reading a little fall behind. The mean income per row it has
-seen ranks tokens by how steadily they are read, whatever their age.
+seen ranks tokens by how steadily they are read, whatever their age. It is an opt-in (`halo eval` row
+`halo-mean`, `Session(policy=MeanIncomePolicy())`): DESIGN.md's cull reads the leaky brightness.
 """
 
 from __future__ import annotations

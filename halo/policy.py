@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cull import unit_means
-from .layer_cull import cull_scores_layers
+from .cull_ops import cull_scores_layers
 
 
 @dataclass
@@ -72,7 +72,7 @@ class HaloPolicy(CullPolicy):
     line_pooling: str = "mean"
     dark_bias: float | None = None
     _priority: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
-    _line_codes: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _is_line: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.line_pooling not in ("mean", "max"):
@@ -84,7 +84,9 @@ class HaloPolicy(CullPolicy):
         """Read the per-source priorities and the line sources of the cache's config (a policy serves one cache)."""
         cfg = cache.config
         self._priority = torch.tensor(cfg.source_priorities(), dtype=torch.float32, device=cache.device)
-        self._line_codes = torch.tensor(cfg.line_source_codes(), dtype=torch.int64, device=cache.device)
+        # by source code: True for the line sources (a lookup, where isin would sort)
+        self._is_line = torch.zeros(len(self._priority), dtype=torch.bool, device=cache.device)
+        self._is_line[torch.tensor(cfg.line_source_codes(), dtype=torch.int64, device=cache.device)] = True
 
     def scores(self, cache) -> torch.Tensor:
         cfg, n = cache.config, cache.n_valid
@@ -99,7 +101,7 @@ class HaloPolicy(CullPolicy):
             scores = cache.backend.cull_scores(basis, cache.positions, n, dark_bias, cfg.dark_radius)
         scores = scores + self._priority[sources]
         if self.line_pooling == "mean":
-            lines = torch.isin(sources, self._line_codes)
+            lines = self._is_line[sources]
             if scores.is_cuda or bool(lines.any()):  # on the CPU the check costs less than pooling nothing
                 scores = unit_means(scores, cache.units[..., :n], lines)
         return scores

@@ -1,13 +1,13 @@
-"""torch.ops.halo.word_victims_rows against its reference twin halo.layer_cull.select_word_victims_layers."""
+"""torch.ops.halo.word_victims_rows and cull_scores_rows against their reference twins in halo.layer_cull."""
 
 import pytest
 import torch
 
 from halo import layer_cull
 from halo.layer_cull import FREE_POSITION, position_order_layers
-from halo.word_victims import operator_available, select_word_victims_layers
+from halo.cull_ops import cull_scores_layers, operator_available, select_word_victims_layers
 
-pytestmark = pytest.mark.skipif(not operator_available(), reason="halo._C without word_victims_rows")
+pytestmark = pytest.mark.skipif(not operator_available(), reason="halo._C without the cull operators")
 
 
 def _rows(seed: int, rows: int, width: int, *, need_max: int = 4, protect: float = 0.1):
@@ -96,3 +96,38 @@ def test_errors_name_the_argument():
     bad[0, 0] = 99
     with pytest.raises(RuntimeError, match="outside"):
         torch.ops.halo.word_victims_rows(scores, bad, brightness, protected, units, need, None)
+
+
+def _score_case(seed: int, rows: int, width: int):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, width + 1, (rows,), generator=g)
+    positions = torch.full((rows, width), FREE_POSITION, dtype=torch.int64)
+    for r in range(rows):
+        c = int(counts[r])
+        positions[r, torch.randperm(c, generator=g)] = torch.sort(torch.randperm(4 * width, generator=g)[:c]).values
+    brightness = torch.rand(rows, width, generator=g) * 255
+    return brightness, positions, counts
+
+
+@pytest.mark.parametrize("rows,width", [(1, 1023), (90, 513), (3, 7), (2, 2)])
+@pytest.mark.parametrize("dark_bias,radius", [(0.5, 4), (1.25, 1), (0.5, 600)])
+def test_scores_equal_reference(rows, width, dark_bias, radius):
+    for seed in range(3):
+        brightness, positions, counts = _score_case(seed, rows, width)
+        order = position_order_layers(positions)
+        expected = layer_cull.cull_scores_layers(brightness, positions, counts, dark_bias, radius, order)
+        torch.testing.assert_close(cull_scores_layers(brightness, positions, counts, dark_bias, radius, order),
+                                   expected, rtol=1e-6, atol=1e-4)
+        torch.testing.assert_close(cull_scores_layers(brightness, positions, counts, dark_bias, radius), expected,
+                                   rtol=1e-6, atol=1e-4)
+
+
+def test_scores_without_bias_take_the_reference_and_opcheck():
+    brightness, positions, counts = _score_case(4, 3, 20)
+    assert torch.equal(cull_scores_layers(brightness, positions, counts, 0.0, 4), brightness)
+    order = position_order_layers(positions)
+    torch.library.opcheck(torch.ops.halo.cull_scores_rows.default, (brightness, order, counts, 0.5, 4))
+    with pytest.raises(RuntimeError, match="counts must be"):
+        torch.ops.halo.cull_scores_rows(brightness, order, counts[:1], 0.5, 4)
+    with pytest.raises(RuntimeError, match="brightness must be"):
+        torch.ops.halo.cull_scores_rows(brightness.double(), order, counts, 0.5, 4)
