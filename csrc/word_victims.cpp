@@ -41,6 +41,10 @@ void check_row_input(const at::Tensor& t, at::ScalarType dtype, int64_t rows, in
               ", ", n, "], got ", t.sizes());
 }
 
+// NaN as torch does it: the max of a run holding NaN is NaN, and NaN sorts after every number (+inf included)
+inline float nan_max(float a, float b) { return std::isnan(a) || std::isnan(b) ? NAN : std::max(a, b); }
+inline bool before(float a, float b) { return !std::isnan(a) && (std::isnan(b) || a < b); }
+
 // at most this many slots to free (and no threshold): selection instead of a sort of every unit
 constexpr int64_t kFewVictims = 8;
 
@@ -91,8 +95,8 @@ std::tuple<at::Tensor, at::Tensor> word_victims_rows_cpu(const at::Tensor& score
         if (starts) found.push_back({i, 0, -inf, -inf, false});
         Unit& cur = found.back();
         cur.size += 1;
-        cur.key = std::max(cur.key, s_[base + slot]);
-        cur.brightest = std::max(cur.brightest, b_[base + slot]);
+        cur.key = nan_max(cur.key, s_[base + slot]);
+        cur.brightest = nan_max(cur.brightest, b_[base + slot]);
         cur.guarded = cur.guarded || p_[base + slot];
       }
       const int64_t wanted = k_[r];
@@ -106,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> word_victims_rows_cpu(const at::Tensor& score
           int64_t best = -1;
           for (size_t g = 0; g < found.size(); ++g) {
             if (found[g].guarded || used[g]) continue;
-            if (best < 0 || found[g].key < found[best].key) best = static_cast<int64_t>(g);  // ties: lower index
+            if (best < 0 || before(found[g].key, found[best].key)) best = static_cast<int64_t>(g);  // ties: lower index
           }
           if (best < 0) break;
           used[best] = true;
@@ -120,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> word_victims_rows_cpu(const at::Tensor& score
           rank[g] = static_cast<int64_t>(g);
         }
         // units in dying order: by key, ties by position order (their index), as the reference's stable sort
-        std::stable_sort(rank.begin(), rank.end(), [&](int64_t a, int64_t c) { return found[a].key < found[c].key; });
+        std::stable_sort(rank.begin(), rank.end(), [&](int64_t a, int64_t c) { return before(found[a].key, found[c].key); });
       }
       int64_t open_before = 0, out = 0;
       for (const int64_t g : rank) {

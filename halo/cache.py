@@ -142,6 +142,7 @@ class HaloCache(MemoryPositions, RetainedReader, Cache):
         self._flight: _Flight | None = None
         self.last_result: StepResult | None = None  # of the last forward committed
         self.journal.clear()
+        self._store.clear_extra()
 
     # ------------------------------------------------------------ counters
     n_valid = property(lambda self: self._n_valid, doc="Retained slots (0 .. n_valid - 1).")

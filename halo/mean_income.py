@@ -63,23 +63,30 @@ class MeanIncomePolicy(HaloPolicy):
             except KeyError:  # HaloPolicy.scores attaches lazily: a second attach keeps the fields
                 cache.add_slot_field(self.income_field + suffix, dtype, fill)
 
-    def observe(self, cache, n_past: int, t_rows: int) -> None:
-        """Add this forward's mass and the rows that saw each slot (T for old slots, T - s for new slot s)."""
+    def _claim(self, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """(income, rows) of the retained slots, restarted from zero in slots whose token changed since they were
+        last claimed (compaction moved another token in, or a marker or recalled row was written there)."""
         n = cache.n_valid
         income, rows = cache.slot_field(self.income_field), cache.slot_field(self.income_field + "_rows")
         owner = cache.slot_field(self.income_field + "_serial")
-        # slots refilled since the last observation (compaction, markers) start from zero
         fresh = owner[..., :n] != cache.serials[..., :n]
         income[..., :n].masked_fill_(fresh, 0.0)
         rows[..., :n].masked_fill_(fresh, 0.0)
         owner[..., :n] = cache.serials[..., :n]
-        counts = cache.layer_counts[:, None] if cache.per_layer else torch.tensor(n, device=cache.device)
-        seen = (counts - torch.arange(n, device=cache.device)).clamp_(0, t_rows).to(torch.float32)
+        return income, rows
+
+    def observe(self, cache, n_past: int, t_rows: int) -> None:
+        """Add this forward's mass and the rows that saw each slot (T for old slots, T - s for new slot s)."""
+        n = cache.n_valid
+        income, rows = self._claim(cache)
+        slot = torch.arange(n, device=cache.device)
+        to_end = (cache.layer_counts[:, None] - slot) if cache.per_layer else (n - slot)
+        seen = to_end.clamp_(0, t_rows).to(torch.float32)
         mass = cache.mass[..., :n] if cache.per_layer else cache.mass[:n] / cache.num_layers
         income[..., :n] += mass * (seen > 0)
         rows[..., :n] += seen
 
     def score_basis(self, cache) -> torch.Tensor:
-        income, rows = cache.slot_field(self.income_field), cache.slot_field(self.income_field + "_rows")
+        income, rows = self._claim(cache)  # a marker or recalled row may sit in a slot no stream forward has seen
         prior = cache.config.budget / PRIOR_BUDGET_FRACTION if self.prior_rows is None else self.prior_rows
         return income * (INCOME_SCALE / (rows + prior))

@@ -63,6 +63,12 @@ class SlotStore:
     def capacity(self) -> int:
         return self.kv.shape[3]
 
+    def clear_extra(self) -> None:
+        """Refill the fields added by policies with their fill value (a reset cache restarts serials at 0, so a
+        policy's state keyed by serial would otherwise carry over)."""
+        for name, (_, fill) in self.extra.items():
+            self.fields[name].fill_(fill)
+
     def add_field(self, name: str, dtype: torch.dtype, fill=0) -> None:
         """Add a per-slot field [C] ([L, C] with groups) filled with `fill`, that moves with its slots."""
         if name in self.fields:

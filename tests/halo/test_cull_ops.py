@@ -131,3 +131,16 @@ def test_scores_without_bias_take_the_reference_and_opcheck():
         torch.ops.halo.cull_scores_rows(brightness, order, counts[:1], 0.5, 4)
     with pytest.raises(RuntimeError, match="brightness must be"):
         torch.ops.halo.cull_scores_rows(brightness.double(), order, counts, 0.5, 4)
+
+
+@pytest.mark.parametrize("threshold", [None, 45.0])
+def test_nan_scores_die_last_as_in_the_reference(threshold):
+    for seed in range(6):
+        case = list(_rows(seed, 4, 30))
+        g = torch.Generator().manual_seed(100 + seed)
+        case[0] = case[0].masked_fill(torch.rand(case[0].shape, generator=g) < 0.2, float("nan"))
+        case[2] = case[2].masked_fill(torch.rand(case[2].shape, generator=g) < 0.1, float("nan"))
+        expected, got = _both(case, threshold)
+        assert (got is None) == (expected is None)
+        if expected is not None:
+            assert got.tolist() == expected.tolist()

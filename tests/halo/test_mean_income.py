@@ -121,3 +121,42 @@ def test_save_and_load_carry_the_income_and_name_the_policy(pair, tmp_path, gran
         assert torch.equal(session.cache.slot_field(field)[..., :n], loaded.cache.slot_field(field)[..., :n])
     with pytest.raises(ValueError, match="halo-mean"):
         Session.load(tmp_path / "memory", model, tok)
+
+
+@pytest.mark.parametrize("granularity", ["token", "layer"])
+def test_markers_and_reset_start_from_zero(pair, granularity):
+    """A marker written after a cull holds no earlier token's income when scored, and a reset cache (whose serials
+    restart at 0) keeps nothing of the memory before it."""
+    from halo import HaloConfig, Session
+
+    model, tok = pair
+    policy = MeanIncomePolicy()
+    session = Session(model, tok, HaloConfig(budget=40, recent_tokens=8, sink_tokens=2, granularity=granularity),
+                      policy=policy)
+
+    def check():
+        cache = session.cache
+        policy.score_basis(cache)
+        n = cache.n_valid
+        rows = cache.slot_field(policy.income_field + "_rows")[..., :n]
+        positions, sources = cache.positions[..., :n], cache.sources[..., :n]
+        counts = cache.layer_counts if cache.per_layer else torch.tensor([n])
+        rows, positions, sources = (t if cache.per_layer else t[None] for t in (rows, positions, sources))
+        marker = cache.config.source_code("marker")
+        for r in range(rows.shape[0]):
+            k = int(counts[r])
+            age = (cache.seen - positions[r, :k]).to(torch.float32)
+            stream = sources[r, :k] != marker
+            assert torch.equal(rows[r, :k][stream], age[stream])
+            assert bool((rows[r, :k][~stream] <= age[~stream]).all())
+        return int((sources == marker).sum())
+
+    session.feed("The pass key is 52445. Remember it.", "user")
+    markers = 0
+    for i in range(12):
+        session.feed(f"build step {i}: compiling module_{i}.c ok\n", "log")
+        markers += check()
+    assert markers > 0  # markers were written and checked
+    session.cache.reset()
+    session.feed("Fresh start.", "user")
+    check()
