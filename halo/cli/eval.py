@@ -77,10 +77,11 @@ def add_parser(sub) -> None:
                         f"length (1/4, 0.125); default {','.join(ESSAY_BUDGETS)} (essays), "
                         f"{','.join(CONVERSATION_BUDGETS)} (conversation)")
     parser.add_argument("--policies", type=_csv(str), default=None,
-                        help="comma-separated policies: full, streaming, h2o, tova, random, halo, and oracle "
+                        help="comma-separated policies: full, streaming, h2o, tova, random, halo, halo-mean (Halo's "
+                        "cull ranked by mean attention income, halo.MeanIncomePolicy), and oracle "
                         "(conversation suite only); add -layer to an evicting policy (tova-layer, h2o-layer) to keep "
                         "one token set per layer, -head for one per KV head (halo-head), -token for one set for all "
-                        "layers (halo-token; plain halo follows HaloConfig.granularity, per layer by default), +repair (e.g. halo+repair) to run it with "
+                        "layers (halo-token; plain halo and halo-mean follow HaloConfig.granularity, per layer by default), +repair (e.g. halo+repair) to run it with "
                         f"single-pass self repair; default {','.join(ESSAY_POLICIES)} (essays), "
                         f"{','.join(CONVERSATION_POLICIES)} (conversation)")
     parser.add_argument("--text", type=Path, nargs="+", default=None,
