@@ -223,6 +223,34 @@ def select_word_victims_layers(scores: torch.Tensor, order: torch.Tensor, bright
     return out.masked_fill(~torch.gather(taken, 1, picked), -1)
 
 
+def run_means_layers(scores: torch.Tensor, order: torch.Tensor, units: torch.Tensor, pooled: torch.Tensor
+                     ) -> torch.Tensor:
+    """float32 [L, n]: `halo.cull.unit_means` for a cache's own rows, with no sort: each pooled unit's slots hold
+    the mean score of the unit's slots, other slots keep their own.
+
+    Valid where every unit's slots are adjacent in each row's position order (as `select_word_victims_layers`
+    requires): a unit is a run of equal unit ids in position order, so one cumulative sum numbers the runs and two
+    scatters give their sums and sizes. `order` is `position_order_layers(positions)` (a cache keeps it).
+
+    Args:
+        scores: float32 [L, n]; order, units: int64 [L, n]; pooled: bool [L, n] (a unit pools when its slots do).
+    """
+    layers, n = scores.shape
+    if n == 0:
+        return scores.clone()
+    u = torch.gather(units, 1, order)
+    starts = torch.ones_like(u, dtype=torch.bool)
+    starts[:, 1:] = (u[:, 1:] != u[:, :-1]) | (u[:, 1:] < 0)
+    run = (torch.cumsum(starts.long(), 1) - 1 + torch.arange(layers, device=scores.device)[:, None] * n).reshape(-1)
+    ordered = torch.gather(scores, 1, order)
+    sums = torch.zeros(layers * n, dtype=scores.dtype, device=scores.device).index_add_(0, run, ordered.reshape(-1))
+    sizes = torch.zeros(layers * n, dtype=scores.dtype, device=scores.device).index_add_(
+        0, run, torch.ones_like(ordered).reshape(-1))
+    means = (sums / sizes.clamp(min=1))[run].view(layers, n)
+    result = torch.where(torch.gather(pooled, 1, order) & (u >= 0), means, ordered)
+    return torch.empty_like(scores).scatter_(1, order, result)
+
+
 def pack_rows(mask: torch.Tensor) -> torch.Tensor:
     """int64 [L, m]: the column indices of each row's True entries, in order, padded with -1."""
     counts = mask.sum(1)

@@ -43,10 +43,12 @@ class MeanIncomePolicy(HaloPolicy):
         prior_rows: weight, in rows, of the zero prior; None (default): the cache's budget / 8 (tuned on
             development essays: the best fixed prior was larger at a budget of 1/4 of the text than at 1/8).
         dark_bias: 0 (no bias toward dark regions), not the config's: measured better with the mean income.
+        word_pooling: "mean": a word scores as the mean of its tokens' scores, like a line (measured better).
     """
 
     name = "halo-mean"
     dark_bias: float | None = 0.0
+    word_pooling: str = "mean"
     prior_rows: float | None = None
     income_field: str = "mean_income"
 

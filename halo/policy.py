@@ -14,6 +14,7 @@ import torch
 
 from .cull import unit_means
 from .cull_ops import cull_scores_layers
+from .layer_cull import run_means_layers
 
 
 @dataclass
@@ -52,7 +53,7 @@ class HaloPolicy(CullPolicy):
     (`halo.cull.cull_scores` for the first two terms, `dark_bias` and `dark_radius` from the cache's HaloConfig,
     `priority` from its `SourcePolicy`). Then every token of a line unit (a source in `unit_sources`) takes the
     mean score of its line (`line_pooling="mean"`, `halo.cull.unit_means`); word units keep the best-scoring-token
-    rule of `halo.cull.select_unit_victims`.
+    rule of `halo.cull.select_unit_victims` (or, with `word_pooling="mean"`, score as their mean too).
 
     Why: brightness says what the model attends to, but during a flood of tool or log output nothing attends to
     the conversation, so a fact the user stated fades with the chatter around it and, once everything is dark,
@@ -65,18 +66,21 @@ class HaloPolicy(CullPolicy):
 
     Attributes:
         line_pooling: "mean" (default) or "max" (a line scores as its best-scoring token, like a word).
+        word_pooling: "max" (default: a word scores as its best-scoring token) or "mean" (as the mean of its tokens).
         dark_bias: weight of the neighbourhood mean; None (default) reads the cache's `HaloConfig.dark_bias`.
     """
 
     name = "halo"
     line_pooling: str = "mean"
+    word_pooling: str = "max"
     dark_bias: float | None = None
     _priority: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _is_line: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if self.line_pooling not in ("mean", "max"):
-            raise ValueError(f"line_pooling must be 'mean' or 'max', got {self.line_pooling!r}")
+        for name in ("line_pooling", "word_pooling"):
+            if getattr(self, name) not in ("mean", "max"):
+                raise ValueError(f"{name} must be 'mean' or 'max', got {getattr(self, name)!r}")
         if self.dark_bias is not None and not 0.0 <= float(self.dark_bias) < float("inf"):
             raise ValueError(f"dark_bias must be None or a finite value >= 0, got {self.dark_bias!r}")
 
@@ -100,10 +104,18 @@ class HaloPolicy(CullPolicy):
         else:
             scores = cache.backend.cull_scores(basis, cache.positions, n, dark_bias, cfg.dark_radius)
         scores = scores + self._priority[sources]
+        units = cache.units[..., :n]
+        if self.word_pooling == "mean":  # every unit by its mean (a line too, unless line_pooling says max)
+            pooled = units >= 0
+            if self.line_pooling == "max":
+                pooled &= ~self._is_line[sources]
+            if scores.dim() == 2:  # a cache's own rows: its units are runs in position order, no sort needed
+                return run_means_layers(scores, cache.position_order(), units, pooled)
+            return unit_means(scores, units, pooled)
         if self.line_pooling == "mean":
             lines = self._is_line[sources]
             if scores.is_cuda or bool(lines.any()):  # on the CPU the check costs less than pooling nothing
-                scores = unit_means(scores, cache.units[..., :n], lines)
+                scores = unit_means(scores, units, lines)
         return scores
 
     def score_basis(self, cache) -> torch.Tensor:

@@ -149,3 +149,30 @@ def test_word_victims_equal_unit_victims_when_units_are_runs_of_positions(seed, 
         assert any(int((general[l] >= 0).sum()) > 0 for l in range(layers)) and opened
         return
     assert fast.tolist() == general.tolist()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_run_means_equal_unit_means_when_units_are_runs_of_positions(seed):
+    """Pooling a cache's rows by runs in position order gives `unit_means` without its sort."""
+    from halo.cull import unit_means
+    from halo.layer_cull import position_order_layers, run_means_layers
+
+    g = torch.Generator().manual_seed(seed)
+    layers, width = 5, 37
+    starts = torch.rand(150, generator=g) < 0.4
+    starts[0] = True
+    single = starts & torch.cat([starts[1:], torch.tensor([True])])  # one-token words may be plain tokens (-1)
+    word = torch.where(single & (torch.rand(150, generator=g) < 0.5), -1, torch.cumsum(starts.long(), 0))
+    counts = torch.randint(1, width + 1, (layers,), generator=g)
+    positions = torch.full((layers, width), FREE_POSITION, dtype=torch.int64)
+    units = torch.full((layers, width), -1, dtype=torch.int64)
+    for layer in range(layers):
+        c = int(counts[layer])
+        held = torch.sort(torch.randperm(150, generator=g)[:c]).values
+        slots = torch.randperm(c, generator=g)
+        positions[layer, slots], units[layer, slots] = held, word[held]
+    scores = torch.rand(layers, width, generator=g) * 300
+    pooled = units % 3 != 0  # per unit, as a source is (e.g. lines only)
+    expected = unit_means(scores, units, pooled)
+    got = run_means_layers(scores, position_order_layers(positions), units, pooled)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)

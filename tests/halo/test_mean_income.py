@@ -160,3 +160,25 @@ def test_markers_and_reset_start_from_zero(pair, granularity):
     session.cache.reset()
     session.feed("Fresh start.", "user")
     check()
+
+
+def test_word_pooling_scores_a_word_by_the_mean_of_its_tokens(pair):
+    from halo import HaloConfig, Session
+    from halo.policy import HaloPolicy
+
+    model, tok = pair
+    with pytest.raises(ValueError, match="word_pooling"):
+        HaloPolicy(word_pooling="min")
+    session = Session(model, tok, HaloConfig(budget=64, recent_tokens=8, sink_tokens=2), policy=MeanIncomePolicy())
+    session.feed("Identifiers like configuration_manager_factory and 52445 stay whole.", "user")
+    cache = session.cache
+    n = cache.n_valid
+    mean = MeanIncomePolicy().scores(cache)
+    best = MeanIncomePolicy(word_pooling="max").scores(cache)
+    units = cache.units[:, :n]
+    words = [int(u) for u in units[0].unique() if int(u) >= 0 and int((units[0] == u).sum()) > 1]
+    assert words
+    for u in words:
+        where = units[0] == u
+        assert bool((mean[0][where] == mean[0][where][0]).all())  # one score for the whole word
+        assert float(mean[0][where][0]) == pytest.approx(float(best[0][where].mean()), rel=1e-5, abs=1e-5)
