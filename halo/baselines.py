@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .mean_income import MeanIncomePolicy
-from .policy import CullPolicy, HaloPolicy
+from .policy import CullPolicy, HaloPolicy, restart_refilled
 
 
 @dataclass
@@ -58,12 +58,8 @@ class H2OPolicy(CullPolicy):
 
     def observe(self, cache, n_past: int, t_rows: int) -> None:
         n = cache.n_valid
-        acc = cache.slot_field(self.field_name)
-        owner = cache.slot_field(self.field_name + "_serial")
-        fresh = owner[..., :n] != cache.serials[..., :n]
-        acc[..., :n].masked_fill_(fresh, 0.0)
-        owner[..., :n] = cache.serials[..., :n]
-        acc[..., :n] += cache.mass[..., :n]
+        restart_refilled(cache, self.field_name + "_serial", self.field_name)
+        cache.slot_field(self.field_name)[..., :n] += cache.mass[..., :n]
 
     def scores(self, cache) -> torch.Tensor:
         return cache.slot_field(self.field_name)[..., : cache.n_valid].clone()

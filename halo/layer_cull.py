@@ -243,10 +243,10 @@ def run_means_layers(scores: torch.Tensor, order: torch.Tensor, units: torch.Ten
     starts[:, 1:] = (u[:, 1:] != u[:, :-1]) | (u[:, 1:] < 0)
     run = (torch.cumsum(starts.long(), 1) - 1 + torch.arange(layers, device=scores.device)[:, None] * n).reshape(-1)
     ordered = torch.gather(scores, 1, order)
-    sums = torch.zeros(layers * n, dtype=scores.dtype, device=scores.device).index_add_(0, run, ordered.reshape(-1))
-    sizes = torch.zeros(layers * n, dtype=scores.dtype, device=scores.device).index_add_(
-        0, run, torch.ones_like(ordered).reshape(-1))
-    means = (sums / sizes.clamp(min=1))[run].view(layers, n)
+    wide = ordered.double().reshape(-1)  # float64 sums, as unit_means takes them
+    sums = torch.zeros(layers * n, dtype=torch.float64, device=scores.device).index_add_(0, run, wide)
+    sizes = torch.zeros(layers * n, dtype=torch.float64, device=scores.device).index_add_(0, run, torch.ones_like(wide))
+    means = (sums / sizes.clamp(min=1))[run].view(layers, n).to(scores.dtype)
     result = torch.where(torch.gather(pooled, 1, order) & (u >= 0), means, ordered)
     return torch.empty_like(scores).scatter_(1, order, result)
 

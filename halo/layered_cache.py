@@ -24,11 +24,11 @@ import torch
 from .brightness import value_norms, value_weights
 from .cache import HaloCache
 from .cull import unit_runs
+from .cull_ops import select_word_victims_layers
 from .forward import CullResult, Eviction, ForwardSpec, causal_mask, visible_before
 from .layer_cull import FREE_POSITION, pack_rows, position_order_layers, select_unit_victims_layers
 from .recall_memory import RecallMemory
 from .token_view import TokenView
-from .cull_ops import select_word_victims_layers
 
 
 class LayeredHaloCache(RecallMemory, HaloCache):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .policy import HaloPolicy
+from .policy import HaloPolicy, restart_refilled
 
 INCOME_SCALE = 128.0
 """Brightness units of a mean income of 1.0 (uniform attention), the `initial` of conversation text, so the source
@@ -68,14 +68,8 @@ class MeanIncomePolicy(HaloPolicy):
     def _claim(self, cache) -> tuple[torch.Tensor, torch.Tensor]:
         """(income, rows) of the retained slots, restarted from zero in slots whose token changed since they were
         last claimed (compaction moved another token in, or a marker or recalled row was written there)."""
-        n = cache.n_valid
-        income, rows = cache.slot_field(self.income_field), cache.slot_field(self.income_field + "_rows")
-        owner = cache.slot_field(self.income_field + "_serial")
-        fresh = owner[..., :n] != cache.serials[..., :n]
-        income[..., :n].masked_fill_(fresh, 0.0)
-        rows[..., :n].masked_fill_(fresh, 0.0)
-        owner[..., :n] = cache.serials[..., :n]
-        return income, rows
+        restart_refilled(cache, self.income_field + "_serial", self.income_field, self.income_field + "_rows")
+        return cache.slot_field(self.income_field), cache.slot_field(self.income_field + "_rows")
 
     def observe(self, cache, n_past: int, t_rows: int) -> None:
         """Add this forward's mass and the rows that saw each slot (T for old slots, T - s for new slot s)."""

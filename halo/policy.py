@@ -17,6 +17,18 @@ from .cull_ops import cull_scores_layers
 from .layer_cull import run_means_layers
 
 
+def restart_refilled(cache, owner_field: str, *fields: str) -> None:
+    """Zero the policy fields `fields` in every retained slot whose token changed since `owner_field` last
+    recorded it (compaction moved another token in, or a marker or recalled row was written there), then record
+    the slots' current tokens (by serial) in `owner_field`."""
+    n = cache.n_valid
+    owner, serials = cache.slot_field(owner_field)[..., :n], cache.serials[..., :n]
+    fresh = owner != serials
+    for name in fields:
+        cache.slot_field(name)[..., :n].masked_fill_(fresh, 0)
+    owner.copy_(serials)
+
+
 @dataclass
 class CullPolicy(ABC):
     """Base policy: subclasses override `scores` and, when they keep state, `attach` and `observe`."""
@@ -109,14 +121,15 @@ class HaloPolicy(CullPolicy):
             pooled = units >= 0
             if self.line_pooling == "max":
                 pooled &= ~self._is_line[sources]
-            if scores.dim() == 2:  # a cache's own rows: its units are runs in position order, no sort needed
-                return run_means_layers(scores, cache.position_order(), units, pooled)
-            return unit_means(scores, units, pooled)
-        if self.line_pooling == "mean":
-            lines = self._is_line[sources]
-            if scores.is_cuda or bool(lines.any()):  # on the CPU the check costs less than pooling nothing
-                scores = unit_means(scores, units, lines)
-        return scores
+        elif self.line_pooling == "mean":
+            pooled = self._is_line[sources]
+            if not (scores.is_cuda or bool(pooled.any())):  # on the CPU the check costs less than pooling nothing
+                return scores
+        else:
+            return scores
+        if scores.dim() == 2:  # a cache's own rows: its units are runs in position order, no sort needed
+            return run_means_layers(scores, cache.position_order(), units, pooled)
+        return unit_means(scores, units, pooled)
 
     def score_basis(self, cache) -> torch.Tensor:
         """float32 [C] ([rows, C] per layer or head): the per-slot value the score biases and shifts (brightness)."""
