@@ -18,25 +18,18 @@ import functools
 import torch
 
 from . import layer_cull as reference
+from .extension import load_operators
 
 
 @functools.lru_cache(maxsize=None)
 def operator_available() -> bool:
-    """True when `halo._C` imports and registers `torch.ops.halo.word_victims_rows` and `cull_scores_rows` (a
-    stale build may lack them)."""
-    try:
-        import halo._C  # noqa: F401  (loading the library registers the operators)
-    except ImportError:
-        return False
-    if not (hasattr(torch.ops.halo, "word_victims_rows") and hasattr(torch.ops.halo, "cull_scores_rows")):
-        return False
-    # static output shapes: FakeTensor / opcheck need no data
-    torch.library.register_fake("halo::word_victims_rows")(
-        lambda scores, order, brightness, protected_, units, need, threshold: (
-            scores.new_empty(scores.shape, dtype=torch.int64), need.new_empty(need.shape)))
-    torch.library.register_fake("halo::cull_scores_rows")(
-        lambda brightness, order, counts, dark_bias, radius: torch.empty_like(brightness))
-    return True
+    """True when `halo._C` registers `torch.ops.halo.word_victims_rows` and `cull_scores_rows` (a stale build may
+    lack them)."""
+    return load_operators({  # static output shapes: FakeTensor / opcheck need no data
+        "word_victims_rows": lambda scores, order, brightness, protected_, units, need, threshold: (
+            scores.new_empty(scores.shape, dtype=torch.int64), need.new_empty(need.shape)),
+        "cull_scores_rows": lambda brightness, order, counts, dark_bias, radius: torch.empty_like(brightness),
+    })
 
 
 def _takes(values: torch.Tensor) -> bool:

@@ -17,23 +17,18 @@ import functools
 import torch
 
 from . import brightness as reference
+from .extension import load_operators
 
 
 @functools.lru_cache(maxsize=None)
 def operator_available() -> bool:
-    """True when `halo._C` imports and registers `torch.ops.halo.decode_column_mass` and
-    `decode_column_mass_heads` (one source file builds both; a stale build without the second is not used)."""
-    try:
-        import halo._C  # noqa: F401  (loading the library registers the operators)
-    except ImportError:
-        return False
-    if not (hasattr(torch.ops.halo, "decode_column_mass") and hasattr(torch.ops.halo, "decode_column_mass_heads")):
-        return False
+    """True when `halo._C` registers `torch.ops.halo.decode_column_mass` and `decode_column_mass_heads` (one source
+    file builds both; a stale build without the second is not used)."""
     # They only write their arguments in place: nothing to shape for FakeTensor / torch.compile / opcheck.
-    torch.library.register_fake("halo::decode_column_mass")(lambda query, key, scaling, mass, last_row_mass: None)
-    torch.library.register_fake("halo::decode_column_mass_heads")(
-        lambda query, key, scaling, counts, mass, last_row_mass: None)
-    return True
+    return load_operators({
+        "decode_column_mass": lambda query, key, scaling, mass, last_row_mass: None,
+        "decode_column_mass_heads": lambda query, key, scaling, counts, mass, last_row_mass: None,
+    })
 
 
 def _takes(query: torch.Tensor, key: torch.Tensor) -> bool:

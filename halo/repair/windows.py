@@ -19,10 +19,11 @@ Semantics (shared by every implementation):
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import NamedTuple
 
 import torch
+
+from ..extension import load_operators
 
 MAX_WINDOW = 511
 
@@ -107,12 +108,7 @@ def build_windows_reference(token_ids: torch.Tensor, positions: torch.Tensor, br
 @functools.lru_cache(maxsize=None)
 def extension_available() -> bool:
     """True when `halo._C` imports and registers `torch.ops.halo.build_windows`."""
-    try:
-        import halo._C  # noqa: F401  (loading the library registers the operator)
-    except ImportError:
-        return False
-    _register_fake()
-    return hasattr(torch.ops.halo, "build_windows")
+    return load_operators({"build_windows": _fake_build_windows})
 
 
 def extension_has_cuda() -> bool:
@@ -124,21 +120,13 @@ def extension_has_cuda() -> bool:
     return bool(getattr(halo._C, "with_cuda", False))
 
 
-def _register_fake() -> None:
-    """Shape-only implementation for FakeTensor / torch.compile / opcheck (W depends only on the int args)."""
-
-    def fake(token_ids, positions, brightness, n_valid, targets, window):
-        k = targets.shape[0]
-        width = torch.sym_min(window, n_valid)
-        long2 = token_ids.new_empty((k, width), dtype=torch.int64)
-        return (long2, long2.new_empty((k, width)), token_ids.new_empty((k, width), dtype=torch.float32),
-                token_ids.new_empty((k,), dtype=torch.int64), long2.new_empty((k, width)))
-
-    try:
-        torch.library.register_fake("halo::build_windows")(fake)
-    except RuntimeError as exc:  # already registered (module reloaded)
-        if "already" not in str(exc):
-            warnings.warn(f"halo: could not register the fake build_windows: {exc}", stacklevel=2)
+def _fake_build_windows(token_ids, positions, brightness, n_valid, targets, window):
+    """Shape-only build_windows for FakeTensor / torch.compile / opcheck (W depends only on the int args)."""
+    k = targets.shape[0]
+    width = torch.sym_min(window, n_valid)
+    long2 = token_ids.new_empty((k, width), dtype=torch.int64)
+    return (long2, long2.new_empty((k, width)), token_ids.new_empty((k, width), dtype=torch.float32),
+            token_ids.new_empty((k,), dtype=torch.int64), long2.new_empty((k, width)))
 
 
 def build_windows(token_ids: torch.Tensor, positions: torch.Tensor, brightness: torch.Tensor, n_valid: int,
