@@ -247,9 +247,6 @@ class HaloConfig:
             raise ValueError("marker_text must not be empty")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.granularity == "head" and self.rope_positions == "memory":
-            raise ValueError("rope_positions='memory' needs granularity 'layer' or 'token' (per-head memory keeps "
-                             "text positions)")
         if self.value_weight and self.granularity != "layer":
             raise ValueError(f"value_weight needs per-layer memory (granularity='layer'); the {self.granularity}-"
                              "level cache reads attention alone")

@@ -11,7 +11,8 @@ what each needs, which lowers perplexity under the same budget (README, Memory p
 A layer's heads may hold different counts (a whole word or line can leave a row a few slots short): the layer's
 attention then sees `layer_length(l)` (its fullest head) + the new rows, each head with its own mask, its free
 slots hidden. A token is remembered while any (layer, head) holds it; `snapshot()["layers"]` counts the rows.
-Recall, memory positions and value weighting stay with per-layer memory (HaloConfig refuses the mix).
+With memory positions (halo.memory_positions) every head's keys sit at the ranks of one numbering, the remembered
+positions of all heads. Recall and value weighting stay with per-layer memory (HaloConfig refuses the mix).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ long-flood conversations (README, Recall): the same remembered tokens, run afres
 answer wrong; run at contiguous positions, right. StreamingLLM places its cache the same way (positions within
 the cache, not in the text).
 
-With memory positions a token's RoPE position is its rank among the remembered positions (a position some layer
-holds; every layer uses the same numbering, so a query row has one position for all layers): the sinks sit at
+With memory positions a token's RoPE position is its rank among the remembered positions (a position some layer,
+or with per-head memory some KV head, holds; every layer and head uses the same numbering, so a query row has one
+position for all of them): the sinks sit at
 0, 1, ..., and the newest token right after the last remembered one. The slot field `positions` still holds the
 text position (journal, masks, markers, recall and diffs read that); the slot field `rope` holds the position
 whose rotation is baked into the slot's cached key. Before each forward, `MemoryPositions.model_positions`
@@ -70,6 +71,16 @@ every moved key is rotated). Re-ranking every step cost a per-layer SmolLM2 step
 rotation on CPU; a few positions of slack read as no gap at all."""
 
 
+def per_head_delta(delta: torch.Tensor, layers: int, heads: int) -> torch.Tensor:
+    """int64 [L, Hkv, n] (a view): each KV head's rotation from a cache's `delta`: [n] (one token set for all
+    layers), [L, n] (per layer: every head of a layer alike) or [L * Hkv, n] (per head, row l * Hkv + h)."""
+    n = delta.shape[-1]
+    rows = delta.reshape(-1, n)
+    if rows.shape[0] == layers * heads:
+        return rows.view(layers, heads, n)
+    return rows.view(rows.shape[0], 1, n).expand(layers, heads, n)
+
+
 class MemoryPositions:
     """Mixin of HaloCache: the RoPE positions of its forwards (uses its slot store, `config`, `n_valid` and the
     forward in flight; LayeredHaloCache overrides `_held_slots`)."""
@@ -106,7 +117,7 @@ class MemoryPositions:
         delta = (ranks - rope).masked_fill_(~held, 0)
         if delta.is_cuda:  # rotate every slot (a zero delta leaves a key as it is): no gather of the moved ones
             keys = self._store.kv[:, 0, :, :n]  # [L, Hkv, n, D]
-            rotate_keys_(keys, delta[:, None, :] if delta.dim() == 2 else delta, self._inv_freq)
+            rotate_keys_(keys, per_head_delta(delta, *keys.shape[:2]), self._inv_freq)
         elif bool(delta.any()):  # on the CPU only the keys after a hole move
             self._rotate_moved(delta)
         rope.copy_(torch.where(held, ranks, rope))
@@ -159,13 +170,14 @@ class MemoryPositions:
         return newest + 1 + torch.arange(spec.rows, device=spec.position_ids.device)
 
     def _rotate_moved(self, delta: torch.Tensor) -> None:
-        """Rotate only the keys whose rank moved (`delta` int64 [n] or [L, n], nonzero where it moved)."""
+        """Rotate only the keys whose rank moved (`delta` int64 [n], [L, n] or [L * Hkv, n], nonzero where it
+        moved)."""
         keys = self._store.kv[:, 0]  # [L, Hkv, C, D]
-        delta = delta.expand(keys.shape[0], delta.shape[-1])  # one token set for all layers: the same in each
-        layers, cols = torch.nonzero(delta, as_tuple=True)
-        moved = keys[layers, :, cols]  # [k, Hkv, D]
-        rotate_keys_(moved, delta[layers, cols][:, None], self._inv_freq)
-        keys[layers, :, cols] = moved
+        delta = per_head_delta(delta, *keys.shape[:2])
+        layers, heads, cols = torch.nonzero(delta, as_tuple=True)
+        moved = keys[layers, heads, cols]  # [k, D]
+        rotate_keys_(moved, delta[layers, heads, cols], self._inv_freq)
+        keys[layers, heads, cols] = moved
 
     def _new_rope(self, t_rows: int) -> torch.Tensor | None:
         """The `rope` values of a forward's new slots (int64 [T]), or None with text positions."""

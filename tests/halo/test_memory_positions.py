@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from tiny import tiny_llama
 from halo import HaloConfig, Session, SourcePolicy, default_sources
-from halo.memory_positions import RERANK_SLACK, rope_inv_freq, rotate_keys_
+from halo.memory_positions import RERANK_SLACK, per_head_delta, rope_inv_freq, rotate_keys, rotate_keys_
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
@@ -45,6 +45,20 @@ def test_rotate_keys_matches_transformers_rope_and_composes(shape, dtype, tol, d
     torch.testing.assert_close(twice, expected, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", ["token", "layer", "head"])
+def test_per_head_delta_gives_each_kv_head_its_rows_rotation(rows):
+    layers, heads, n, d = 3, 2, 5, 8
+    delta = torch.randint(-4, 5, {"token": (n,), "layer": (layers, n), "head": (layers * heads, n)}[rows])
+    keys = torch.randn(layers, heads, n, d)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    rotated = keys.clone()
+    rotate_keys_(rotated, per_head_delta(delta, layers, heads), inv_freq)
+    for layer in range(layers):
+        for head in range(heads):
+            row = delta if rows == "token" else delta[layer] if rows == "layer" else delta[layer * heads + head]
+            torch.testing.assert_close(rotated[layer, head], rotate_keys(keys[layer, head], row, inv_freq))
+
+
 def test_models_without_whole_head_rope_are_refused():
     with pytest.raises(ValueError, match="rotary"):
         rope_inv_freq(torch.nn.Linear(4, 4), 4)
@@ -57,27 +71,32 @@ def test_models_without_whole_head_rope_are_refused():
 
 def _layer0_keys_match_a_fresh_run(model, session):
     """Layer 0's keys depend only on the token and its RoPE position: every layer-0 slot's key must equal the key
-    a fresh run of the same tokens at their `rope` positions computes. Those positions keep the text order and
-    are the ranks among what was remembered when the last forward began (the holes its cull left close at the
-    next forward, or once they add up to RERANK_SLACK), so they stay far below the text positions."""
+    a fresh run of the same tokens at their `rope` positions computes (per-head memory: each KV head of layer 0
+    over its own slots). Those positions keep the text order and are the ranks among what was remembered when the
+    last forward began (the holes its cull left close at the next forward, or once they add up to RERANK_SLACK),
+    so they stay far below the text positions."""
     cache = session.cache
-    per_layer = cache.positions.dim() == 2
-    count = cache.layer_length(0)
-    positions = (cache.positions[0] if per_layer else cache.positions)[:count]
-    rope = (cache.slot_field("rope")[0] if per_layer else cache.slot_field("rope"))[:count]
-    tokens = (cache.token_ids[0] if per_layer else cache.token_ids)[:count]
-    assert torch.equal(torch.sort(rope).indices, torch.sort(positions).indices)
-    assert len(torch.unique(rope)) == count
-    assert int(rope.max()) < 2 * cache.config.budget + RERANK_SLACK < int(positions.max())
-    fresh = DynamicCache()
-    with torch.no_grad():
-        model(input_ids=tokens[None], position_ids=rope[None], past_key_values=fresh, use_cache=True)
+    rows = cache.positions.dim() == 2
+    heads = cache.kv.shape[2]
+    per_head = cache.config.granularity == "head"
+    counts = cache.layer_counts[:heads].tolist() if per_head else [cache.layer_length(0)] * heads
     tol = 2e-5 if cache.device.type == "cpu" else 2e-4
-    torch.testing.assert_close(cache.kv[0, 0, :, :count], fresh.layers[0].keys[0], atol=tol, rtol=1e-5)
+    for head, count in enumerate(counts):
+        row = head if per_head else 0
+        positions = (cache.positions[row] if rows else cache.positions)[:count]
+        rope = (cache.slot_field("rope")[row] if rows else cache.slot_field("rope"))[:count]
+        tokens = (cache.token_ids[row] if rows else cache.token_ids)[:count]
+        assert torch.equal(torch.sort(rope).indices, torch.sort(positions).indices)
+        assert len(torch.unique(rope)) == count
+        assert int(rope.max()) < 2 * cache.config.budget + RERANK_SLACK < int(positions.max())
+        fresh = DynamicCache()
+        with torch.no_grad():
+            model(input_ids=tokens[None], position_ids=rope[None], past_key_values=fresh, use_cache=True)
+        torch.testing.assert_close(cache.kv[0, 0, head, :count], fresh.layers[0].keys[0, head], atol=tol, rtol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("granularity", ["token", "layer"])
+@pytest.mark.parametrize("granularity", ["token", "layer", "head"])
 def test_keys_sit_at_their_memory_ranks_after_culls_markers_and_recall(tiny_tok, granularity, device, monkeypatch):
     model = tiny_llama(layers=2, vocab=len(tiny_tok)).to(device)
     recall = {"recall": True, "recall_threshold": 0.0, "recall_tokens": 6, "recall_context": 2,
@@ -104,7 +123,7 @@ def test_keys_sit_at_their_memory_ranks_after_culls_markers_and_recall(tiny_tok,
         assert stats["recalled"] > 0
 
 
-@pytest.mark.parametrize("granularity", ["token", "layer"])
+@pytest.mark.parametrize("granularity", ["token", "layer", "head"])
 def test_memory_positions_change_nothing_before_the_first_cull(tiny_tok, granularity):
     model = tiny_llama(layers=2, vocab=len(tiny_tok))
     logits = {}
@@ -116,9 +135,10 @@ def test_memory_positions_change_nothing_before_the_first_cull(tiny_tok, granula
     torch.testing.assert_close(logits["memory"], logits["text"], atol=1e-5, rtol=1e-5)
 
 
-def test_a_saved_memory_session_continues_exactly(tiny_tok, tmp_path):
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_a_saved_memory_session_continues_exactly(tiny_tok, tmp_path, granularity):
     model = tiny_llama(layers=2, vocab=len(tiny_tok))
-    original = memory_session(model, tiny_tok, granularity="layer")
+    original = memory_session(model, tiny_tok, granularity=granularity)
     original.feed(TEXT * 2, "user")
     restored = Session.load(original.save(tmp_path / "s.halo"), model, tiny_tok)
     n = original.cache.n_valid
