@@ -124,21 +124,38 @@ def _fed_ids(model):
     return token_ids(model, FED, seed=1)
 
 
+def _dynamic_cache_step(model):
+    """Greedy decoding with DynamicCache held at BUDGET tokens (after the last BUDGET fed tokens): forward,
+    argmax, crop back by one. Call under inference mode."""
+    cache = DynamicCache(config=model.config)
+    logits = model(_fed_ids(model)[None, -BUDGET:].to(model.device), past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits
+
+    def step():
+        nonlocal logits
+        token = torch.argmax(logits[0, -1]).view(1, 1)
+        logits = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        cache.crop(-1)
+
+    return step
+
+
+def _session_step(model, tokenizer, granularity: str, positions: str, policy: str):
+    """(one `Session.generate` token, the session) at budget BUDGET after FED fed tokens."""
+    from halo import Session
+    from halo.baselines import make_policy
+
+    config = HaloConfig(budget=BUDGET, recent_tokens=64, chunk_size=64, granularity=granularity,
+                        rope_positions=positions)
+    session = Session(model, tokenizer, config, policy=make_policy(policy))
+    session.feed_ids(_fed_ids(model))
+    return (lambda: session.generate(1, stop_on_eos=False)), session
+
+
 def bench_default_cache_generate_step(benchmark, session_model, record_ratio):
     """Greedy decoding with DynamicCache held at BUDGET tokens: forward, argmax, crop back by one."""
-    model = session_model
     with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        logits = model(_fed_ids(model)[None, -BUDGET:].to(model.device), past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits
-
-        def step():
-            nonlocal logits
-            token = torch.argmax(logits[0, -1]).view(1, 1)
-            logits = model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-            cache.crop(-1)
-
-        benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=3)
+        benchmark.pedantic(_dynamic_cache_step(session_model), rounds=ROUNDS, warmup_rounds=3)
     for granularity, positions, policy in VARIANTS:
         record_ratio(benchmark, _session_group(granularity, positions, policy), "reference")
 
@@ -159,25 +176,57 @@ def bench_session_generate_step(benchmark, model_pair, record_ratio, granularity
     (with granularity "layer": one per layer, each layer by its own brightness; "head": one per KV head of every
     layer; with memory positions the keys after each hole are rotated to their new ranks before the next step;
     `halo-mean` ranks by the mean attention income, halo.MeanIncomePolicy)."""
-    from halo import Session
-    from halo.baselines import make_policy
-
-    model, tokenizer = model_pair
-    config = HaloConfig(budget=BUDGET, recent_tokens=64, chunk_size=64, granularity=granularity,
-                        rope_positions=positions)
-    session = Session(model, tokenizer, config, policy=make_policy(policy))
-    session.feed_ids(_fed_ids(model))
+    step, session = _session_step(*model_pair, granularity, positions, policy)
     evicted = session.stats()["evicted"]
-
-    def step():
-        session.generate(1, stop_on_eos=False)
-
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=3)
     stats = session.stats()
     assert stats["retained"] <= BUDGET
     if granularity == "token":  # at least one token a step (a whole word can take more)
         assert stats["evicted"] >= evicted + (1 if benchmark.disabled else ROUNDS + 3)
     record_ratio(benchmark, _session_group(granularity, positions, policy), "halo")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU step-cost aim (on CUDA the groups above time it)")
+def bench_session_generate_step_interleaved(benchmark, model_pair):
+    """The DynamicCache step and the `Session.generate` step of every VARIANT (and per-head memory with memory
+    positions), timed in turns within each round
+    (the order rotating from round to round). The groups above time each step in a run of its own, so a shared
+    machine's drift over a minute falls on some and not others (on 2 cores the ratios moved by 10-20% from run
+    to run); here it falls on all alike. extra_info: "median_ms" and "ratio" (each step's median over
+    DynamicCache's; the CPU aim is <= 1.15), also printed as a table (pytest -s)."""
+    import statistics
+    import time
+
+    model, tokenizer = model_pair
+    with torch.inference_mode():
+        steps = {"DynamicCache": _dynamic_cache_step(model)}
+    sessions = {}
+    for variant in VARIANTS + (("head", "memory", "halo"),):
+        granularity, positions, policy = variant
+        name = "-".join([granularity] + [positions] * (positions != "text") + [policy] * (policy != "halo"))
+        steps[name], sessions[name] = _session_step(model, tokenizer, *variant)
+    times = {name: [] for name in steps}
+    order = list(steps)
+
+    def one_round():
+        order.append(order.pop(0))
+        for name in order:
+            with torch.inference_mode():
+                start = time.perf_counter()
+                steps[name]()
+                times[name].append(time.perf_counter() - start)
+
+    for _ in range(0 if benchmark.disabled else 3):  # warm-up rounds, not kept
+        one_round()
+    for kept in times.values():
+        kept.clear()
+    benchmark.pedantic(one_round, rounds=1 if benchmark.disabled else ROUNDS)
+    median = {name: statistics.median(kept) * 1e3 for name, kept in times.items()}
+    ratio = {name: median[name] / median["DynamicCache"] for name in median}
+    benchmark.extra_info.update(median_ms=median, ratio=ratio)
+    print("\n".join(f"{name:>16}  {median[name]:7.1f} ms  {ratio[name]:.3f}x" for name in median))
+    assert all(session.stats()["retained"] <= BUDGET for session in sessions.values())
+    assert all(len(kept) == (1 if benchmark.disabled else ROUNDS) for kept in times.values())
 
 
 # ------------------------------------------------------------ where the CUDA step's time goes (last)

@@ -52,15 +52,23 @@ class HeadHaloCache(LayeredHaloCache):
         return max(self._head_counts(layer_idx))
 
     # ------------------------------------------------------------ the forward
+    def _write_new_slots(self, spec) -> None:
+        super()._write_new_slots(spec)
+        # every layer's write index for this forward at once: head h's rows go after its own slots, at flat
+        # slot h * C + count + t of the layer's [Hkv * C, D] key and value buffers (one index_copy_ per buffer)
+        heads, t_rows, capacity = self.num_kv_heads, spec.new_rows, self.capacity
+        first = self._counts_t.view(-1, heads) + torch.arange(heads, device=self.device) * capacity  # [L, Hkv]
+        self._write_index = (first[:, :, None] + torch.arange(t_rows, device=self.device)).view(len(first), heads * t_rows)
+
     def layer_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         """Write this forward's K/V for one layer, each head after its own slots; return [1, Hkv, n+T, D] views
         with n = layer_length(layer_idx) (the shorter heads' extra slots are masked by `attention_mask`)."""
         f = self._enter_layer(layer_idx, key_states)
         t_rows, counts = f.spec.new_rows, self._head_counts(layer_idx)
         keys, values = self._store.layer_kv[layer_idx]
-        for head, n_past in enumerate(counts):  # each head after its own slots (slices beat one scatter on CPU)
-            keys[head, n_past:n_past + t_rows] = key_states[0, head, :t_rows]
-            values[head, n_past:n_past + t_rows] = value_states[0, head, :t_rows]
+        index = self._write_index[layer_idx]
+        keys.view(-1, self.head_dim).index_copy_(0, index, key_states[0, :, :t_rows].reshape(-1, self.head_dim))
+        values.view(-1, self.head_dim).index_copy_(0, index, value_states[0, :, :t_rows].reshape(-1, self.head_dim))
         if self._patches is not None:
             self._write_patches(layer_idx, key_states[0, :, t_rows:], value_states[0, :, t_rows:])
         capture.set_active(self, layer_idx)
