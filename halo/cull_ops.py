@@ -3,7 +3,9 @@
 * `cull_scores_layers`: `torch.ops.halo.cull_scores_rows` (csrc/cull_scores.cpp), the twin of
   `halo.layer_cull.cull_scores_layers`;
 * `select_word_victims_layers`: `torch.ops.halo.word_victims_rows` (csrc/word_victims.cpp), the twin of
-  `halo.layer_cull.select_word_victims_layers`.
+  `halo.layer_cull.select_word_victims_layers`;
+* `run_means_layers`: `torch.ops.halo.run_means_rows` (csrc/run_means.cpp), the twin of
+  `halo.layer_cull.run_means_layers` (units scored by their mean).
 
 Same signatures and results as the references (whose docstrings state the rules). On CPU, with `halo._C` built,
 each is one operator call (each row one pass over its position order); elsewhere (CUDA, no extension, another
@@ -23,12 +25,13 @@ from .extension import load_operators
 
 @functools.lru_cache(maxsize=None)
 def operator_available() -> bool:
-    """True when `halo._C` registers `torch.ops.halo.word_victims_rows` and `cull_scores_rows` (a stale build may
-    lack them)."""
+    """True when `halo._C` registers `torch.ops.halo.word_victims_rows`, `cull_scores_rows` and `run_means_rows` (a
+    stale build may lack them)."""
     return load_operators({  # static output shapes: FakeTensor / opcheck need no data
         "word_victims_rows": lambda scores, order, brightness, protected_, units, need, threshold: (
             scores.new_empty(scores.shape, dtype=torch.int64), need.new_empty(need.shape)),
         "cull_scores_rows": lambda brightness, order, counts, dark_bias, radius: torch.empty_like(brightness),
+        "run_means_rows": lambda scores, order, units, pooled: torch.empty_like(scores),
     })
 
 
@@ -44,6 +47,14 @@ def cull_scores_layers(brightness: torch.Tensor, positions: torch.Tensor, counts
     order = reference.position_order_layers(positions) if order is None else order
     return torch.ops.halo.cull_scores_rows(brightness, order, counts.to(device="cpu", dtype=torch.int64),
                                            float(dark_bias), int(radius))
+
+
+def run_means_layers(scores: torch.Tensor, order: torch.Tensor, units: torch.Tensor, pooled: torch.Tensor
+                     ) -> torch.Tensor:
+    """float32 [rows, n]: `halo.layer_cull.run_means_layers` (same arguments), one operator call on CPU."""
+    if not _takes(scores):
+        return reference.run_means_layers(scores, order, units, pooled)
+    return torch.ops.halo.run_means_rows(scores, order, units, pooled)
 
 
 def select_word_victims_layers(scores: torch.Tensor, order: torch.Tensor, brightness: torch.Tensor,

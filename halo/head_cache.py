@@ -58,7 +58,8 @@ class HeadHaloCache(LayeredHaloCache):
         # slot h * C + count + t of the layer's [Hkv * C, D] key and value buffers (one index_copy_ per buffer)
         heads, t_rows, capacity = self.num_kv_heads, spec.new_rows, self.capacity
         first = self._counts_t.view(-1, heads) + torch.arange(heads, device=self.device) * capacity  # [L, Hkv]
-        self._write_index = (first[:, :, None] + torch.arange(t_rows, device=self.device)).view(len(first), heads * t_rows)
+        index = first[:, :, None] + torch.arange(t_rows, device=self.device)
+        self._write_index = index.view(len(first), heads * t_rows)
 
     def layer_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         """Write this forward's K/V for one layer, each head after its own slots; return [1, Hkv, n+T, D] views

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cull import unit_means
-from .cull_ops import cull_scores_layers
-from .layer_cull import run_means_layers
+from .cull_ops import cull_scores_layers, run_means_layers
 
 
 def restart_refilled(cache, owner_field: str, *fields: str) -> None:

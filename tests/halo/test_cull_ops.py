@@ -1,11 +1,12 @@
-"""torch.ops.halo.word_victims_rows and cull_scores_rows against their reference twins in halo.layer_cull."""
+"""torch.ops.halo.word_victims_rows, cull_scores_rows and run_means_rows against their reference twins
+(halo.layer_cull)."""
 
 import pytest
 import torch
 
 from halo import layer_cull
 from halo.layer_cull import FREE_POSITION, position_order_layers
-from halo.cull_ops import cull_scores_layers, operator_available, select_word_victims_layers
+from halo.cull_ops import cull_scores_layers, operator_available, run_means_layers, select_word_victims_layers
 
 pytestmark = pytest.mark.skipif(not operator_available(), reason="halo._C without the cull operators")
 
@@ -144,3 +145,39 @@ def test_nan_scores_die_last_as_in_the_reference(threshold):
         assert (got is None) == (expected is None)
         if expected is not None:
             assert got.tolist() == expected.tolist()
+
+
+def _means_case(seed: int, rows: int, width: int):
+    """`_rows`' words (runs of positions in shuffled slots, plain tokens -1) with float scores and a pooled mask."""
+    scores, order, _, _, units, _ = _rows(seed, rows, width)
+    g = torch.Generator().manual_seed(50 + seed)
+    scores = scores + torch.rand(scores.shape, generator=g) * 7
+    pooled = torch.rand(scores.shape, generator=g) < 0.7
+    return scores, order, units, pooled
+
+
+@pytest.mark.parametrize("rows,width", [(1, 1), (1, 1023), (90, 513), (3, 7), (2, 2)])
+def test_run_means_equal_reference_bit_for_bit(rows, width):
+    for seed in range(3):
+        case = _means_case(seed, rows, width)
+        expected = layer_cull.run_means_layers(*case)
+        got = run_means_layers(*case)
+        assert torch.equal(got, expected)
+
+
+def test_run_means_opcheck_nan_and_errors():
+    scores, order, units, pooled = _means_case(5, 4, 24)
+    torch.library.opcheck(torch.ops.halo.run_means_rows.default, (scores, order, units, pooled))
+    scores[0, :5] = float("nan")
+    torch.testing.assert_close(run_means_layers(scores, order, units, pooled),
+                               layer_cull.run_means_layers(scores, order, units, pooled), equal_nan=True)
+    with pytest.raises(RuntimeError, match="pooled must be"):
+        torch.ops.halo.run_means_rows(scores, order, units, pooled[:1])
+    with pytest.raises(RuntimeError, match="units must be"):
+        torch.ops.halo.run_means_rows(scores, order, units.int(), pooled)
+    bad = order.clone()
+    bad[1, 2] = -3
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.halo.run_means_rows(scores, bad, units, pooled)
+    empty = run_means_layers(scores[:, :0], order[:, :0], units[:, :0], pooled[:, :0])
+    assert empty.shape == (4, 0)
