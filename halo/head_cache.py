@@ -43,10 +43,6 @@ class HeadHaloCache(LayeredHaloCache):
         heads = self.num_kv_heads
         return self._counts[layer_idx * heads:(layer_idx + 1) * heads]
 
-    def _head_counts_t(self, layer_idx: int) -> torch.Tensor:
-        heads = self.num_kv_heads
-        return self._counts_t[layer_idx * heads:(layer_idx + 1) * heads]
-
     def layer_length(self, layer_idx: int) -> int:
         """Slots of layer `layer_idx`'s fullest head (the length its attention sees before the new rows)."""
         return max(self._head_counts(layer_idx))
@@ -60,6 +56,7 @@ class HeadHaloCache(LayeredHaloCache):
         first = self._counts_t.view(-1, heads) + torch.arange(heads, device=self.device) * capacity  # [L, Hkv]
         index = first[:, :, None] + torch.arange(t_rows, device=self.device)
         self._write_index = index.view(len(first), heads * t_rows)
+        self._visibility = None  # attention_mask's per-head masks of this forward, built at the first layer asking
 
     def layer_update(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor):
         """Write this forward's K/V for one layer, each head after its own slots; return [1, Hkv, n+T, D] views
@@ -91,8 +88,12 @@ class HeadHaloCache(LayeredHaloCache):
         width = max(counts) + spec.new_rows
         if spec.visible is None and len(set(counts)) == 1:
             return causal_mask(counts[0], spec.new_rows, self.device)
-        if spec.visible is None:
-            return head_visibility(self._head_counts_t(layer_idx), spec.new_rows, width)[None]
+        if spec.visible is None:  # every layer's masks at once (counts do not change during a forward)
+            if self._visibility is None:
+                widest = max(self._counts) + spec.new_rows
+                masks = head_visibility(self._counts_t, spec.new_rows, widest)
+                self._visibility = masks.view(self.num_layers, self.num_kv_heads, spec.new_rows, widest)
+            return self._visibility[layer_idx, :, :, :width][None]
         first = layer_idx * self.num_kv_heads
         masks = [self._row_visibility(first + head, spec) for head in range(self.num_kv_heads)]
         return torch.stack([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])[None]
