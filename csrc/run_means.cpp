@@ -51,7 +51,8 @@ at::Tensor run_means_rows_cpu(const at::Tensor& scores, const at::Tensor& order,
       while (start < n) {  // one run [start, stop) of equal unit ids (a plain token alone)
         const int64_t unit = u_[base + o_[base + start]];
         int64_t stop = start + 1;
-        double sum = static_cast<double>(s_[base + o_[base + start]]);
+        double sum = 0.0;  // from +0.0, as the reference's index_add_ into zeros (a lone -0.0 sums to +0.0)
+        sum += static_cast<double>(s_[base + o_[base + start]]);
         while (unit >= 0 && stop < n && u_[base + o_[base + stop]] == unit) {
           sum += static_cast<double>(s_[base + o_[base + stop]]);
           ++stop;

@@ -75,7 +75,7 @@ def per_head_delta(delta: torch.Tensor, layers: int, heads: int) -> torch.Tensor
     """int64 [L, Hkv, n] (a view): each KV head's rotation from a cache's `delta`: [n] (one token set for all
     layers), [L, n] (per layer: every head of a layer alike) or [L * Hkv, n] (per head, row l * Hkv + h)."""
     n = delta.shape[-1]
-    rows = delta.reshape(-1, n)
+    rows = delta.reshape(delta.shape[0] if delta.dim() == 2 else 1, n)  # not -1: n may be 0 (nothing held yet)
     if rows.shape[0] == layers * heads:
         return rows.view(layers, heads, n)
     return rows.view(rows.shape[0], 1, n).expand(layers, heads, n)

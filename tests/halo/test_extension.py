@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from halo.extension import load_operators
-from halo.decode_mass import operator_available
+from halo.cull_ops import operator_available
 
 
 def test_a_missing_operator_is_not_loaded():

@@ -45,9 +45,10 @@ def test_rotate_keys_matches_transformers_rope_and_composes(shape, dtype, tol, d
     torch.testing.assert_close(twice, expected, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n", [5, 0])
 @pytest.mark.parametrize("rows", ["token", "layer", "head"])
-def test_per_head_delta_gives_each_kv_head_its_rows_rotation(rows):
-    layers, heads, n, d = 3, 2, 5, 8
+def test_per_head_delta_gives_each_kv_head_its_rows_rotation(rows, n):
+    layers, heads, d = 3, 2, 8
     delta = torch.randint(-4, 5, {"token": (n,), "layer": (layers, n), "head": (layers * heads, n)}[rows])
     keys = torch.randn(layers, heads, n, d)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
