@@ -71,6 +71,12 @@ every moved key is rotated). Re-ranking every step cost a per-layer SmolLM2 step
 rotation on CPU; a few positions of slack read as no gap at all."""
 
 
+def rotates_every_slot(device: torch.device) -> bool:
+    """Whether a re-rank rotates every held key (on CUDA: no gather of the moved ones and no host sync to find
+    them) or only the keys whose rank moved (elsewhere: on the CPU most keys before the newest hole stay put)."""
+    return device.type == "cuda"
+
+
 def per_head_delta(delta: torch.Tensor, layers: int, heads: int) -> torch.Tensor:
     """int64 [L, Hkv, n] (a view): each KV head's rotation from a cache's `delta`: [n] (one token set for all
     layers), [L, n] (per layer: every head of a layer alike) or [L * Hkv, n] (per head, row l * Hkv + h)."""
@@ -115,7 +121,7 @@ class MemoryPositions:
         numbering = torch.unique(torch.cat([held_positions, spec.position_ids[:spec.new_rows]]))
         ranks = torch.searchsorted(numbering, positions.contiguous())
         delta = (ranks - rope).masked_fill_(~held, 0)
-        if delta.is_cuda:  # rotate every slot (a zero delta leaves a key as it is): no gather of the moved ones
+        if rotates_every_slot(delta.device):  # a zero delta leaves a key as it is
             keys = self._store.kv[:, 0, :, :n]  # [L, Hkv, n, D]
             rotate_keys_(keys, per_head_delta(delta, *keys.shape[:2]), self._inv_freq)
         elif bool(delta.any()):  # on the CPU only the keys after a hole move

@@ -60,6 +60,25 @@ def test_per_head_delta_gives_each_kv_head_its_rows_rotation(rows, n):
             torch.testing.assert_close(rotated[layer, head], rotate_keys(keys[layer, head], row, inv_freq))
 
 
+@pytest.mark.parametrize("granularity", ["token", "layer", "head"])
+def test_rotating_every_slot_gives_the_keys_of_rotating_the_moved_ones(tiny_tok, granularity, monkeypatch):
+    """The CUDA path (every held key rotated by its head's delta), forced onto the CPU, against the CPU path."""
+    import halo.memory_positions as memory_positions
+
+    model = tiny_llama(layers=2, vocab=len(tiny_tok))
+    keys = {}
+    for every in (False, True):
+        monkeypatch.setattr(memory_positions, "rotates_every_slot", lambda device, every=every: every)
+        session = memory_session(model, tiny_tok, granularity=granularity)
+        for _ in range(2):
+            session.feed(TEXT, "user")
+            session.feed("2026-11-22 worker 3 processed batch 7 ok\n" * 3, "tool")
+        session.generate(3, stop_on_eos=False)
+        assert session.stats()["evicted"] > 0
+        keys[every] = session.cache.kv[:, 0].clone()
+    torch.testing.assert_close(keys[True], keys[False], atol=1e-6, rtol=1e-6)
+
+
 def test_models_without_whole_head_rope_are_refused():
     with pytest.raises(ValueError, match="rotary"):
         rope_inv_freq(torch.nn.Linear(4, 4), 4)
