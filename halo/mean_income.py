@@ -32,6 +32,7 @@ class MeanIncomePolicy(HaloPolicy):
     Score of slot j, lower dies first: HaloPolicy's score with `b[j]` replaced by
 
         m[j] = INCOME_SCALE * (attention mass j received since birth) / (rows that saw j + prior_rows)
+               + brightness_weight * b[j]
 
     with the mass normalised like brightness income (uniform attention reads 1.0 per row; per layer, each
     layer's own; per KV head, its own query heads'; one set for all layers, the mean over layers). `prior_rows`
@@ -44,18 +45,23 @@ class MeanIncomePolicy(HaloPolicy):
             development essays: the best fixed prior was larger at a budget of 1/4 of the text than at 1/8).
         dark_bias: 0 (no bias toward dark regions), not the config's: measured better with the mean income.
         word_pooling: "mean": a word scores as the mean of its tokens' scores, like a line (measured better).
+        brightness_weight: w >= 0, the share of the leaky brightness added to the mean income (0: the mean alone).
+            The brightness remembers recent attention, which the mean since birth dilutes.
     """
 
     name = "halo-mean"
     dark_bias: float | None = 0.0
     word_pooling: str = "mean"
     prior_rows: float | None = None
+    brightness_weight: float = 0.0
     income_field: str = "mean_income"
 
     def __post_init__(self):
         super().__post_init__()
         if self.prior_rows is not None and not 0.0 < float(self.prior_rows) < float("inf"):
             raise ValueError(f"prior_rows must be None or a finite value > 0, got {self.prior_rows!r}")
+        if not 0.0 <= float(self.brightness_weight) < float("inf"):
+            raise ValueError(f"brightness_weight must be a finite value >= 0, got {self.brightness_weight!r}")
 
     def attach(self, cache) -> None:
         super().attach(cache)
@@ -85,4 +91,5 @@ class MeanIncomePolicy(HaloPolicy):
     def score_basis(self, cache) -> torch.Tensor:
         income, rows = self._claim(cache)  # a marker or recalled row may sit in a slot no stream forward has seen
         prior = cache.config.budget / PRIOR_BUDGET_FRACTION if self.prior_rows is None else self.prior_rows
-        return income * (INCOME_SCALE / (rows + prior))
+        mean = income * (INCOME_SCALE / (rows + prior))
+        return mean + self.brightness_weight * cache.brightness if self.brightness_weight else mean

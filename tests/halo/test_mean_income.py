@@ -182,3 +182,19 @@ def test_word_pooling_scores_a_word_by_the_mean_of_its_tokens(pair):
         where = units[0] == u
         assert bool((mean[0][where] == mean[0][where][0]).all())  # one score for the whole word
         assert float(mean[0][where][0]) == pytest.approx(float(best[0][where].mean()), rel=1e-5, abs=1e-5)
+
+
+def test_brightness_weight_adds_a_share_of_the_brightness(pair, tiny_tok):
+    from halo import HaloConfig, Session
+
+    model, tok = pair
+    session = Session(model, tok, HaloConfig(budget=32, chunk_size=8, recent_tokens=8), policy=MeanIncomePolicy())
+    session.step(torch.arange(12), "user")
+    cache, n = session.cache, session.cache.n_valid
+    mean = MeanIncomePolicy().score_basis(cache)[..., :n]
+    mixed = MeanIncomePolicy(brightness_weight=0.25).score_basis(cache)[..., :n]
+    torch.testing.assert_close(mixed, mean + 0.25 * cache.brightness[..., :n])
+    assert not torch.equal(mixed, mean)
+    for bad in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="brightness_weight"):
+            MeanIncomePolicy(brightness_weight=bad)
