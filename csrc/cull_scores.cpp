@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "row_checks.h"
+
 namespace halo {
 
 at::Tensor cull_scores_rows_cpu(const at::Tensor& brightness, const at::Tensor& order, const at::Tensor& counts,
@@ -21,10 +23,7 @@ at::Tensor cull_scores_rows_cpu(const at::Tensor& brightness, const at::Tensor& 
               "cull_scores_rows: brightness must be float32 [rows, n] on the CPU, got ", brightness.scalar_type(),
               " ", brightness.sizes(), " on ", brightness.device());
   const int64_t rows = brightness.size(0), n = brightness.size(1);
-  TORCH_CHECK(order.device().is_cpu() && order.scalar_type() == at::kLong && order.dim() == 2 &&
-                  order.size(0) == rows && order.size(1) == n,
-              "cull_scores_rows: order must be int64 [", rows, ", ", n, "] on the CPU, got ", order.scalar_type(), " ",
-              order.sizes());
+  check_row_input("cull_scores_rows", order, at::kLong, rows, n, "order");
   TORCH_CHECK(counts.device().is_cpu() && counts.scalar_type() == at::kLong && counts.dim() == 1 &&
                   counts.size(0) == rows,
               "cull_scores_rows: counts must be int64 [", rows, "] on the CPU, got ", counts.scalar_type(), " ",

@@ -10,28 +10,18 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "row_checks.h"
+
 namespace halo {
-
-namespace {
-
-void check_rows(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t rows, int64_t n) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 2 && t.size(0) == rows &&
-                  t.size(1) == n,
-              "run_means_rows: ", name, " must be ", dtype, " [", rows, ", ", n, "] on the CPU, got ",
-              t.scalar_type(), " ", t.sizes(), " on ", t.device());
-}
-
-}  // namespace
 
 at::Tensor run_means_rows_cpu(const at::Tensor& scores, const at::Tensor& order, const at::Tensor& units,
                               const at::Tensor& pooled) {
-  TORCH_CHECK(scores.device().is_cpu() && scores.scalar_type() == at::kFloat && scores.dim() == 2,
-              "run_means_rows: scores must be float32 [rows, n] on the CPU, got ", scores.scalar_type(), " ",
-              scores.sizes(), " on ", scores.device());
+  TORCH_CHECK(scores.dim() == 2, "run_means_rows: scores must be [rows, n], got ", scores.sizes());
   const int64_t rows = scores.size(0), n = scores.size(1);
-  check_rows(order, "order", at::kLong, rows, n);
-  check_rows(units, "units", at::kLong, rows, n);
-  check_rows(pooled, "pooled", at::kBool, rows, n);
+  check_row_input("run_means_rows", scores, at::kFloat, rows, n, "scores");
+  check_row_input("run_means_rows", order, at::kLong, rows, n, "order");
+  check_row_input("run_means_rows", units, at::kLong, rows, n, "units");
+  check_row_input("run_means_rows", pooled, at::kBool, rows, n, "pooled");
   auto s = scores.contiguous(), o = order.contiguous(), u = units.contiguous(), p = pooled.contiguous();
   auto out = at::empty({rows, n}, scores.options());
   const float* s_ = s.data_ptr<float>();

@@ -22,6 +22,8 @@
 #include <tuple>
 #include <vector>
 
+#include "row_checks.h"
+
 namespace halo {
 
 namespace {
@@ -33,13 +35,6 @@ struct Unit {
   float brightest;
   bool guarded;
 };
-
-void check_row_input(const at::Tensor& t, at::ScalarType dtype, int64_t rows, int64_t n, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "word_victims_rows: ", name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "word_victims_rows: ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == n, "word_victims_rows: ", name, " must be [", rows,
-              ", ", n, "], got ", t.sizes());
-}
 
 // NaN as torch does it: the max of a run holding NaN is NaN, and NaN sorts after every number (+inf included)
 inline float nan_max(float a, float b) { return std::isnan(a) || std::isnan(b) ? NAN : std::max(a, b); }
@@ -56,11 +51,11 @@ std::tuple<at::Tensor, at::Tensor> word_victims_rows_cpu(const at::Tensor& score
                                                          std::optional<double> threshold) {
   TORCH_CHECK(scores.dim() == 2, "word_victims_rows: scores must be [rows, n], got ", scores.sizes());
   const int64_t rows = scores.size(0), n = scores.size(1);
-  check_row_input(scores, at::kFloat, rows, n, "scores");
-  check_row_input(order, at::kLong, rows, n, "order");
-  check_row_input(brightness, at::kFloat, rows, n, "brightness");
-  check_row_input(protected_, at::kBool, rows, n, "protected");
-  check_row_input(units, at::kLong, rows, n, "units");
+  check_row_input("word_victims_rows", scores, at::kFloat, rows, n, "scores");
+  check_row_input("word_victims_rows", order, at::kLong, rows, n, "order");
+  check_row_input("word_victims_rows", brightness, at::kFloat, rows, n, "brightness");
+  check_row_input("word_victims_rows", protected_, at::kBool, rows, n, "protected");
+  check_row_input("word_victims_rows", units, at::kLong, rows, n, "units");
   TORCH_CHECK(need.device().is_cpu() && need.scalar_type() == at::kLong && need.dim() == 1 && need.size(0) == rows,
               "word_victims_rows: need must be int64 [", rows, "] on the CPU, got ", need.scalar_type(), " ",
               need.sizes());
