@@ -2,12 +2,15 @@
 
 When a layer of a per-layer memory (halo.layered_cache) lets a token go, and that layer is one of the retrieval
 layers (HaloConfig.recall_layers), its key goes into that layer's ring of the archive together with the token's
-serial, position, token id, source and unit. A token is a recall candidate once no layer holds it any more
-(its serial is then in no layer). The journal stays the source of truth: the archive only says where the model
-would look. Each ring holds `capacity` tokens; when full, the oldest entry is overwritten.
+serial, position, token id, source and unit. A per-head memory (halo.head_cache) evicts head by head: each KV
+head of a retrieval layer has a ring of its own holding that head's key alone (the cache names rings by the row
+of its slot fields, `l * Hkv + h`). A token is a recall candidate while some row lacks it (halo.recall). The
+journal stays the source of truth: the archive only says where the model would look. Each ring holds `capacity`
+tokens; when full, the oldest entry is overwritten.
 
-Storage, on the cache's device: keys [R, Hkv, A, D] in fp16 (bf16 when the model is bf16) and int64 fields
-[R, A]; `bytes_per_token` reports the cost of one archived token at every retrieval layer.
+Storage, on the cache's device: keys [R, Hkv, A, D] in fp16 (bf16 when the model is bf16; Hkv is 1 in the rings of
+a per-head memory) and int64 fields [R, A]; `bytes_per_token` reports the cost of one token archived in every
+ring.
 
 Positions: with text positions (the default) a key keeps the rotation of its text position, which never moves.
 With memory positions (`inv_freq` given, halo.memory_positions) a key's rotation is its rank among the remembered
@@ -27,11 +30,12 @@ FIELDS = ("serials", "positions", "token_ids", "sources", "units")
 
 
 class RecallArchive:
-    """Rings of archived keys, one per retrieval layer.
+    """Rings of archived keys, one per retrieval layer (per memory row of one: a layer, or one KV head of it).
 
     Args:
-        layers: the retrieval layers (model layer indices, distinct, sorted); capacity: entries per ring (A).
-        num_kv_heads, head_dim: key shape; dtype: the model's dtype (fp32 is stored as fp16); device.
+        layers: the rings' names, distinct and sorted: the retrieval layers' model layer indices, or per KV head the
+            rows `l * Hkv + h`; capacity: entries per ring (A).
+        num_kv_heads, head_dim: key shape (the KV heads one ring keeps); dtype: the model's dtype (fp32 is stored as fp16); device.
         inv_freq: with memory positions, the model's rotary frequencies (float32 [D / 2] on `device`; keys are
             then stored at position 0); None with text positions (keys are stored as they come).
     """

@@ -124,12 +124,13 @@ class HaloConfig:
             it overlaps the next decode step; its diffs are applied at the boundary after that step, and
             diffs whose target died or changed meanwhile are dropped); False applies each step's diffs to the
             mirror at once and folds their K/V into the next forward; None (default) is True on CUDA.
-        recall: bring evicted text back when the conversation needs it (halo.recall; per-layer memory only). The
+        recall: bring evicted text back when the conversation needs it (halo.recall; per-layer or per-head memory). The
             keys of evicted tokens at the retrieval layers go into an archive; the query rows of every stream
             forward of a `recall_sources` source score it, and whole units that would out-shine the retained tokens
             (`recall_threshold`) are recomputed at their positions and put back.
         recall_layers: retrieval layers as fractions of the depth (0 the first layer, 1 the last).
-        recall_capacity: archived tokens per retrieval layer (the oldest are overwritten).
+        recall_capacity: archived tokens per retrieval layer (per KV head of it with per-head memory; the oldest are
+            overwritten).
         recall_sources: sources whose stream forwards score the archive (add "assistant" and set
             `recall_min_rows` 1 to score every decode step: one host read per step).
         recall_min_rows: a forward scores the archive only with at least this many query rows. One row is one
@@ -261,8 +262,9 @@ class HaloConfig:
             raise ValueError(f"recall must be True or False, got {self.recall!r}")
         if not self.recall:
             return
-        if self.granularity != "layer":
-            raise ValueError("recall needs per-layer memory (granularity='layer')")
+        if self.granularity == "token":
+            raise ValueError("recall needs per-layer or per-head memory (granularity='layer' or 'head'), not one "
+                             "token set for all layers")
         if not self.recall_layers or any(not (0.0 <= f <= 1.0) for f in self.recall_layers):
             raise ValueError(f"recall_layers must be fractions of the depth in [0, 1], got {self.recall_layers!r}")
         for name in ("recall_capacity", "recall_tokens", "recall_min_rows"):

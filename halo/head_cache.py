@@ -12,7 +12,8 @@ A layer's heads may hold different counts (a whole word or line can leave a row 
 attention then sees `layer_length(l)` (its fullest head) + the new rows, each head with its own mask, its free
 slots hidden. A token is remembered while any (layer, head) holds it; `snapshot()["layers"]` counts the rows.
 With memory positions (halo.memory_positions) every head's keys sit at the ranks of one numbering, the remembered
-positions of all heads. Recall and value weighting stay with per-layer memory (HaloConfig refuses the mix).
+positions of all heads. Recall (halo.recall_memory) archives each head's evictions in a ring of its own, read by
+that head's query heads. Value weighting stays with per-layer memory (HaloConfig refuses the mix).
 """
 
 from __future__ import annotations

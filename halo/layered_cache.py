@@ -159,8 +159,7 @@ class LayeredHaloCache(RecallMemory, HaloCache):
         fields = self._store.fields
         self._column_mass(layer_idx, query, key, scaling)
         if self.scores_recall(self._flight.spec.source, query.shape[1], layer_idx):
-            self.archive.score(layer_idx, query, key, scaling, self._counts[layer_idx], self.config.recall_heads,
-                               self.backend, fields["mass"][layer_idx], self.archived_rope)
+            self._score_archive(layer_idx, query, key, scaling)
         if self.config.value_weight:  # after recall's bar, which reads the attention alone
             end = self._counts[layer_idx] + query.shape[1]
             fields["mass"][layer_idx, :end] *= value_weights(fields["value_norm"][layer_idx, :end],

@@ -1,12 +1,13 @@
 """Recall: evicted text comes back when the conversation needs it.
 
-The per-layer cache archives the keys its retrieval layers evict (halo.recall_memory) and, during every stream
+The per-layer (or per-head) cache archives the keys its retrieval layers evict (halo.recall_memory; per KV head, each
+head's own in a ring of its own, read by that head's query heads) and, during every stream
 forward of a recall source (user and tool text by default), scores the archive with that forward's query rows:
 the mass each archived token would draw were it alone put back, normalised like brightness (halo.archive_mass).
 After the forward has been culled and its markers placed, `Recall.after_step`:
 
-1. scores each archived token that is not whole (some layer lost it, a retrieval layer included; per-layer memory
-   often keeps a fact in a few layers only) by its best retrieval layer's mass over that layer's bar (the 75th
+1. scores each archived token that is not whole (some layer, or per head some KV head, lost it, a retrieval layer
+   included; per-layer memory often keeps a fact in a few layers only) by its best ring's mass over that ring's bar (the 75th
    percentile of the mass the retained tokens drew in the same forward, so a hit out-shines them) and each unit
    (a word, a line) by its best token; units at `recall_threshold` or more are hits;
 2. takes the best hits, whole, each with the units within `recall_context` positions of it (the sentence around
@@ -61,7 +62,8 @@ def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *
         scores: per archive entry (over every ring): mass and floor (float32; the ring's bar: a quantile of what
             the retained tokens drew) and serials, positions, token_ids, sources, units (int64).
         held: the remembered tokens (cache.snapshot(): serials, positions, token_ids, sources, units, layers).
-        num_layers: L (a token every layer holds is whole already); marker: the marker source code (never picked).
+        num_layers: the rows that may hold a token, L per layer, L * Hkv per KV head (a token every row holds is
+            whole already); marker: the marker source code (never picked).
         threshold, most, context, alpha: HaloConfig.recall_threshold, recall_tokens, recall_context, alpha.
         priority, displaced: recall never pushes out text that outranks it. A unit comes back only when its
             source's priority (`priority`: float32 per source code) is at least that of what its tokens would push
@@ -191,7 +193,7 @@ class Recall:
         if scores is None:
             return None, CullResult()
         held = cache.snapshot()
-        pick = pick_units(scores, held, num_layers=cache.num_layers, marker=cfg.source_code("marker"),
+        pick = pick_units(scores, held, num_layers=cache.num_rows, marker=cfg.source_code("marker"),
                           threshold=cfg.recall_threshold, most=cfg.recall_tokens, context=cfg.recall_context,
                           alpha=cfg.alpha, priority=self.priority,
                           displaced=cache.displaced_priority(cfg.recall_tokens, self.priority), skip=skip)

@@ -1,11 +1,14 @@
-"""RecallMemory: the per-layer cache's side of recall (HaloConfig.recall): the archive it fills, the tokens it takes
-back, their grace period, and the state it saves.
+"""RecallMemory: the per-layer and per-head caches' side of recall (HaloConfig.recall): the archive it fills, the
+tokens it takes back, their grace period, and the state it saves.
 
 Filling: when a retrieval layer evicts text tokens, their keys at that layer go into `archive`
 (halo.archive.RecallArchive; with memory positions derotated to position 0, and rotated to their present ranks,
-`archived_rope`, when scored). Scoring happens inside the cache's stream forwards of a recall source. Taking back
-is driven from outside (halo.recall.Recall): it runs a service forward that writes the archived tokens as new
-slots at their original positions, then calls `adopt_recalled`.
+`archived_rope`, when scored). The archive has one ring per row of the slot fields that belongs to a retrieval
+layer: per layer, the layer's row with every KV head's key; per KV head (`halo.head_cache`, which evicts head by
+head), row `l * Hkv + h` with head h's key alone, scored by that head's own query heads. Scoring happens inside
+the cache's stream forwards of a recall source. Taking back is driven from outside (halo.recall.Recall): it runs
+a service forward that writes the archived tokens as new slots at their original positions, then calls
+`adopt_recalled`.
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ class RecallMemory:
         self._grace: list[tuple[int, int, int]] = []  # recalled serials [first, stop) protected while seen < until
         self._recalled = torch.zeros(0, dtype=torch.int64, device=self.device)  # serials born by recall
         if cfg.recall and self.archive is None:
-            self.archive = RecallArchive(cfg.recall_layer_indices(self.num_layers), cfg.recall_capacity,
-                                         self.num_kv_heads, self.head_dim, self.dtype, self.device,
-                                         inv_freq=self._inv_freq)  # memory positions: keys kept at position 0
+            layers, per = cfg.recall_layer_indices(self.num_layers), self.num_rows // self.num_layers
+            self._retrieval_layers = frozenset(layers)
+            # one ring per row of a retrieval layer; per KV head a ring keeps that head's key alone
+            self.archive = RecallArchive(tuple(layer * per + h for layer in layers for h in range(per)),
+                                         cfg.recall_capacity, self.num_kv_heads // per, self.head_dim, self.dtype,
+                                         self.device, inv_freq=self._inv_freq)  # memory positions: at position 0
             self._recall_sources = {cfg.source_code(name) for name in cfg.recall_sources}
         elif self.archive is not None:
             self.archive.clear()
@@ -39,13 +45,26 @@ class RecallMemory:
     def scores_recall(self, source: int, rows: int, layer_idx: int) -> bool:
         """Whether a stream forward of `source` with `rows` query rows scores the archive at layer `layer_idx`."""
         return (self.archive is not None and source in self._recall_sources and rows >= self.config.recall_min_rows
-                and layer_idx in self.archive.ring_of)
+                and layer_idx in self._retrieval_layers)
+
+    def _score_archive(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """Score the rings of layer `layer_idx` with this forward's rows (query [Hq, T, D], key [Hkv, >= n + T, D],
+        each row's own retained slots first, then its new rows; the step's column mass already in `mass`). Per
+        KV head each ring is read by its own GQA group of query heads against its own slots."""
+        per = self.num_rows // self.num_layers
+        q_heads, k_heads = query.shape[0] // per, key.shape[0] // per
+        mass = self._store.fields["mass"]
+        for h in range(per):
+            row = layer_idx * per + h
+            self.archive.score(row, query[h * q_heads:(h + 1) * q_heads], key[h * k_heads:(h + 1) * k_heads],
+                               scaling, self._counts[row], self.config.recall_heads, self.backend, mass[row],
+                               self.archived_rope)
 
     def displaced_priority(self, most: int, priority: torch.Tensor) -> torch.Tensor:
         """float32 [<= most]: the source priority (`priority`: float32 per source code) of what recalled tokens
-        would push out. Entry j is the median over layers of the priority of each layer's (j+1)-th next victim
-        (the slots it could evict now, lowest policy score first; +inf where a layer has fewer); it ends where most
-        layers have no more. One host read."""
+        would push out. Entry j is the median over rows (layers, or KV heads) of the priority of each row's (j+1)-th
+        next victim (the slots it could evict now, lowest policy score first; +inf where a row has fewer); it ends
+        where most rows have no more. One host read."""
         scores = self.policy.scores(self).masked_fill(self.protected_mask(), float("inf"))
         low = torch.topk(scores, min(most, scores.shape[1]), dim=1, largest=False)
         ranks = priority.to(self.device)[self.sources.gather(1, low.indices)]
@@ -67,16 +86,19 @@ class RecallMemory:
         return protected if bool(((~graced).sum(1) < need).any()) else graced
 
     def _archive_victims(self, victims: torch.Tensor) -> None:
-        """Put the keys of the retrieval layers' victims (int64 [L, k], -1 padded; text tokens, not markers) into
+        """Put the keys of the retrieval layers' victims (int64 [rows, k], -1 padded; text tokens, not markers) into
         the archive, before compaction moves them (with memory positions, with the `rope` they carry, by which the
         archive derotates them)."""
         fields, marker = self._store.fields, self.config.source_code("marker")
-        for layer in self.archive.layers:
-            cols = victims[layer][victims[layer] >= 0]
-            cols = cols[fields["sources"][layer, cols] != marker]
-            rope = fields["rope"][layer, cols] if self._inv_freq is not None else None
-            self.archive.add(layer, self._store.layer_kv[layer][0][:, cols],
-                             {name: fields[name][layer, cols] for name in _ARCHIVED_FIELDS}, rope)
+        per = self.num_rows // self.num_layers
+        heads = self.num_kv_heads // per
+        for row in self.archive.layers:
+            layer, h = divmod(row, per)
+            cols = victims[row][victims[row] >= 0]
+            cols = cols[fields["sources"][row, cols] != marker]
+            rope = fields["rope"][row, cols] if self._inv_freq is not None else None
+            self.archive.add(row, self._store.layer_kv[layer][0][h * heads:(h + 1) * heads, cols],
+                             {name: fields[name][row, cols] for name in _ARCHIVED_FIELDS}, rope)
 
     def adopt_recalled(self, first_serial: int, old_serials: torch.Tensor, sources: torch.Tensor,
                        brightness: torch.Tensor) -> None:

@@ -38,7 +38,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
                         help=f"tokens dimmer than this may be repaired (default {d.repair_threshold})")
     parser.add_argument("--recall", action="store_true", default=None,
                         help="bring forgotten text back when the conversation points at it (needs --granularity "
-                        "layer, the default; after long tool output use it with --rope-positions memory; "
+                        "layer, the default, or head; after long tool output use it with --rope-positions memory; "
                         "default: off)")
     parser.add_argument("--rope-positions", choices=("text", "memory"), default=None,
                         help="what RoPE sees: each token's position in the text, or its rank in the remembered "

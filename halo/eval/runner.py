@@ -77,7 +77,8 @@ def eval_config(budget: int, *, sinks: int = 4, recent: int | None = None, chunk
 REPAIR_SUFFIX = "+repair"
 """`halo+repair` (any policy name plus this suffix) runs that policy with single-pass self repair switched on."""
 RECALL_SUFFIX = "+recall"
-"""`halo+recall` runs that policy per layer with recall switched on (HaloConfig(recall=True), halo.recall)."""
+"""`halo+recall` runs that policy per layer with recall switched on (HaloConfig(recall=True), halo.recall);
+`halo-head+recall` per KV head."""
 EXTRA_SUFFIXES = {REPAIR_SUFFIX: {"repair": "self"}, RECALL_SUFFIX: {"recall": True, "granularity": "layer"}}
 HALO_POLICIES = ("halo", "halo-mean")
 """Rows that run with the config's granularity when the name has no granularity suffix."""

@@ -21,7 +21,7 @@ LOG = "2026-11-22 worker 3 processed batch 7 ok\n" * 3
 
 
 def scoring_session(model, tok, **changes):
-    """Per-layer memory positions with layer 0 the only retrieval layer (its keys depend only on the token and its
+    """Per-layer (or, with `granularity="head"`, per-head) memory positions with layer 0 the only retrieval layer (its keys depend only on the token and its
     RoPE position, so a fresh run can rebuild them) and a threshold nothing reaches: every user and tool forward
     scores the archive, nothing comes back."""
     sources = {**default_sources(), "user": SourcePolicy(initial=128.0, decay=1.0, priority=320.0)}
@@ -36,18 +36,20 @@ def spy_on_scoring(cache) -> list[dict]:
     """Record every archive scoring of `cache`: the keys and arguments `archive_ratio` got, its result, the archived
     entries and, computed here from the slots, each entry's present rank (`ranks`: its `searchsorted` in the sorted
     distinct positions some layer holds) and the `rope` of the first held token at or after it (`frame`, one past
-    the newest when none: the rank in the frame of the keys as they stand, which differs between re-ranks)."""
+    the newest when none: the rank in the frame of the keys as they stand, which differs between re-ranks).
+    Per KV head layer 0 has a ring per head, scored in head order (`ring`: the KV head whose key it holds)."""
     calls, real = [], cache.backend.archive_ratio
+    rings = len(cache.archive.layers)
 
     def spy(query, keys, valid, scaling, lse, weight, scale, heads):
         mass = real(query, keys, valid, scaling, lse, weight, scale, heads)
-        n, width = cache.n_valid, keys.shape[1]
+        n, width, ring = cache.n_valid, keys.shape[1], len(calls) % rings
         held = torch.arange(n, device=cache.device)[None, :] < cache.layer_counts[:, None]
         positions, rope = cache.positions[:, :n][held], cache.slot_field("rope")[:, :n][held]
-        fields = {name: cache.archive.fields[name][0, :width].clone() for name in ("positions", "token_ids", "serials")}
+        fields = {name: cache.archive.fields[name][ring, :width].clone() for name in ("positions", "token_ids", "serials")}
         later = positions[None, :] >= fields["positions"][:, None]  # [width, held]
         frame = torch.where(later, rope[None, :], rope.max() + 1).amin(1)
-        calls.append({"keys": keys.float().clone(), "args": (query.clone(), valid.clone(), scaling, lse.clone(),
+        calls.append({"ring": ring, "keys": keys.float().clone(), "args": (query.clone(), valid.clone(), scaling, lse.clone(),
                                                                weight.clone(), scale.clone(), heads),
                       "mass": mass.clone(), **fields,
                       "ranks": torch.searchsorted(torch.unique(positions), fields["positions"]), "frame": frame})
@@ -60,7 +62,8 @@ def spy_on_scoring(cache) -> list[dict]:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rerank", ["every_forward", "lazy"])
 @pytest.mark.parametrize("rotation", ["copy", "afresh"])
-def test_archived_keys_are_scored_at_their_present_ranks(tiny_tok, device, rerank, rotation, monkeypatch):
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_archived_keys_are_scored_at_their_present_ranks(tiny_tok, device, rerank, rotation, granularity, monkeypatch):
     """After culls moved the ranks, each archived key that is scored equals the layer-0 key a fresh run computes for
     its token at its present rank, and so does its score (fails when archived keys keep the rotation they died
     with). Re-ranked every forward that rank is the `searchsorted` of its position among the held ones; between
@@ -69,7 +72,7 @@ def test_archived_keys_are_scored_at_their_present_ranks(tiny_tok, device, reran
     if rerank == "every_forward":
         monkeypatch.setattr("halo.memory_positions.RERANK_SLACK", -1)
     model = tiny_llama(layers=2, vocab=len(tiny_tok)).to(device)
-    session = scoring_session(model, tiny_tok)
+    session = scoring_session(model, tiny_tok, granularity=granularity)
     copied = session.cache.archive.bytes_per_token
     if rotation == "afresh":
         session.cache.archive._turned = None
@@ -82,8 +85,8 @@ def test_archived_keys_are_scored_at_their_present_ranks(tiny_tok, device, reran
     moved = 0
     for call in calls:
         for serial, rank in zip(call["serials"].tolist(), call["ranks"].tolist()):
-            moved += serial in first_rank and first_rank[serial] != rank
-            first_rank.setdefault(serial, rank)
+            moved += (call["ring"], serial) in first_rank and first_rank[(call["ring"], serial)] != rank
+            first_rank.setdefault((call["ring"], serial), rank)
     assert moved > 0  # ranks moved after archiving: a key left at its old rotation would be off
     lazy = sum(not torch.equal(call["frame"], call["ranks"]) for call in calls)
     assert lazy > 0 if rerank == "lazy" else lazy == 0
@@ -93,14 +96,15 @@ def test_archived_keys_are_scored_at_their_present_ranks(tiny_tok, device, reran
         with torch.no_grad():
             model(input_ids=call["token_ids"][valid][None], position_ids=call["frame"][valid][None],
                   past_key_values=fresh, use_cache=True)
-        want = fresh.layers[0].keys[0]  # [Hkv, a, D]
+        want = fresh.layers[0].keys[0]  # [Hkv, a, D]; per head the ring's head alone
+        want = want if granularity == "layer" else want[call["ring"]:call["ring"] + 1]
         torch.testing.assert_close(call["keys"][:, valid], want, atol=2e-3, rtol=2e-3)  # fp16 storage
         keys = torch.zeros_like(call["keys"])
         keys[:, valid] = want
         torch.testing.assert_close(call["mass"], archive_ratio(call["args"][0], keys, *call["args"][1:]),
                                    atol=1e-4, rtol=1e-3)
     heads, dim = session.cache.num_kv_heads, session.cache.head_dim  # the CPU keeps a rotated copy, CUDA none
-    assert copied == (2 if device == "cpu" else 1) * heads * dim * 2 + 8 * 5
+    assert copied == (2 if device == "cpu" else 1) * heads * dim * 2 + 8 * 5 * (1 if granularity == "layer" else heads)
 
 
 def test_archived_rope_between_re_ranks_stays_in_the_frame_of_the_keys(tiny_tok):

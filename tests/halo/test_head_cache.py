@@ -39,10 +39,10 @@ def test_halo_cache_builds_a_per_head_memory(tiny_model):
     assert tuple(cache.kv.shape[:3]) == (layers, 2, heads)
 
 
-def test_a_per_head_memory_refuses_recall_and_takes_memory_positions():
-    HaloConfig(granularity="head", rope_positions="memory").validate()
-    with pytest.raises(ValueError, match="recall needs per-layer memory"):
-        HaloConfig(granularity="head", recall=True).validate()
+def test_a_per_head_memory_takes_recall_and_memory_positions():
+    HaloConfig(granularity="head", rope_positions="memory", recall=True).validate()
+    with pytest.raises(ValueError, match="recall needs per-layer or per-head memory"):
+        HaloConfig(granularity="token", recall=True).validate()
 
 
 def _masked_attention(held):
@@ -235,11 +235,11 @@ def test_a_cache_class_refuses_a_config_of_another_granularity(tiny_model):
 
 
 @pytest.mark.parametrize("suite", ["essays", "conversation"])
-def test_eval_refuses_a_setting_the_head_row_cannot_take_before_any_row_runs(suite):
+def test_eval_refuses_a_setting_a_row_cannot_take_before_any_row_runs(suite):
     from halo.eval.conversation_runner import run_conversations
     from halo.eval.runner import evaluate
-    with pytest.raises(ValueError, match="recall needs per-layer memory"):
+    with pytest.raises(ValueError, match="recall needs per-layer or per-head memory"):
         if suite == "essays":  # no model: the check comes before the first row
-            evaluate(None, None, ["text"], policies=["full", "halo", "halo-head"], config_overrides={"recall": True})
+            evaluate(None, None, ["text"], policies=["full", "halo-head", "halo-token"], config_overrides={"recall": True})
         else:
-            run_conversations(None, None, policies=["full", "halo-head"], config_overrides={"recall": True})
+            run_conversations(None, None, policies=["full", "halo-token"], config_overrides={"recall": True})

@@ -1,5 +1,6 @@
 """Recall (HaloConfig(recall=True), halo.recall): forgotten units come back whole, at their positions, in every
-layer, with the budget and the accounting exact at every step."""
+layer (per-layer memory) or every KV head (per-head memory), with the budget and the accounting exact at every
+step."""
 
 import io
 
@@ -18,8 +19,11 @@ TEXT = ("the quick brown fox jumps over the lazy dog and keeps running far away 
 QUESTION = "how many stars did the owls count?"
 
 
+GRANULARITIES = pytest.mark.parametrize("granularity", ["layer", "head"])
+
+
 def recalling(model, tok, **changes):
-    """A per-layer session with recall on. Threshold 0 makes every forgotten unit a hit (a random tiny model's
+    """A per-layer session (or per-head: `granularity="head"`) with recall on. Threshold 0 makes every forgotten unit a hit (a random tiny model's
     attention is near uniform), so each user forward recalls: the machinery runs on every step."""
     sources = {**default_sources(), "user": SourcePolicy(initial=128.0, decay=1.0, priority=320.0)}
     config = HaloConfig(**{"budget": 40, "sink_tokens": 2, "recent_tokens": 6, "chunk_size": 4, "sources": sources,
@@ -30,13 +34,13 @@ def recalling(model, tok, **changes):
 
 def check_accounting(session):
     cache, stats = session.cache, session.stats()
-    for layer in range(cache.num_layers):
-        assert cache.layer_length(layer) <= cache.config.budget
+    assert int(cache.layer_counts.max()) <= cache.config.budget  # every row: a layer, or a KV head
     assert stats["remembered"] - stats["markers"] + stats["evicted"] - stats["recalled"] == stats["tokens_fed"]
 
 
-def test_recall_holds_the_budget_and_the_accounting_at_every_step(tiny_tok):
-    session = recalling(tiny_llama(layers=3, vocab=len(tiny_tok)), tiny_tok)
+@GRANULARITIES
+def test_recall_holds_the_budget_and_the_accounting_at_every_step(tiny_tok, granularity):
+    session = recalling(tiny_llama(layers=3, vocab=len(tiny_tok)), tiny_tok, granularity=granularity)
     for _ in range(3):
         session.feed(TEXT, "user")
         check_accounting(session)
@@ -50,25 +54,33 @@ def test_recall_holds_the_budget_and_the_accounting_at_every_step(tiny_tok):
     assert session.journal.count("recalled") == stats["recalled"] == session.recall.recalled
 
 
-def test_recalled_tokens_return_at_their_positions_with_their_layer0_keys(tiny_tok):
+def _layer0_keys(cache) -> dict[tuple[int, int], torch.Tensor]:
+    """(KV head, position) -> layer 0's key of every slot layer 0 holds (per head, each head's own slots)."""
+    rows = cache.num_rows // cache.num_layers  # layer 0's rows: 1 per layer, Hkv per KV head
+    heads = cache.num_kv_heads // rows
+    keys = {}
+    for row in range(rows):
+        for slot in range(int(cache.layer_counts[row])):
+            for head in range(row * heads, (row + 1) * heads):
+                keys[(head, int(cache.positions[row, slot]))] = cache.kv[0, 0, head, slot]
+    return keys
+
+
+@GRANULARITIES
+def test_recalled_tokens_return_at_their_positions_with_their_layer0_keys(tiny_tok, granularity):
     """Layer 0's K/V depend only on the token and its position: a recalled token's must match the original's."""
-    session = recalling(tiny_llama(layers=2, vocab=len(tiny_tok)), tiny_tok)
+    session = recalling(tiny_llama(layers=2, vocab=len(tiny_tok)), tiny_tok, granularity=granularity)
     cache, first_k = session.cache, {}
-
-    def remember():
-        for slot in range(cache.layer_length(0)):
-            first_k.setdefault(int(cache.positions[0, slot]), cache.kv[0, 0, :, slot].clone())
-
     for start in range(0, 3 * len(TEXT), 40):
         session.feed((TEXT * 3)[start:start + 40], "user")
-        remember()
+        for where, key in _layer0_keys(cache).items():
+            first_k.setdefault(where, key.clone())
     recalled_positions = {e.position for e in session.journal if e.kind == "recalled"}
     assert recalled_positions
     checked = 0
-    for slot in range(cache.layer_length(0)):
-        position = int(cache.positions[0, slot])
+    for (head, position), key in _layer0_keys(cache).items():
         if position in recalled_positions:
-            torch.testing.assert_close(cache.kv[0, 0, :, slot], first_k[position], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(key, first_k[(head, position)], rtol=1e-4, atol=1e-5)
             checked += 1
     assert checked > 0
     evicted = {e.position for e in session.journal.evicted}
@@ -93,8 +105,9 @@ def test_forwards_with_fewer_rows_than_recall_min_rows_do_not_score_the_archive(
     check_accounting(session)
 
 
-def test_memory_flags_and_html_outline_recalled_tokens(tiny_tok):
-    session = recalling(tiny_llama(layers=2, vocab=len(tiny_tok)), tiny_tok)
+@GRANULARITIES
+def test_memory_flags_and_html_outline_recalled_tokens(tiny_tok, granularity):
+    session = recalling(tiny_llama(layers=2, vocab=len(tiny_tok)), tiny_tok, granularity=granularity)
     for _ in range(3):
         session.feed(TEXT, "user")
     mem = session.memory()
@@ -102,9 +115,10 @@ def test_memory_flags_and_html_outline_recalled_tokens(tiny_tok):
     assert "t recalled" in render_html(session)
 
 
-def test_save_and_load_carry_the_archive_and_continue_identically(tiny_tok, tmp_path):
+@GRANULARITIES
+def test_save_and_load_carry_the_archive_and_continue_identically(tiny_tok, tmp_path, granularity):
     model = tiny_llama(layers=2, vocab=len(tiny_tok))
-    a = recalling(model, tiny_tok)
+    a = recalling(model, tiny_tok, granularity=granularity)
     for _ in range(3):
         a.feed(TEXT, "user")
     path = a.save(tmp_path / "recall.halo")
@@ -136,7 +150,7 @@ def test_a_corrupted_archive_is_refused_and_the_session_stays_fresh(tiny_tok):
 
 
 @pytest.mark.parametrize("changes,match", [
-    ({"granularity": "token"}, "per-layer memory"),
+    ({"granularity": "token"}, "per-layer or per-head memory"),
     ({"recall_tokens": 40}, "recall_tokens"),
     ({"recall_sources": ("nobody",)}, "recall_sources"),
     ({"recall_layers": (1.5,)}, "recall_layers"),
@@ -204,6 +218,33 @@ def test_the_eval_row_switches_recall_on_per_layer():
     assert base == "halo" and config.recall and config.granularity == "layer"
     base, config = policy_setup("tova-layer+recall", HaloConfig())
     assert base == "tova" and config.recall
+    base, config = policy_setup("halo-head+recall", HaloConfig())
+    assert base == "halo" and config.recall and config.granularity == "head"
+
+
+def test_per_head_rings_keep_each_heads_own_key_of_what_that_head_evicted(tiny_tok):
+    """Per KV head a retrieval layer has one ring per head, filled by that head's evictions with that head's key
+    alone: layer 0's key depends only on the token and its position, so each entry must equal a full run's."""
+    model = tiny_llama(layers=2, vocab=len(tiny_tok))
+    session = recalling(model, tiny_tok, granularity="head", recall_sources=("tool",))  # nothing comes back
+    for _ in range(3):
+        session.feed(TEXT, "user")
+    cache, archive = session.cache, session.cache.archive
+    assert archive.layers == (0, 1, 2, 3)  # retrieval layers 0 and 1 of the tiny model, 2 KV heads each
+    assert tuple(archive.keys.shape[:2]) == (4, 1)
+    fed = {e.position: e.token_id for e in session.journal.evicted}
+    memory = session.memory()
+    fed.update(zip(memory.positions.tolist(), memory.token_ids.tolist()))
+    assert sorted(fed) == list(range(cache.seen))  # user text only: no markers
+    full = model(torch.tensor([[fed[p] for p in range(cache.seen)]]), use_cache=True).past_key_values
+    checked = 0
+    for head in range(2):
+        width = int((archive.fields["serials"][head] >= 0).sum())
+        positions = archive.fields["positions"][head, :width]
+        expected = full.layers[0].keys[0, head, positions]
+        torch.testing.assert_close(archive.keys[head, 0, :width].float(), expected, rtol=2e-3, atol=2e-3)
+        checked += width
+    assert checked > 0
 
 
 def test_chat_shows_what_was_recalled(tiny_tok):
