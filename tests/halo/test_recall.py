@@ -247,8 +247,9 @@ def test_per_head_rings_keep_each_heads_own_key_of_what_that_head_evicted(tiny_t
     assert checked > 0
 
 
-def test_chat_shows_what_was_recalled(tiny_tok):
-    session = recalling(tiny_llama(layers=2, vocab=len(tiny_tok)), tiny_tok, budget=64)
+@GRANULARITIES
+def test_chat_shows_what_was_recalled(tiny_tok, granularity):
+    session = recalling(tiny_llama(layers=2, vocab=len(tiny_tok)), tiny_tok, budget=64, granularity=granularity)
     script = "\n".join([TEXT, TEXT, QUESTION, "/recalled", "/quit"]) + "\n"
     out = io.StringIO()
     run_chat(session, io.StringIO(script), out, system=None, max_new_tokens=4)
