@@ -149,9 +149,10 @@ class HaloConfig:
         rope_positions: "text" (default, DESIGN.md): RoPE sees each token's position in the text; "memory": RoPE
             sees its rank among the remembered tokens, so the holes the cull leaves close (halo.memory_positions;
             models with rotary embeddings only).
-        value_weight: p >= 0. With p > 0 (per-layer memory only) a slot's attention income at a layer is weighed
-            by `|v| ** p` over its mean over the layer's held slots, |v| its value vector's norm (mean over KV
-            heads): what the rows actually read from it, not only how much they looked. 0 (default): the
+        value_weight: p >= 0. With p > 0 (per-layer or per-head memory) a slot's attention income at a layer is
+            weighed by `|v| ** p` over its mean over the layer's held slots, |v| its value vector's norm (mean over
+            KV heads; per KV head, that head's own and its own held slots): what the rows actually read from it,
+            not only how much they looked. 0 (default): the
             attention alone, DESIGN.md's rule (README, Brightness).
     """
 
@@ -248,9 +249,9 @@ class HaloConfig:
             raise ValueError("marker_text must not be empty")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.value_weight and self.granularity != "layer":
-            raise ValueError(f"value_weight needs per-layer memory (granularity='layer'); the {self.granularity}-"
-                             "level cache reads attention alone")
+        if self.value_weight and self.granularity == "token":
+            raise ValueError("value_weight needs per-layer or per-head memory (granularity='layer' or 'head'); the "
+                             "token-level cache reads attention alone")
         self._validate_recall()
         if self.rope_positions not in ROPE_POSITIONS:
             raise ValueError(f"rope_positions must be one of {ROPE_POSITIONS}, got {self.rope_positions!r}")

@@ -13,7 +13,8 @@ attention then sees `layer_length(l)` (its fullest head) + the new rows, each he
 slots hidden. A token is remembered while any (layer, head) holds it; `snapshot()["layers"]` counts the rows.
 With memory positions (halo.memory_positions) every head's keys sit at the ranks of one numbering, the remembered
 positions of all heads. Recall (halo.recall_memory) archives each head's evictions in a ring of its own, read by
-that head's query heads. Value weighting stays with per-layer memory (HaloConfig refuses the mix).
+that head's query heads. Value weighting (HaloConfig.value_weight) weighs each head's income by its own value
+norms.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ class HeadHaloCache(LayeredHaloCache):
         index = self._write_index[layer_idx]
         keys.view(-1, self.head_dim).index_copy_(0, index, key_states[0, :, :t_rows].reshape(-1, self.head_dim))
         values.view(-1, self.head_dim).index_copy_(0, index, value_states[0, :, :t_rows].reshape(-1, self.head_dim))
+        if self.config.value_weight:  # each head's own value norms, at the same flat slots of its layer's rows
+            heads = self.num_kv_heads
+            norms = self._store.fields["value_norm"][layer_idx * heads:(layer_idx + 1) * heads]
+            norms.view(-1).index_copy_(0, index, value_states[0, :, :t_rows].float().norm(dim=-1).reshape(-1))
         if self._patches is not None:
             self._write_patches(layer_idx, key_states[0, :, t_rows:], value_states[0, :, t_rows:])
         capture.set_active(self, layer_idx)
@@ -77,9 +82,12 @@ class HeadHaloCache(LayeredHaloCache):
     def _write_patches(self, layer_idx: int, keys_new: torch.Tensor, values_new: torch.Tensor) -> None:
         keys, values = self._store.layer_kv[layer_idx]
         for head in range(self.num_kv_heads):
-            slots, rows = self._patches[layer_idx * self.num_kv_heads + head]
+            row = layer_idx * self.num_kv_heads + head
+            slots, rows = self._patches[row]
             keys[head].index_copy_(0, slots, keys_new[head, rows])
             values[head].index_copy_(0, slots, values_new[head, rows])
+            if self.config.value_weight:
+                self._store.fields["value_norm"][row].index_copy_(0, slots, values_new[head, rows].float().norm(dim=-1))
 
     def attention_mask(self, layer_idx: int = 0) -> torch.Tensor | None:
         """None when every head of the layer holds the same count and the rows need no mask; else bool

@@ -161,14 +161,20 @@ class LayeredHaloCache(RecallMemory, HaloCache):
         if self.scores_recall(self._flight.spec.source, query.shape[1], layer_idx):
             self._score_archive(layer_idx, query, key, scaling)
         if self.config.value_weight:  # after recall's bar, which reads the attention alone
-            end = self._counts[layer_idx] + query.shape[1]
-            fields["mass"][layer_idx, :end] *= value_weights(fields["value_norm"][layer_idx, :end],
-                                                              self.config.value_weight)
+            self._weigh_mass(layer_idx, query.shape[1])
         if last:
             width = self._n_valid + query.shape[1]
             self.backend.update_brightness_layers(fields["brightness"][:, :width], fields["mass"][:, :width],
                                                   self._decay[fields["sources"][:, :width]], self._counts_t,
                                                   query.shape[1], self.config.alpha)
+
+    def _weigh_mass(self, layer_idx: int, t_rows: int) -> None:
+        """HaloConfig.value_weight: weigh each row of this layer's mass (its held slots and the new rows) by
+        `value_weights` of the row's value norms."""
+        fields, per = self._store.fields, self.num_rows // self.num_layers
+        for row in range(layer_idx * per, (layer_idx + 1) * per):
+            end = self._counts[row] + t_rows
+            fields["mass"][row, :end] *= value_weights(fields["value_norm"][row, :end], self.config.value_weight)
 
     def _column_mass(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         """Add one layer's attention mass (query [Hq, T, D], key [Hkv, N, D]) to its row of the step fields."""

@@ -102,9 +102,9 @@ def policy_setup(name: str, config: HaloConfig) -> tuple[str, HaloConfig]:
 
 
 def _with_granularity(config: HaloConfig, granularity: str) -> HaloConfig:
-    """`config` at `granularity`; a token- or head-level row drops `value_weight`, which only per-layer memory
-    reads."""
-    if granularity != "layer":
+    """`config` at `granularity`; a token-level row drops `value_weight`, which only per-layer and per-head
+    memory read."""
+    if granularity == "token":
         return config.replace(granularity=granularity, value_weight=0.0)
     return config.replace(granularity=granularity)
 

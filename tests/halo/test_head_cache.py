@@ -159,7 +159,7 @@ def test_save_and_load_continue_exactly(tiny_pair, tmp_path):
 
 def test_eval_rows_name_the_head_granularity():
     name, config = policy_setup("halo-head", HaloConfig(value_weight=1.0))
-    assert name == "halo" and config.granularity == "head" and config.value_weight == 0.0
+    assert name == "halo" and config.granularity == "head" and config.value_weight == 1.0
 
 
 def test_log_lines_are_marked_once_no_head_holds_them(tiny_pair):

@@ -1,4 +1,4 @@
-"""HaloConfig.value_weight: per-layer brightness income weighed by each slot's value norm."""
+"""HaloConfig.value_weight: per-layer (and per-head) brightness income weighed by each slot's value norm."""
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ def test_config_refuses_bad_value_weights():
         HaloConfig(value_weight=-1.0)
     with pytest.raises(ValueError, match="value_weight must be finite"):
         HaloConfig(value_weight=float("inf"))
-    with pytest.raises(ValueError, match="value_weight needs per-layer memory"):
+    with pytest.raises(ValueError, match="value_weight needs per-layer or per-head memory"):
         HaloConfig(value_weight=1.0, granularity="token")
     assert HaloConfig().value_weight == 0.0  # DESIGN.md's rule by default
 
@@ -98,6 +98,58 @@ def test_eval_rows_at_token_level_drop_the_value_weight():
     config = HaloConfig(value_weight=1.0)
     assert policy_setup("halo", config)[1].value_weight == 1.0
     assert policy_setup("halo+recall", config)[1].value_weight == 1.0
+    assert policy_setup("halo-head", config)[1].value_weight == 1.0
     for row in ("tova", "streaming", "halo-token", "full"):
         name, cfg = policy_setup(row, config)
         assert cfg.granularity == "token" and cfg.value_weight == 0.0
+
+
+def _head_norms(cache, row: int, count: int) -> torch.Tensor:
+    """The value norms KV head h of layer l holds in its first `count` slots (row l * Hkv + h)."""
+    layer, head = divmod(row, cache.num_kv_heads)
+    return cache.kv[layer, 1, head, :count].float().norm(dim=-1)
+
+
+def test_per_head_income_is_weighed_by_each_heads_own_value_norms(tiny_pair):
+    """Per KV head, one forward from empty: each row's gain is its attention gain times `value_weights` of that
+    head's own value norms (not the mean over heads)."""
+    model, tok = tiny_pair
+    sessions = {p: Session(model, tok, HaloConfig(budget=400, chunk_size=256, value_weight=p, granularity="head"))
+                for p in (0.0, 1.0)}
+    for session in sessions.values():
+        session.feed(TEXT)
+    plain, weighed = sessions[0.0].cache, sessions[1.0].cache
+    n = plain.n_valid
+    user = plain.config.sources["user"]
+    base = user.initial - user.decay * rows_seeing(0, n, "cpu").float()
+    gain0, gain1 = plain.brightness[:, :n] - base, weighed.brightness[:, :n] - base
+    kept = (plain.brightness[:, :n] > 0) & (plain.brightness[:, :n] < 255) & (weighed.brightness[:, :n] > 0) \
+        & (weighed.brightness[:, :n] < 255)
+    assert kept.float().mean() > 0.5
+    for row in range(plain.num_rows):
+        norms = weighed.slot_field("value_norm")[row, :n]
+        torch.testing.assert_close(norms, _head_norms(weighed, row, n))
+        mask = kept[row]
+        torch.testing.assert_close(gain1[row][mask], (gain0[row] * value_weights(norms, 1.0))[mask],
+                                   rtol=1e-4, atol=1e-3)
+    layer0 = weighed.slot_field("value_norm")[:weighed.num_kv_heads, :n]
+    assert not torch.allclose(layer0[0], layer0[1])  # each head its own norms
+
+
+def test_per_head_value_norms_move_with_their_slots_through_culls_markers_and_recall(tiny_pair):
+    """Culls, compactions, markers, and recall (at threshold 0 every user forward brings text back and recomputes
+    its own rows as patch rows): every held slot's norm stays its head's value norm."""
+    model, tok = tiny_pair
+    model = tiny_llama(vocab=len(tok), layers=3)
+    session = Session(model, tok, HaloConfig(budget=40, sink_tokens=2, recent_tokens=6, chunk_size=4,
+                                             value_weight=1.0, granularity="head", recall=True, recall_threshold=0.0,
+                                             recall_tokens=6, recall_context=2, recall_grace=8))
+    for start in range(0, len(TEXT), 24):
+        session.feed(TEXT[start:start + 24])
+        session.feed("2026-11-22 worker 3 processed batch 7 ok\n", "log")
+    session.generate(8)
+    cache, stats = session.cache, session.stats()
+    assert cache.seen > 2 * session.config.budget and stats["markers"] > 0 and stats["recalled"] > 0
+    for row in range(cache.num_rows):
+        count = int(cache.layer_counts[row])
+        torch.testing.assert_close(cache.slot_field("value_norm")[row, :count], _head_norms(cache, row, count))
