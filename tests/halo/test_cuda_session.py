@@ -25,6 +25,9 @@ CONFIGS = {
     "head": {"granularity": "head"},
     "recall": {"recall": True, "recall_threshold": 0.0},
     "recall-memory-positions": {"recall": True, "recall_threshold": 0.0, "rope_positions": "memory"},
+    "head-recall-memory-positions": {"granularity": "head", "recall": True, "recall_threshold": 0.0,
+                                     "rope_positions": "memory"},
+    "head-value-weight": {"granularity": "head", "value_weight": 2.0},
 }
 
 
