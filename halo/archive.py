@@ -35,7 +35,8 @@ class RecallArchive:
     Args:
         layers: the rings' names, distinct and sorted: the retrieval layers' model layer indices, or per KV head the
             rows `l * Hkv + h`; capacity: entries per ring (A).
-        num_kv_heads, head_dim: key shape (the KV heads one ring keeps); dtype: the model's dtype (fp32 is stored as fp16); device.
+        num_kv_heads, head_dim: key shape (the KV heads one ring keeps); dtype: the model's dtype (fp32 is stored
+            as fp16); device.
         inv_freq: with memory positions, the model's rotary frequencies (float32 [D / 2] on `device`; keys are
             then stored at position 0); None with text positions (keys are stored as they come).
     """

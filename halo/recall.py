@@ -7,9 +7,9 @@ the mass each archived token would draw were it alone put back, normalised like 
 After the forward has been culled and its markers placed, `Recall.after_step`:
 
 1. scores each archived token that is not whole (some layer, or per head some KV head, lost it, a retrieval layer
-   included; per-layer memory often keeps a fact in a few layers only) by its best ring's mass over that ring's bar (the 75th
-   percentile of the mass the retained tokens drew in the same forward, so a hit out-shines them) and each unit
-   (a word, a line) by its best token; units at `recall_threshold` or more are hits;
+   included; per-layer memory often keeps a fact in a few layers only) by its best ring's mass over that ring's
+   bar (the 75th percentile of the mass the retained tokens drew in the same forward, so a hit out-shines them)
+   and each unit (a word, a line) by its best token; units at `recall_threshold` or more are hits;
 2. takes the best hits, whole, each with the units within `recall_context` positions of it (the sentence around
    a hit), forgotten or held by only some layers (those copies are evicted first, so every picked token comes
    back whole in every layer), up to `recall_tokens` tokens;
@@ -53,7 +53,7 @@ _PICK_FIELDS = ("serials", "positions", "token_ids", "sources", "units")
 """The fields of a token recall can bring back (the archive's and the memory snapshot's)."""
 
 
-def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *, num_layers: int, marker: int,
+def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *, num_rows: int, marker: int,
                threshold: float, most: int, context: int, alpha: float, priority: torch.Tensor | None = None,
                displaced: torch.Tensor | None = None, skip: torch.Tensor | None = None) -> RecallPick | None:
     """Choose what comes back from one forward's archive scores (RecallArchive.take_scores()).
@@ -62,7 +62,7 @@ def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *
         scores: per archive entry (over every ring): mass and floor (float32; the ring's bar: a quantile of what
             the retained tokens drew) and serials, positions, token_ids, sources, units (int64).
         held: the remembered tokens (cache.snapshot(): serials, positions, token_ids, sources, units, layers).
-        num_layers: the rows that may hold a token, L per layer, L * Hkv per KV head (a token every row holds is
+        num_rows: the rows that may hold a token, L per layer, L * Hkv per KV head (a token every row holds is
             whole already); marker: the marker source code (never picked).
         threshold, most, context, alpha: HaloConfig.recall_threshold, recall_tokens, recall_context, alpha.
         priority, displaced: recall never pushes out text that outranks it. A unit comes back only when its
@@ -78,13 +78,13 @@ def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *
     """
     scores = {name: value.cpu() for name, value in scores.items()}
     # the pool: archived tokens, and remembered tokens some layer lost, once each (the cache's fields win)
-    partial = (held["layers"] < num_layers) & (held["sources"] != marker)
+    partial = (held["layers"] < num_rows) & (held["sources"] != marker)
     pool = {name: torch.cat([held[name][partial], scores[name]]) for name in _PICK_FIELDS}
     if skip is not None:
         pool = {name: value[~torch.isin(pool["sources"], skip)] for name, value in pool.items()}
     serials, first = _first_of(pool["serials"])
     pool = {name: value[first] for name, value in pool.items()}
-    whole = torch.isin(serials, held["serials"][held["layers"] >= num_layers])
+    whole = torch.isin(serials, held["serials"][held["layers"] >= num_rows])
     pool = {name: value[~whole] for name, value in pool.items()}
     if pool["serials"].numel() == 0:
         return None
@@ -193,7 +193,7 @@ class Recall:
         if scores is None:
             return None, CullResult()
         held = cache.snapshot()
-        pick = pick_units(scores, held, num_layers=cache.num_rows, marker=cfg.source_code("marker"),
+        pick = pick_units(scores, held, num_rows=cache.num_rows, marker=cfg.source_code("marker"),
                           threshold=cfg.recall_threshold, most=cfg.recall_tokens, context=cfg.recall_context,
                           alpha=cfg.alpha, priority=self.priority,
                           displaced=cache.displaced_priority(cfg.recall_tokens, self.priority), skip=skip)

@@ -21,9 +21,9 @@ LOG = "2026-11-22 worker 3 processed batch 7 ok\n" * 3
 
 
 def scoring_session(model, tok, **changes):
-    """Per-layer (or, with `granularity="head"`, per-head) memory positions with layer 0 the only retrieval layer (its keys depend only on the token and its
-    RoPE position, so a fresh run can rebuild them) and a threshold nothing reaches: every user and tool forward
-    scores the archive, nothing comes back."""
+    """Per-layer (or, with `granularity="head"`, per-head) memory positions with layer 0 the only retrieval layer
+    (its keys depend only on the token and its RoPE position, so a fresh run can rebuild them) and a threshold
+    nothing reaches: every user and tool forward scores the archive, nothing comes back."""
     sources = {**default_sources(), "user": SourcePolicy(initial=128.0, decay=1.0, priority=320.0)}
     config = HaloConfig(**{"budget": 40, "sink_tokens": 2, "recent_tokens": 6, "chunk_size": 4, "sources": sources,
                            "granularity": "layer", "rope_positions": "memory", "recall": True,
@@ -46,11 +46,12 @@ def spy_on_scoring(cache) -> list[dict]:
         n, width, ring = cache.n_valid, keys.shape[1], len(calls) % rings
         held = torch.arange(n, device=cache.device)[None, :] < cache.layer_counts[:, None]
         positions, rope = cache.positions[:, :n][held], cache.slot_field("rope")[:, :n][held]
-        fields = {name: cache.archive.fields[name][ring, :width].clone() for name in ("positions", "token_ids", "serials")}
+        fields = {name: cache.archive.fields[name][ring, :width].clone()
+                  for name in ("positions", "token_ids", "serials")}
         later = positions[None, :] >= fields["positions"][:, None]  # [width, held]
         frame = torch.where(later, rope[None, :], rope.max() + 1).amin(1)
-        calls.append({"ring": ring, "keys": keys.float().clone(), "args": (query.clone(), valid.clone(), scaling, lse.clone(),
-                                                               weight.clone(), scale.clone(), heads),
+        calls.append({"ring": ring, "keys": keys.float().clone(),
+                      "args": (query.clone(), valid.clone(), scaling, lse.clone(), weight.clone(), scale.clone(), heads),
                       "mass": mass.clone(), **fields,
                       "ranks": torch.searchsorted(torch.unique(positions), fields["positions"]), "frame": frame})
         return mass

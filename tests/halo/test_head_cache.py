@@ -240,6 +240,7 @@ def test_eval_refuses_a_setting_a_row_cannot_take_before_any_row_runs(suite):
     from halo.eval.runner import evaluate
     with pytest.raises(ValueError, match="recall needs per-layer or per-head memory"):
         if suite == "essays":  # no model: the check comes before the first row
-            evaluate(None, None, ["text"], policies=["full", "halo-head", "halo-token"], config_overrides={"recall": True})
+            evaluate(None, None, ["text"], policies=["full", "halo-head", "halo-token"],
+                     config_overrides={"recall": True})
         else:
             run_conversations(None, None, policies=["full", "halo-token"], config_overrides={"recall": True})

@@ -23,8 +23,9 @@ GRANULARITIES = pytest.mark.parametrize("granularity", ["layer", "head"])
 
 
 def recalling(model, tok, **changes):
-    """A per-layer session (or per-head: `granularity="head"`) with recall on. Threshold 0 makes every forgotten unit a hit (a random tiny model's
-    attention is near uniform), so each user forward recalls: the machinery runs on every step."""
+    """A per-layer session (or per-head: `granularity="head"`) with recall on. Threshold 0 makes every forgotten
+    unit a hit (a random tiny model's attention is near uniform), so each user forward recalls: the machinery runs
+    on every step."""
     sources = {**default_sources(), "user": SourcePolicy(initial=128.0, decay=1.0, priority=320.0)}
     config = HaloConfig(**{"budget": 40, "sink_tokens": 2, "recent_tokens": 6, "chunk_size": 4, "sources": sources,
                            "granularity": "layer", "recall": True, "recall_threshold": 0.0, "recall_tokens": 6,
@@ -186,7 +187,7 @@ def test_pick_units_takes_hits_whole_then_their_neighbourhood():
     # 9 = serials 10-11 (forgotten, far away, dim); serial 20 is held by every layer
     scores = _scores([0, 1, 2, 3, 10, 11], [0.5, 5.0, 0.1, 2.0, 0.2, 0.2], [7, 7, 7, 8, 9, 9])
     held = _held([3, 4, 20], [1, 1, 2], [8, 8, -1])
-    pick = pick_units(scores, held, num_layers=2, marker=5, threshold=3.0, most=8, context=2, alpha=1.0)
+    pick = pick_units(scores, held, num_rows=2, marker=5, threshold=3.0, most=8, context=2, alpha=1.0)
     assert pick.serials.tolist() == [0, 1, 2, 3, 4]  # unit 7 (the hit), unit 8 (next to it, made whole)
     assert pick.positions.tolist() == [100, 101, 102, 103, 104] and pick.token_ids.tolist()[0] == 1000
     assert pick.brightness.tolist() == [5.0] * 5  # alpha * the hit's mass
@@ -196,18 +197,18 @@ def test_pick_units_makes_a_partly_held_hit_whole():
     """A token one layer still holds but a retrieval layer archived is a hit of its own: per-layer memory keeps a
     fact in a few layers only, and the question must be able to bring it back into all of them."""
     held = _held([3, 4, 20], [1, 1, 2], [8, 8, -1])
-    pick = pick_units(_scores([3], [9.0], [8]), held, num_layers=2, marker=5, threshold=3.0, most=8, context=0,
+    pick = pick_units(_scores([3], [9.0], [8]), held, num_rows=2, marker=5, threshold=3.0, most=8, context=0,
                       alpha=1.0)
     assert pick.serials.tolist() == [3, 4] and pick.brightness.tolist() == [9.0, 9.0]
     whole = _held([3, 4, 20], [2, 2, 2], [8, 8, -1])  # every layer holds it: nothing to bring back
-    assert pick_units(_scores([3], [9.0], [8]), whole, num_layers=2, marker=5, threshold=3.0, most=8, context=0,
+    assert pick_units(_scores([3], [9.0], [8]), whole, num_rows=2, marker=5, threshold=3.0, most=8, context=0,
                       alpha=1.0) is None
 
 
 def test_pick_units_respects_the_threshold_and_the_token_limit():
     scores = _scores([0, 1, 2, 3], [5.0, 5.0, 5.0, 4.0], [7, 7, 7, -1])
     held = _held([20], [2], [-1])
-    kw = {"num_layers": 2, "marker": 5, "context": 0, "alpha": 1.0}
+    kw = {"num_rows": 2, "marker": 5, "context": 0, "alpha": 1.0}
     assert pick_units(scores, held, threshold=6.0, most=8, **kw) is None
     assert pick_units(scores, held, threshold=3.0, most=2, **kw).serials.tolist() == [3]  # unit 7 is too big
     assert pick_units(scores, held, threshold=3.0, most=4, **kw).serials.tolist() == [0, 1, 2, 3]
@@ -262,7 +263,7 @@ def test_pick_units_never_pushes_out_text_that_outranks_it():
     # tokens would push out does not outrank it; past the end of `displaced` only protected text is left
     scores = _scores([0, 1, 2], [5.0, 5.0, 5.0], [7, 7, 7])
     held = _held([20], [2], [-1])
-    kw = {"num_layers": 2, "marker": 5, "threshold": 3.0, "most": 8, "context": 0, "alpha": 1.0,
+    kw = {"num_rows": 2, "marker": 5, "threshold": 3.0, "most": 8, "context": 0, "alpha": 1.0,
           "priority": torch.tensor([0.0, 0.0, 320.0])}
     assert pick_units(scores, held, displaced=torch.tensor([0.0, 0.0, 320.0]), **kw) is None
     assert pick_units(scores, held, displaced=torch.tensor([0.0, 0.0, 0.0, 320.0]), **kw).serials.tolist() == [0, 1, 2]
