@@ -32,11 +32,22 @@ def test_value_weights_have_mean_one_and_follow_the_norms():
                                torch.full((3,), 4.0))  # norms 2 and 6, mean over the 2 KV heads
 
 
-def test_first_forward_income_is_the_attention_income_times_the_weights(tiny_pair):
+def _expected_norms(cache, row: int, count: int) -> torch.Tensor:
+    """The value norms row `row` must hold in its first `count` slots: per layer the mean over the layer's KV heads,
+    per KV head (row l * Hkv + h) head h's own."""
+    if cache.granularity == "layer":
+        return value_norms(cache.kv[row, 1, :, :count])
+    layer, head = divmod(row, cache.num_kv_heads)
+    return cache.kv[layer, 1, head, :count].float().norm(dim=-1)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_first_forward_income_is_the_attention_income_times_the_weights(tiny_pair, granularity):
     """One forward from empty (no cull): brightness - (initial - decay * rows seeing) is alpha * mass at weight 0
-    and alpha * mass * value_weights at weight 1, layer by layer."""
+    and alpha * mass * value_weights at weight 1, row by row (a layer, or per KV head that head's own norms)."""
     model, tok = tiny_pair
-    sessions = {p: Session(model, tok, HaloConfig(budget=400, chunk_size=256, value_weight=p)) for p in (0.0, 1.0)}
+    sessions = {p: Session(model, tok, HaloConfig(budget=400, chunk_size=256, value_weight=p, granularity=granularity))
+                for p in (0.0, 1.0)}
     for session in sessions.values():
         session.feed(TEXT)
     plain, weighed = sessions[0.0].cache, sessions[1.0].cache
@@ -47,12 +58,14 @@ def test_first_forward_income_is_the_attention_income_times_the_weights(tiny_pai
     kept = (plain.brightness[:, :n] > 0) & (plain.brightness[:, :n] < 255) & (weighed.brightness[:, :n] > 0) \
         & (weighed.brightness[:, :n] < 255)
     assert kept.float().mean() > 0.5
-    for layer in range(plain.num_layers):
-        norms = weighed.slot_field("value_norm")[layer, :n]
-        torch.testing.assert_close(norms, value_norms(weighed.kv[layer, 1, :, :n]))
-        w = value_weights(norms, 1.0)
-        mask = kept[layer]
-        torch.testing.assert_close(gain1[layer][mask], (gain0[layer] * w)[mask], rtol=1e-4, atol=1e-3)
+    for row in range(plain.num_rows):
+        norms = weighed.slot_field("value_norm")[row, :n]
+        torch.testing.assert_close(norms, _expected_norms(weighed, row, n))
+        mask = kept[row]
+        torch.testing.assert_close(gain1[row][mask], (gain0[row] * value_weights(norms, 1.0))[mask],
+                                   rtol=1e-4, atol=1e-3)
+    if granularity == "head":  # each head its own norms
+        assert not torch.allclose(weighed.slot_field("value_norm")[0, :n], weighed.slot_field("value_norm")[1, :n])
 
 
 def test_value_norms_move_with_their_slots_through_culls(tiny_pair):
@@ -104,38 +117,6 @@ def test_eval_rows_at_token_level_drop_the_value_weight():
         assert cfg.granularity == "token" and cfg.value_weight == 0.0
 
 
-def _head_norms(cache, row: int, count: int) -> torch.Tensor:
-    """The value norms KV head h of layer l holds in its first `count` slots (row l * Hkv + h)."""
-    layer, head = divmod(row, cache.num_kv_heads)
-    return cache.kv[layer, 1, head, :count].float().norm(dim=-1)
-
-
-def test_per_head_income_is_weighed_by_each_heads_own_value_norms(tiny_pair):
-    """Per KV head, one forward from empty: each row's gain is its attention gain times `value_weights` of that
-    head's own value norms (not the mean over heads)."""
-    model, tok = tiny_pair
-    sessions = {p: Session(model, tok, HaloConfig(budget=400, chunk_size=256, value_weight=p, granularity="head"))
-                for p in (0.0, 1.0)}
-    for session in sessions.values():
-        session.feed(TEXT)
-    plain, weighed = sessions[0.0].cache, sessions[1.0].cache
-    n = plain.n_valid
-    user = plain.config.sources["user"]
-    base = user.initial - user.decay * rows_seeing(0, n, "cpu").float()
-    gain0, gain1 = plain.brightness[:, :n] - base, weighed.brightness[:, :n] - base
-    kept = (plain.brightness[:, :n] > 0) & (plain.brightness[:, :n] < 255) & (weighed.brightness[:, :n] > 0) \
-        & (weighed.brightness[:, :n] < 255)
-    assert kept.float().mean() > 0.5
-    for row in range(plain.num_rows):
-        norms = weighed.slot_field("value_norm")[row, :n]
-        torch.testing.assert_close(norms, _head_norms(weighed, row, n))
-        mask = kept[row]
-        torch.testing.assert_close(gain1[row][mask], (gain0[row] * value_weights(norms, 1.0))[mask],
-                                   rtol=1e-4, atol=1e-3)
-    layer0 = weighed.slot_field("value_norm")[:weighed.num_kv_heads, :n]
-    assert not torch.allclose(layer0[0], layer0[1])  # each head its own norms
-
-
 def test_per_head_value_norms_move_with_their_slots_through_culls_markers_and_recall(tiny_pair):
     """Culls, compactions, markers, and recall (at threshold 0 every user forward brings text back and recomputes
     its own rows as patch rows): every held slot's norm stays its head's value norm."""
@@ -152,4 +133,4 @@ def test_per_head_value_norms_move_with_their_slots_through_culls_markers_and_re
     assert cache.seen > 2 * session.config.budget and stats["markers"] > 0 and stats["recalled"] > 0
     for row in range(cache.num_rows):
         count = int(cache.layer_counts[row])
-        torch.testing.assert_close(cache.slot_field("value_norm")[row, :count], _head_norms(cache, row, count))
+        torch.testing.assert_close(cache.slot_field("value_norm")[row, :count], _expected_norms(cache, row, count))
