@@ -56,7 +56,9 @@ def main(args) -> int:
                   f"{_clip(message.text, 60)}]")
         else:
             print(f"{message.role:>10}  {_clip(message.text)}")
-    tellings = [tell(model, tokenizer, story, config, policy) for policy in ("halo", args.baseline)]
+    # the baseline runs as published (one token set for all layers): Halo's own options (recall) are Halo's alone
+    tellings = [tell(model, tokenizer, story, config, "halo"),
+                tell(model, tokenizer, story, config.replace(recall=False), args.baseline)]
     print(f"=== answers (greedy; expected: {story.fact.answer_prefix} {story.fact.answer}) ===")
     for telling in tellings:
         verdict = "correct" if telling.correct else "wrong"

@@ -57,6 +57,21 @@ def test_demo_command_prints_both_answers_and_halos_memory(tmp_path, tiny_tok, c
     assert "[...]" in out.split("=== what halo remembers")[1]  # culled log lines stand as markers
 
 
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_demo_takes_recall_for_halo_and_runs_the_baseline_as_published(tmp_path, tiny_tok, capsys, granularity):
+    """`halo demo --recall` (any granularity that recalls): Halo recalls, the token-level baseline does not."""
+    from tiny import tiny_llama
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(vocab=len(tiny_tok)).save_pretrained(model_dir)
+    tiny_tok.save_pretrained(model_dir)
+    code = main(["demo", "--model", str(model_dir), "--budget", "200", "--recent", "16", "--chunk", "32",
+                 "--flood-chars", "2000", "--granularity", granularity, "--recall", "--rope-positions", "memory"])
+    out = capsys.readouterr().out
+    assert code == 0 and " streaming  The door code is" in out
+    assert "archived" in out.split("=== stats (halo) ===")[1]  # Halo's stats carry the archive
+
+
 def test_demo_refuses_halo_as_its_own_baseline(capsys):
     assert main(["demo", "--baseline", "halo"]) == 2
     assert "--baseline must be another evicting policy" in capsys.readouterr().err
