@@ -49,6 +49,11 @@ class LayeredHaloCache(RecallMemory, HaloCache):
         """Rows of the per-slot fields, each one retained token set: one per layer."""
         return self.num_layers
 
+    @property
+    def rows_per_layer(self) -> int:
+        """Rows of the per-slot fields each layer owns (1; per KV head, Hkv: rows l * Hkv to (l + 1) * Hkv - 1)."""
+        return self.num_rows // self.num_layers
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.config.granularity != self.granularity:  # the config's refusals are keyed on its granularity
@@ -171,7 +176,7 @@ class LayeredHaloCache(RecallMemory, HaloCache):
     def _weigh_mass(self, layer_idx: int, t_rows: int) -> None:
         """HaloConfig.value_weight: weigh each row of this layer's mass (its held slots and the new rows) by
         `value_weights` of the row's value norms."""
-        fields, per = self._store.fields, self.num_rows // self.num_layers
+        fields, per = self._store.fields, self.rows_per_layer
         for row in range(layer_idx * per, (layer_idx + 1) * per):
             end = self._counts[row] + t_rows
             fields["mass"][row, :end] *= value_weights(fields["value_norm"][row, :end], self.config.value_weight)

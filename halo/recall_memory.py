@@ -32,8 +32,7 @@ class RecallMemory:
         self._grace: list[tuple[int, int, int]] = []  # recalled serials [first, stop) protected while seen < until
         self._recalled = torch.zeros(0, dtype=torch.int64, device=self.device)  # serials born by recall
         if cfg.recall and self.archive is None:
-            layers, per = cfg.recall_layer_indices(self.num_layers), self.num_rows // self.num_layers
-            self._retrieval_layers = frozenset(layers)
+            layers, per = cfg.recall_layer_indices(self.num_layers), self.rows_per_layer
             # one ring per row of a retrieval layer; per KV head a ring keeps that head's key alone
             self.archive = RecallArchive(tuple(layer * per + h for layer in layers for h in range(per)),
                                          cfg.recall_capacity, self.num_kv_heads // per, self.head_dim, self.dtype,
@@ -45,13 +44,13 @@ class RecallMemory:
     def scores_recall(self, source: int, rows: int, layer_idx: int) -> bool:
         """Whether a stream forward of `source` with `rows` query rows scores the archive at layer `layer_idx`."""
         return (self.archive is not None and source in self._recall_sources and rows >= self.config.recall_min_rows
-                and layer_idx in self._retrieval_layers)
+                and layer_idx * self.rows_per_layer in self.archive.ring_of)  # the layer's first row has a ring
 
     def _score_archive(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         """Score the rings of layer `layer_idx` with this forward's rows (query [Hq, T, D], key [Hkv, >= n + T, D],
         each row's own retained slots first, then its new rows; the step's column mass already in `mass`). Per
         KV head each ring is read by its own GQA group of query heads against its own slots."""
-        per = self.num_rows // self.num_layers
+        per = self.rows_per_layer
         q_heads, k_heads = query.shape[0] // per, key.shape[0] // per
         mass = self._store.fields["mass"]
         for h in range(per):
@@ -90,7 +89,7 @@ class RecallMemory:
         the archive, before compaction moves them (with memory positions, with the `rope` they carry, by which the
         archive derotates them)."""
         fields, marker = self._store.fields, self.config.source_code("marker")
-        per = self.num_rows // self.num_layers
+        per = self.rows_per_layer
         heads = self.num_kv_heads // per
         for row in self.archive.layers:
             layer, h = divmod(row, per)

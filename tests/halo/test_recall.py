@@ -57,7 +57,7 @@ def test_recall_holds_the_budget_and_the_accounting_at_every_step(tiny_tok, gran
 
 def _layer0_keys(cache) -> dict[tuple[int, int], torch.Tensor]:
     """(KV head, position) -> layer 0's key of every slot layer 0 holds (per head, each head's own slots)."""
-    rows = cache.num_rows // cache.num_layers  # layer 0's rows: 1 per layer, Hkv per KV head
+    rows = cache.rows_per_layer  # layer 0's rows: 1 per layer, Hkv per KV head
     heads = cache.num_kv_heads // rows
     keys = {}
     for row in range(rows):
