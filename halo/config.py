@@ -143,8 +143,10 @@ class HaloConfig:
             pools heads), "group" (default: each head's mass against its own bar, averaged over each KV head's
             query group; the best group counts) or "each" (the best single head). A few heads retrieve; the
             mean over all heads drowns them (README, Recall).
-        recall_tokens: most tokens recalled per forward (hit units first, then their neighbours).
-        recall_context: dead units within this many positions of a hit come back with it (a sentence around it).
+        recall_tokens: most tokens recalled per forward (hit units first, then the rest of their sentences, then
+            their neighbours).
+        recall_context: dead units within this many positions of a hit come back with it once every hit's
+            sentence has (room left).
         recall_grace: recalled tokens are protected from the cull for this many fed positions.
         rope_positions: "text" (default, DESIGN.md): RoPE sees each token's position in the text; "memory": RoPE
             sees its rank among the remembered tokens, so the holes the cull leaves close (halo.memory_positions;

@@ -10,9 +10,10 @@ After the forward has been culled and its markers placed, `Recall.after_step`:
    included; per-layer memory often keeps a fact in a few layers only) by its best ring's mass over that ring's
    bar (the 75th percentile of the mass the retained tokens drew in the same forward, so a hit out-shines them)
    and each unit (a word, a line) by its best token; units at `recall_threshold` or more are hits;
-2. takes the best hits, whole, each with the units within `recall_context` positions of it (the sentence around
-   a hit), forgotten or held by only some layers (those copies are evicted first, so every picked token comes
-   back whole in every layer), up to `recall_tokens` tokens;
+2. takes the best hits, whole, each with the rest of its sentence (the session passes a table of the tokens that
+   end one), then the units within `recall_context` positions of each, forgotten or held by only some layers
+   (those copies are evicted first, so every picked token comes back whole in every layer), up to
+   `recall_tokens` tokens;
 3. runs one service forward that recomputes their K/V at their original positions against the retained tokens
    before them (each sees the recalled tokens before it too), and, as patch rows, recomputes the K/V of the
    forward that asked, so that its tokens, and the next token's logits, see what came back;
@@ -55,7 +56,8 @@ _PICK_FIELDS = ("serials", "positions", "token_ids", "sources", "units")
 
 def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *, num_rows: int, marker: int,
                threshold: float, most: int, context: int, alpha: float, priority: torch.Tensor | None = None,
-               displaced: torch.Tensor | None = None, skip: torch.Tensor | None = None) -> RecallPick | None:
+               displaced: torch.Tensor | None = None, skip: torch.Tensor | None = None,
+               sentence_ends: torch.Tensor | None = None) -> RecallPick | None:
     """Choose what comes back from one forward's archive scores (RecallArchive.take_scores()).
 
     Args:
@@ -72,9 +74,14 @@ def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *
             falls back on it as it does without recall).
             None: no check (tool output recalled during a flood may then push out what the user said).
         skip: source codes (int64) never picked, as hits or as context (a tool forward skips tool and log lines).
+        sentence_ends: bool [V] per token id (halo.units.sentence_end_table), or None. Given, every hit comes back
+            with the rest of its sentence first (a fact read by two hits, `The pass key is 52445. ... 52445 is the
+            pass key.`, comes back as its two sentences, not as two windows whose words crowd out the number),
+            then, room left, the units within `context` positions of each hit; None: each hit with its window.
     Returns:
         The tokens to make whole in every layer, or None: the hit units (archived, and not whole: forgotten, or
-        held by some layers only) by score, then the units within `context` positions of each, likewise.
+        held by some layers only) by score, each with the rest of its sentence and the units within `context`
+        positions of it, likewise.
     """
     scores = {name: value.cpu() for name, value in scores.items()}
     # the pool: archived tokens, and remembered tokens some layer lost, once each (the cache's fields win)
@@ -116,16 +123,29 @@ def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *
         end = total + int(sizes[unit]) - 1
         return end < most and (end >= pushed.numel() or bool(own[unit] >= pushed[end]))
 
+    sentence = None if sentence_ends is None else _unit_sentences(pool, held, unit_of, units, sentence_ends)
     chosen: dict[int, float] = {}  # unit -> the gain it comes back with
     total = 0
-    for hit in hits.tolist():
-        if not fits(hit, total):
-            continue
-        near = torch.nonzero((hi >= lo[hit] - context) & (lo <= hi[hit] + context)).flatten().tolist()
-        for other in [hit] + sorted(near, key=lambda u: abs(int(lo[u]) - int(lo[hit]))):
+
+    def bring(hit: int, group) -> None:
+        nonlocal total
+        for other in sorted(group, key=lambda u: abs(int(lo[u]) - int(lo[hit]))):
             if other not in chosen and fits(other, total):
                 chosen[other] = float(best_gain[hit])
                 total += int(sizes[other])
+
+    def window(hit: int) -> list[int]:
+        return torch.nonzero((hi >= lo[hit] - context) & (lo <= hi[hit] + context)).flatten().tolist()
+
+    taken = []
+    for hit in hits.tolist():
+        if not fits(hit, total):
+            continue
+        taken.append(hit)
+        bring(hit, [hit])
+        bring(hit, window(hit) if sentence is None else torch.nonzero(sentence == sentence[hit]).flatten().tolist())
+    for hit in taken if sentence is not None else []:
+        bring(hit, window(hit))
     if not chosen:
         return None
     take = torch.isin(unit_of, torch.tensor(list(chosen)))
@@ -135,6 +155,19 @@ def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *
     picked = {name: value[take][order] for name, value in pool.items()}
     return RecallPick(picked["serials"], picked["positions"], picked["token_ids"], picked["sources"], picked["units"],
                       bright[order])
+
+
+def _unit_sentences(pool: dict, held: dict, unit_of: torch.Tensor, units: int,
+                    sentence_ends: torch.Tensor) -> torch.Tensor:
+    """int64 [units]: the sentence each pool unit starts in, counted over every known token (remembered or
+    archived) in position order; a token ending a sentence belongs to it, and a marker ends one."""
+    positions, inverse = torch.unique(torch.cat([held["positions"], pool["positions"]]), return_inverse=True)
+    token_ids = torch.empty_like(positions).scatter_(0, inverse, torch.cat([held["token_ids"], pool["token_ids"]]))
+    ids = token_ids.clamp(0, sentence_ends.numel() - 1)
+    ends = (token_ids < 0) | (token_ids >= sentence_ends.numel()) | sentence_ends.cpu()[ids]
+    index = ends.long().cumsum(0) - ends.long()
+    of_token = index[inverse[held["positions"].numel():]]
+    return torch.full((units,), 2 ** 62).scatter_reduce(0, unit_of, of_token, "amin")
 
 
 def _first_of(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,8 +203,11 @@ class Recall:
         events: recall forwards run so far; recalled: tokens brought back so far.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, sentence_ends: torch.Tensor | None = None):
+        """config: the session's HaloConfig; sentence_ends: bool [V] (halo.units.sentence_end_table), or None
+        (hits come back with their `recall_context` windows only; see pick_units)."""
         self.config = config
+        self.sentence_ends = sentence_ends
         self.priority = torch.tensor(config.source_priorities(), dtype=torch.float32)
         self.line_codes = torch.tensor(config.line_source_codes(), dtype=torch.int64)
         self.events = 0
@@ -196,7 +232,8 @@ class Recall:
         pick = pick_units(scores, held, num_rows=cache.num_rows, marker=cfg.source_code("marker"),
                           threshold=cfg.recall_threshold, most=cfg.recall_tokens, context=cfg.recall_context,
                           alpha=cfg.alpha, priority=self.priority,
-                          displaced=cache.displaced_priority(cfg.recall_tokens, self.priority), skip=skip)
+                          displaced=cache.displaced_priority(cfg.recall_tokens, self.priority), skip=skip,
+                          sentence_ends=self.sentence_ends)
         if pick is None:
             return None, CullResult()
         done = CullResult()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .repair.bridge import token_pieces
 from .repair.kinds import TokenKind, token_kinds
 
 
@@ -56,6 +57,24 @@ def kind_table(tokenizer, size: int) -> torch.Tensor:
     table = _KIND_TABLES.get(tokenizer)
     if table is None or table.numel() != size:
         table = _KIND_TABLES[tokenizer] = token_kinds(tokenizer, size)
+    return table
+
+
+_SENTENCE_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CLOSERS = b"\"')]*"
+
+
+def sentence_end_table(tokenizer, size: int) -> torch.Tensor:
+    """bool [size]: whether a token ends a sentence (its text holds a newline, or ends in `.`, `!` or `?`, closing
+    quotes and brackets aside), computed once per tokenizer object; ids past the vocabulary end nothing."""
+    table = _SENTENCE_TABLES.get(tokenizer)
+    if table is None or table.numel() != size:
+        pieces = token_pieces(tokenizer)
+        table = torch.zeros(size, dtype=torch.bool)
+        for i in range(min(size, len(pieces))):
+            data = pieces.bytes[i]
+            table[i] = b"\n" in data or data.rstrip(_CLOSERS).endswith((b".", b"!", b"?"))
+        _SENTENCE_TABLES[tokenizer] = table
     return table
 
 

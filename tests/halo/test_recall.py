@@ -12,6 +12,7 @@ from halo import HaloConfig, Session, SourcePolicy, default_sources
 from halo.cli.chat import run_chat
 from halo.eval.runner import policy_setup
 from halo.recall import pick_units
+from halo.units import sentence_end_table
 from halo.render import render_html
 
 TEXT = ("the quick brown fox jumps over the lazy dog and keeps running far away into the night while "
@@ -212,6 +213,30 @@ def test_pick_units_respects_the_threshold_and_the_token_limit():
     assert pick_units(scores, held, threshold=6.0, most=8, **kw) is None
     assert pick_units(scores, held, threshold=3.0, most=2, **kw).serials.tolist() == [3]  # unit 7 is too big
     assert pick_units(scores, held, threshold=3.0, most=4, **kw).serials.tolist() == [0, 1, 2, 3]
+
+
+def test_pick_units_brings_each_hit_back_with_its_sentence_first():
+    """Two hits read one fact in two sentences (`The pass key is 77013. ... 77013 is the pass key.`): windows of
+    `context` positions around each fill the token limit with words beside the hits and leave out the number
+    between them; sentences first bring both sentences back whole (traced on a development essay at 1/8)."""
+    units = [-1] * 20
+    units[6:9], units[10:13] = [8] * 3, [9] * 3  # two three-token numbers
+    mass = [0.1] * 20
+    mass[13], mass[4] = 9.0, 8.0  # the hits
+    scores, held = _scores(list(range(20)), mass, units), _held([30], [2], [-1])
+    ends = torch.zeros(1100, dtype=torch.bool)
+    ends[[1002, 1009, 1014]] = True  # serials 2, 9 and 14 end sentences: 3-9 and 10-14 are the fact's two
+    kw = {"num_rows": 2, "marker": 5, "threshold": 3.0, "most": 12, "context": 4, "alpha": 1.0}
+    assert not {6, 7, 8} & set(pick_units(scores, held, **kw).serials.tolist())
+    assert pick_units(scores, held, sentence_ends=ends, **kw).serials.tolist() == list(range(3, 15))
+
+
+def test_sentence_ends_are_full_stops_questions_exclamations_and_newlines(tiny_tok):
+    table = sentence_end_table(tiny_tok, len(tiny_tok))
+    ids = tiny_tok("It is done. Is it? Yes! A.B\nnext", add_special_tokens=False)["input_ids"]
+    ends = "".join(tiny_tok.decode(ids[: i + 1]) + "|" for i in range(len(ids)) if table[ids[i]])
+    assert ends.count("|") == 5 and all(piece[-1] in ".?!\n" for piece in ends.split("|")[:-1])
+    assert sentence_end_table(tiny_tok, len(tiny_tok)) is table  # computed once per tokenizer
 
 
 def test_the_eval_row_switches_recall_on_per_layer():
