@@ -160,11 +160,13 @@ def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *
 def _unit_sentences(pool: dict, held: dict, unit_of: torch.Tensor, units: int,
                     sentence_ends: torch.Tensor) -> torch.Tensor:
     """int64 [units]: the sentence each pool unit starts in, counted over every known token (remembered or
-    archived) in position order; a token ending a sentence belongs to it, and a marker ends one."""
+    archived) in position order; a token ending a sentence belongs to it. (The lines a marker stands for end in
+    newlines, which end sentences, so a marker needs no rule of its own.)"""
     positions, inverse = torch.unique(torch.cat([held["positions"], pool["positions"]]), return_inverse=True)
-    token_ids = torch.empty_like(positions).scatter_(0, inverse, torch.cat([held["token_ids"], pool["token_ids"]]))
-    ids = token_ids.clamp(0, sentence_ends.numel() - 1)
-    ends = (token_ids < 0) | (token_ids >= sentence_ends.numel()) | sentence_ends.cpu()[ids]
+    known = torch.cat([held["token_ids"], pool["token_ids"]]).long()
+    token_ids = torch.empty_like(positions).scatter_(0, inverse, known)
+    inside = (token_ids >= 0) & (token_ids < sentence_ends.numel())
+    ends = ~inside | sentence_ends.cpu()[token_ids.clamp(0, sentence_ends.numel() - 1)]
     index = ends.long().cumsum(0) - ends.long()
     of_token = index[inverse[held["positions"].numel():]]
     return torch.full((units,), 2 ** 62).scatter_reduce(0, unit_of, of_token, "amin")
