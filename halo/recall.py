@@ -57,7 +57,7 @@ _PICK_FIELDS = ("serials", "positions", "token_ids", "sources", "units")
 def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *, num_rows: int, marker: int,
                threshold: float, most: int, context: int, alpha: float, priority: torch.Tensor | None = None,
                displaced: torch.Tensor | None = None, skip: torch.Tensor | None = None,
-               sentence_ends: torch.Tensor | None = None) -> RecallPick | None:
+               sentence_ends: torch.Tensor | None = None, words: torch.Tensor | None = None) -> RecallPick | None:
     """Choose what comes back from one forward's archive scores (RecallArchive.take_scores()).
 
     Args:
@@ -78,6 +78,10 @@ def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *
             with the rest of its sentence first (a fact read by two hits, `The pass key is 52445. ... 52445 is the
             pass key.`, comes back as its two sentences, not as two windows whose words crowd out the number),
             then, room left, the units within `context` positions of each hit; None: each hit with its window.
+        words: bool [V] per token id, the tokens with a letter or a digit (halo.units.word_table), or None. Given,
+            only they can be hits: newlines and punctuation draw attention as structure (traced in `halo demo
+            --recall`, the question's best hits were two newlines of the tool output), not as content; they still
+            come back inside a hit's sentence or window.
     Returns:
         The tokens to make whole in every layer, or None: the hit units (archived, and not whole: forgotten, or
         held by some layers only) by score, each with the rest of its sentence and the units within `context`
@@ -96,6 +100,9 @@ def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *
     if pool["serials"].numel() == 0:
         return None
     # a token's score: its best ring's mass over that ring's bar (a retrieval layer that would look is enough)
+    if words is not None:  # the rest score nothing: not a hit, nor a hit's brightness
+        is_word = words.cpu()[scores["token_ids"].clamp(0, words.numel() - 1)]
+        scores["mass"] = torch.where(is_word, scores["mass"], torch.zeros_like(scores["mass"]))
     ratio = scores["mass"].float() / scores["floor"].float().clamp(min=1e-6)
     at = torch.searchsorted(pool["serials"], scores["serials"]).clamp(max=pool["serials"].numel() - 1)
     found = pool["serials"][at] == scores["serials"]  # archived and not whole
@@ -205,11 +212,11 @@ class Recall:
         events: recall forwards run so far; recalled: tokens brought back so far.
     """
 
-    def __init__(self, config, sentence_ends: torch.Tensor | None = None):
-        """config: the session's HaloConfig; sentence_ends: bool [V] (halo.units.sentence_end_table), or None
-        (hits come back with their `recall_context` windows only; see pick_units)."""
+    def __init__(self, config, sentence_ends: torch.Tensor | None = None, words: torch.Tensor | None = None):
+        """config: the session's HaloConfig; sentence_ends, words: bool [V] (halo.units.sentence_end_table,
+        word_table), or None (see pick_units)."""
         self.config = config
-        self.sentence_ends = sentence_ends
+        self.sentence_ends, self.words = sentence_ends, words
         self.priority = torch.tensor(config.source_priorities(), dtype=torch.float32)
         self.line_codes = torch.tensor(config.line_source_codes(), dtype=torch.int64)
         self.events = 0
@@ -235,7 +242,7 @@ class Recall:
                           threshold=cfg.recall_threshold, most=cfg.recall_tokens, context=cfg.recall_context,
                           alpha=cfg.alpha, priority=self.priority,
                           displaced=cache.displaced_priority(cfg.recall_tokens, self.priority), skip=skip,
-                          sentence_ends=self.sentence_ends)
+                          sentence_ends=self.sentence_ends, words=self.words)
         if pick is None:
             return None, CullResult()
         done = CullResult()

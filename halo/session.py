@@ -28,7 +28,7 @@ from .repair.scheduler import RepairScheduler
 from .sampling import eos_ids
 from .session_state import SessionState, load_session
 from .session_stats import session_stats
-from .units import WordState, WordTracker, sentence_end_table
+from .units import WordState, WordTracker, sentence_end_table, word_table
 
 
 class Session:
@@ -62,8 +62,8 @@ class Session:
                                      repair_threshold=cfg.repair_threshold, min_margin=cfg.repair_margin,
                                      guidance=cfg.repair_guidance, rerank_top=cfg.repair_rerank)
         self.repairs = RepairScheduler(repairer, self.config, self.vocab_size)
-        self.recall = (Recall(self.config, sentence_end_table(tokenizer, self.vocab_size)) if self.config.recall
-                       else None)
+        self.recall = (Recall(self.config, sentence_end_table(tokenizer, self.vocab_size),
+                              word_table(tokenizer, self.vocab_size)) if self.config.recall else None)
         self.diffs: list[tuple[int, int, int]] = []
         self.pinned_tokens = 0
         self.extra: dict = {}

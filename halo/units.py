@@ -60,6 +60,11 @@ def kind_table(tokenizer, size: int) -> torch.Tensor:
     return table
 
 
+def word_table(tokenizer, size: int) -> torch.Tensor:
+    """bool [size]: whether a token holds a letter or a digit (TokenKind WORD_START or WORD_CONTINUATION)."""
+    return kind_table(tokenizer, size) <= int(TokenKind.WORD_CONTINUATION)
+
+
 _SENTENCE_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _CLOSERS = b"\"')]*"
 

@@ -12,7 +12,7 @@ from halo import HaloConfig, Session, SourcePolicy, default_sources
 from halo.cli.chat import run_chat
 from halo.eval.runner import policy_setup
 from halo.recall import pick_units
-from halo.units import sentence_end_table
+from halo.units import sentence_end_table, word_table
 from halo.render import render_html
 
 TEXT = ("the quick brown fox jumps over the lazy dog and keeps running far away into the night while "
@@ -231,12 +231,30 @@ def test_pick_units_brings_each_hit_back_with_its_sentence_first():
     assert pick_units(scores, held, sentence_ends=ends, **kw).serials.tolist() == list(range(3, 15))
 
 
+def test_only_tokens_with_a_letter_or_a_digit_are_hits():
+    """Newlines and punctuation draw attention as structure (the question's best hits in `halo demo --recall` were
+    two newlines of the tool output); with a word table they cannot be hits, and still come back around one."""
+    scores = _scores([0, 1, 2, 3], [9.0, 0.1, 4.0, 0.1], [-1, -1, -1, -1])  # serial 0: a newline, 2: a word
+    held = _held([30], [2], [-1])
+    words = torch.ones(1100, dtype=torch.bool)
+    words[1000] = False
+    kw = {"num_rows": 2, "marker": 5, "threshold": 3.0, "most": 8, "context": 0, "alpha": 1.0}
+    assert pick_units(scores, held, **kw).serials.tolist() == [0, 2]
+    pick = pick_units(scores, held, words=words, **kw)
+    assert pick.serials.tolist() == [2] and pick.brightness.tolist() == [4.0]
+    assert pick_units(scores, held, words=words, **dict(kw, context=2)).serials.tolist() == [0, 1, 2, 3]
+
+
 def test_sentence_ends_are_full_stops_questions_exclamations_and_newlines(tiny_tok):
     table = sentence_end_table(tiny_tok, len(tiny_tok))
     ids = tiny_tok("It is done. Is it? Yes! A.B\nnext", add_special_tokens=False)["input_ids"]
     ends = "".join(tiny_tok.decode(ids[: i + 1]) + "|" for i in range(len(ids)) if table[ids[i]])
     assert ends.count("|") == 5 and all(piece[-1] in ".?!\n" for piece in ends.split("|")[:-1])
     assert sentence_end_table(tiny_tok, len(tiny_tok)) is table  # computed once per tokenizer
+    words = word_table(tiny_tok, len(tiny_tok))
+    for token in tiny_tok("It is 52445.\n", add_special_tokens=False)["input_ids"]:
+        text = tiny_tok.decode([token])
+        assert bool(words[token]) == any(c.isalnum() for c in text), text
 
 
 def test_the_eval_row_switches_recall_on_per_layer():
