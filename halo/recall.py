@@ -151,8 +151,9 @@ def pick_units(scores: dict[str, torch.Tensor], held: dict[str, torch.Tensor], *
         taken.append(hit)
         bring(hit, [hit])
         bring(hit, window(hit) if sentence is None else torch.nonzero(sentence == sentence[hit]).flatten().tolist())
-    for hit in taken if sentence is not None else []:
-        bring(hit, window(hit))
+    if sentence is not None:  # the windows once every hit's sentence is in
+        for hit in taken:
+            bring(hit, window(hit))
     if not chosen:
         return None
     take = torch.isin(unit_of, torch.tensor(list(chosen)))

@@ -49,15 +49,25 @@ class WordState:
 _CONTINUES = frozenset(map(int, (TokenKind.WORD_CONTINUATION, TokenKind.SYMBOL_CONTINUATION, TokenKind.BYTE)))
 _TEXT = frozenset(map(int, (TokenKind.WORD_START, TokenKind.WORD_CONTINUATION, TokenKind.SYMBOL_START,
                             TokenKind.SYMBOL_CONTINUATION, TokenKind.BYTE)))
-_KIND_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PER_TOKENIZER: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CLOSERS = b"\"')]*"
+
+
+def _per_tokenizer(tokenizer, key, build):
+    """`build()`, computed once per tokenizer object and `key` (the tables below share one `token_pieces`)."""
+    store = _PER_TOKENIZER.setdefault(tokenizer, {})
+    if key not in store:
+        store[key] = build()
+    return store[key]
+
+
+def _pieces(tokenizer):
+    return _per_tokenizer(tokenizer, "pieces", lambda: token_pieces(tokenizer))
 
 
 def kind_table(tokenizer, size: int) -> torch.Tensor:
     """int8 [size] TokenKind per id (halo.repair.kinds), computed once per tokenizer object."""
-    table = _KIND_TABLES.get(tokenizer)
-    if table is None or table.numel() != size:
-        table = _KIND_TABLES[tokenizer] = token_kinds(tokenizer, size)
-    return table
+    return _per_tokenizer(tokenizer, ("kinds", size), lambda: token_kinds(_pieces(tokenizer), size))
 
 
 def word_table(tokenizer, size: int) -> torch.Tensor:
@@ -65,22 +75,15 @@ def word_table(tokenizer, size: int) -> torch.Tensor:
     return kind_table(tokenizer, size) <= int(TokenKind.WORD_CONTINUATION)
 
 
-_SENTENCE_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_CLOSERS = b"\"')]*"
-
-
 def sentence_end_table(tokenizer, size: int) -> torch.Tensor:
     """bool [size]: whether a token ends a sentence (its text holds a newline, or ends in `.`, `!` or `?`, closing
     quotes and brackets aside), computed once per tokenizer object; ids past the vocabulary end nothing."""
-    table = _SENTENCE_TABLES.get(tokenizer)
-    if table is None or table.numel() != size:
-        pieces = token_pieces(tokenizer)
-        table = torch.zeros(size, dtype=torch.bool)
-        for i in range(min(size, len(pieces))):
-            data = pieces.bytes[i]
-            table[i] = b"\n" in data or data.rstrip(_CLOSERS).endswith((b".", b"!", b"?"))
-        _SENTENCE_TABLES[tokenizer] = table
-    return table
+    def build() -> torch.Tensor:
+        data = _pieces(tokenizer).bytes[:size]
+        ends = [b"\n" in d or d.rstrip(_CLOSERS).endswith((b".", b"!", b"?")) for d in data]
+        return torch.tensor(ends + [False] * (size - len(ends)), dtype=torch.bool)
+
+    return _per_tokenizer(tokenizer, ("sentence_ends", size), build)
 
 
 def word_starts(kinds: list[int], state: WordState) -> tuple[list[bool], WordState]:
