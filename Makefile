@@ -55,14 +55,16 @@ venv-vllm: $(VLLM_STAMP)
 
 # torch and triton are the very wheels the main venv holds (the same pins), so the vLLM venv links them
 # instead of a second 1.75 GB copy: CI's disk is shared and was once too full for two. Nothing here may
-# uninstall or upgrade them in $(VLLM_VENV) (pip would delete the main venv's files through the links).
+# uninstall or upgrade them in $(VLLM_VENV) (pip would delete the main venv's files through the links). A copy
+# that an older $(VLLM_VENV) installed is removed first.
 $(VLLM_STAMP): $(VLLM_LOCK) pyproject.toml | $(STAMP)
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q pip==26.3
 	main=$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
 	here=$$($(VLLM_PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))'); \
 	for d in torch torchgen functorch triton "$$main"/torch-*.dist-info "$$main"/triton-*.dist-info; do \
-		ln -sfn "$$main/$${d##*/}" "$$here/"; done
+		name=$${d##*/}; if [ -e "$$here/$$name" ] && [ ! -L "$$here/$$name" ]; then rm -rf "$$here/$$name"; fi; \
+		ln -sfn "$$main/$$name" "$$here/$$name"; done
 	$(VLLM_PY) -m pip install -q --no-deps -r $(VLLM_LOCK)
 	$(VLLM_PY) -c "import torch, triton; assert torch.__version__.startswith('$(patsubst torch==%,%,$(TORCH))')"
 	HALO_NO_EXTENSION=1 $(VLLM_PY) -m pip install -q --no-deps --no-build-isolation -e .
