@@ -194,3 +194,12 @@ def value_weights(norms: torch.Tensor, power: float) -> torch.Tensor:
     large earns more of it, since a row reads `p_j * v_j` from it, not `p_j` alone."""
     weights = norms.clamp(min=1e-12).pow(power)
     return weights / weights.mean()
+
+
+def value_weights_rows(norms: torch.Tensor, ends: torch.Tensor, power: float) -> torch.Tensor:
+    """float32 [R, W]: row r is `value_weights(norms[r, :ends[r]], power)` followed by ones (int64 ends [R], each
+    in [1, W]): the weights of several rows (the KV heads of a layer) in one pass."""
+    inside = torch.arange(norms.shape[1], device=norms.device) < ends[:, None]
+    weights = torch.where(inside, norms.clamp(min=1e-12).pow(power), 0.0)
+    weights = weights * (ends[:, None] / weights.sum(1, keepdim=True))
+    return torch.where(inside, weights, 1.0)

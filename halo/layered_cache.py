@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .brightness import value_norms, value_weights
+from .brightness import value_norms, value_weights_rows
 from .cache import HaloCache
 from .cull import unit_runs
 from .cull_ops import select_word_victims_layers
@@ -176,10 +176,11 @@ class LayeredHaloCache(RecallMemory, HaloCache):
     def _weigh_mass(self, layer_idx: int, t_rows: int) -> None:
         """HaloConfig.value_weight: weigh each row of this layer's mass (its held slots and the new rows) by
         `value_weights` of the row's value norms."""
-        fields, per = self._store.fields, self.rows_per_layer
-        for row in range(layer_idx * per, (layer_idx + 1) * per):
-            end = self._counts[row] + t_rows
-            fields["mass"][row, :end] *= value_weights(fields["value_norm"][row, :end], self.config.value_weight)
+        fields, rows = self._store.fields, slice(layer_idx * self.rows_per_layer, (layer_idx + 1) * self.rows_per_layer)
+        width = max(self._counts[rows]) + t_rows
+        ends = self._counts_t[rows] + t_rows
+        fields["mass"][rows, :width] *= value_weights_rows(fields["value_norm"][rows, :width], ends,
+                                                           self.config.value_weight)
 
     def _column_mass(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         """Add one layer's attention mass (query [Hq, T, D], key [Hkv, N, D]) to its row of the step fields."""

@@ -5,7 +5,7 @@ import torch
 
 from tiny import tiny_llama
 from halo import HaloConfig, Session
-from halo.brightness import rows_seeing, value_norms, value_weights
+from halo.brightness import rows_seeing, value_norms, value_weights, value_weights_rows
 
 TEXT = ("the quick brown fox jumps over the lazy dog and keeps running far away into the night while "
         "seven small owls count 48213 stars above the quiet river bank")
@@ -30,6 +30,16 @@ def test_value_weights_have_mean_one_and_follow_the_norms():
     torch.testing.assert_close(value_weights(norms, 0.0), torch.ones(4))
     torch.testing.assert_close(value_norms(torch.ones(2, 3, 4) * torch.tensor([1.0, 3.0])[:, None, None]),
                                torch.full((3,), 4.0))  # norms 2 and 6, mean over the 2 KV heads
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0, 2.0])
+def test_value_weights_rows_are_each_rows_value_weights_then_ones(power):
+    norms = torch.rand(5, 1023, generator=torch.Generator().manual_seed(0)) * 3
+    ends = torch.tensor([1, 1023, 7, 512, 1000])
+    got = value_weights_rows(norms, ends, power)
+    for row, end in enumerate(ends.tolist()):
+        torch.testing.assert_close(got[row, :end], value_weights(norms[row, :end], power))
+        assert bool((got[row, end:] == 1).all())
 
 
 def _expected_norms(cache, row: int, count: int) -> torch.Tensor:
