@@ -191,7 +191,8 @@ def value_norms(values: torch.Tensor) -> torch.Tensor:
 def value_weights(norms: torch.Tensor, power: float) -> torch.Tensor:
     """float32 [n]: `norms ** power` over its mean over the n slots given (HaloConfig.value_weight), so the weights
     average 1: a layer's attention mass times these still reads 1.0 per row on average, and a slot whose value is
-    large earns more of it, since a row reads `p_j * v_j` from it, not `p_j` alone."""
+    large earns more of it, since a row reads `p_j * v_j` from it, not `p_j` alone. The rule for one row: the cache
+    weighs a layer's rows at once with `value_weights_rows`, which tests hold to this row by row."""
     weights = norms.clamp(min=1e-12).pow(power)
     return weights / weights.mean()
 

@@ -175,7 +175,7 @@ class LayeredHaloCache(RecallMemory, HaloCache):
 
     def _weigh_mass(self, layer_idx: int, t_rows: int) -> None:
         """HaloConfig.value_weight: weigh each row of this layer's mass (its held slots and the new rows) by
-        `value_weights` of the row's value norms."""
+        `value_weights` of the row's value norms (`value_weights_rows`: every row of the layer in one pass)."""
         fields, rows = self._store.fields, slice(layer_idx * self.rows_per_layer, (layer_idx + 1) * self.rows_per_layer)
         width = max(self._counts[rows]) + t_rows
         ends = self._counts_t[rows] + t_rows
