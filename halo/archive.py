@@ -9,8 +9,14 @@ journal stays the source of truth: the archive only says where the model would l
 tokens; when full, the oldest entry is overwritten.
 
 Storage, on the cache's device: keys [R, Hkv, A, D] in fp16 (bf16 when the model is bf16; Hkv is 1 in the rings of
-a per-head memory) and int64 fields [R, A]; `bytes_per_token` reports the cost of one token archived in every
-ring.
+a per-head memory), int64 fields [R, A] and each entry's usual score (float32 [R, A], below); `bytes_per_token`
+reports the cost of one token archived in every ring.
+
+Usual scores: some archived tokens draw mass from almost every query (a word whose key looks like a sink's, as
+`assert` in text that begins with `The "assert"`), so a high score from one forward says little about them. Each
+entry keeps the mean of its scores (ratio over the bar) in the forwards that scored it since it was archived;
+once it has `history` of them, a forward's score is its ratio less `discount` times that mean (never below 0):
+what stands out against what the token usually draws.
 
 Positions: with text positions (the default) a key keeps the rotation of its text position, which never moves.
 With memory positions (`inv_freq` given, halo.memory_positions) a key's rotation is its rank among the remembered
@@ -39,15 +45,20 @@ class RecallArchive:
             as fp16); device.
         inv_freq: with memory positions, the model's rotary frequencies (float32 [D / 2] on `device`; keys are
             then stored at position 0); None with text positions (keys are stored as they come).
+        discount, history: an entry's score in a forward is its ratio over the bar less `discount` times its mean
+            ratio in the forwards that scored it before, once there were `history` of them (HaloConfig.recall_discount,
+            recall_history; discount 0: the plain ratio).
     """
 
     def __init__(self, layers: tuple[int, ...], capacity: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, inv_freq: torch.Tensor | None = None):
+                 dtype: torch.dtype, device: torch.device, inv_freq: torch.Tensor | None = None,
+                 discount: float = 0.0, history: int = 0):
         self.layers = tuple(int(layer) for layer in layers)
         self.inv_freq = inv_freq
         self.ring_of = {layer: r for r, layer in enumerate(self.layers)}
         self.capacity = int(capacity)
         self.device = device
+        self.discount, self.history = float(discount), int(history)
         self.key_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
         rings = len(self.layers)
         with torch.inference_mode(False):
@@ -55,6 +66,9 @@ class RecallArchive:
             # one int64 [F, R, A] table, so that a scoring snapshots every field of a ring in one copy
             self._field_table = torch.full((len(FIELDS), rings, self.capacity), -1, dtype=torch.int64, device=device)
             self.fields = dict(zip(FIELDS, self._field_table.unbind(0)))
+            # each entry's mean ratio over the forwards that scored it, and how many did
+            self.usual = torch.zeros(rings, self.capacity, dtype=torch.float32, device=device)
+            self.scored = torch.zeros(rings, self.capacity, dtype=torch.float32, device=device)
             # memory positions on the CPU: the keys as last scored (rotated to `_turned_rope`; -1: not yet)
             self._turned = self._turned_rope = None
             if inv_freq is not None and torch.device(device).type == "cpu":
@@ -67,6 +81,8 @@ class RecallArchive:
         self._next = [0] * len(self.layers)  # next entry each ring writes (it wraps)
         self._filled = [0] * len(self.layers)
         self.fields["serials"].fill_(-1)
+        self.usual.zero_()
+        self.scored.zero_()
         if self._turned_rope is not None:
             self._turned_rope.fill_(-1)
         self.step_mass: dict[int, dict[str, torch.Tensor]] = {}  # ring -> the last scored forward's mass and entries
@@ -74,10 +90,10 @@ class RecallArchive:
     @property
     def bytes_per_token(self) -> int:
         """Bytes one archived token takes at every retrieval layer (keys, with memory positions on the CPU twice: at
-        position 0 and as last scored, and fields)."""
+        position 0 and as last scored, fields, and its usual score and count)."""
         _, heads, _, dim = self.keys.shape
         copies = 1 if self._turned is None else 2
-        return len(self.layers) * (copies * heads * dim * self.keys.element_size() + 8 * len(FIELDS))
+        return len(self.layers) * (copies * heads * dim * self.keys.element_size() + 8 * len(FIELDS) + 8)
 
     def __len__(self) -> int:
         """Entries held, over every ring."""
@@ -103,6 +119,8 @@ class RecallArchive:
         self.keys[ring].index_copy_(1, idx, keys.to(self.key_dtype))
         for name in FIELDS:
             self.fields[name][ring].index_copy_(0, idx, values[name])
+        self.usual[ring].index_fill_(0, idx, 0.0)
+        self.scored[ring].index_fill_(0, idx, 0.0)
         if self._turned_rope is not None:
             self._turned_rope[ring].index_fill_(0, idx, -1)
         self._next[ring] = (self._next[ring] + k) % self.capacity
@@ -112,6 +130,8 @@ class RecallArchive:
         """Forget the entries of these serials (recalled tokens, now back in the cache), in every ring."""
         gone = torch.isin(self.fields["serials"], serials.to(self.device))
         self._field_table.masked_fill_(gone, -1)
+        self.usual.masked_fill_(gone, 0.0)
+        self.scored.masked_fill_(gone, 0.0)
 
     def score(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float, n_past: int, heads: str,
               backend, retained_mass: torch.Tensor | None = None, archived_rope=None) -> None:
@@ -151,9 +171,24 @@ class RecallArchive:
         keys = self.keys[ring, :, :width] if self.inv_freq is None else self._rotated(ring, width, archived_rope)
         mass = backend.archive_ratio(query, keys, valid, scaling, lse,
                                      row_weights(n_past, query.shape[1], query.device), scale, heads)
+        mass = self._against_usual(ring, width, mass, floor, valid)
         # the entries as scored (one copy of every field): the cull that closes this forward may overwrite some
         entries = self._field_table[:, ring, :width].clone()
         self.step_mass[ring] = {"mass": mass, "floor": floor.expand(width), **dict(zip(FIELDS, entries.unbind(0)))}
+
+    def _against_usual(self, ring: int, width: int, mass: torch.Tensor, floor: torch.Tensor,
+                       valid: torch.Tensor) -> torch.Tensor:
+        """This forward's mass (float32 [width]) less `discount` times each entry's usual (in units of the bar
+        `floor`), once it has `history` scores; then this forward's ratio joins each held entry's mean."""
+        ratio = mass / floor.clamp(min=1e-12)
+        usual, scored = self.usual[ring, :width], self.scored[ring, :width]
+        if self.discount > 0:
+            known = torch.where(scored >= self.history, usual, torch.zeros_like(usual))
+            mass = (ratio - self.discount * known).clamp(min=0) * floor
+        counted = valid.float()
+        scored += counted
+        usual += counted * (ratio - usual) / scored.clamp(min=1)
+        return mass
 
     def _rotated(self, ring: int, width: int, archived_rope) -> torch.Tensor:
         """Memory positions: ring `ring`'s first `width` keys rotated to the RoPE positions `archived_rope` gives
@@ -198,10 +233,12 @@ class RecallArchive:
     # ---------------------------------------------------------- persistence
     def state_dict(self) -> dict:
         """CPU copies of the used entries: `keys` [R, Hkv, A_used, D], `fields` {name: [R, A_used]} and the ring
-        counters; with memory positions `derotated` (True: the keys are at position 0)."""
+        counters, each entry's `usual` score and how many forwards `scored` it (float32 [R, A_used]); with memory
+        positions `derotated` (True: the keys are at position 0)."""
         width = max(self._filled, default=0)
         state = {"keys": self.keys[:, :, :width].detach().cpu().contiguous(),
                  "fields": {name: t[:, :width].detach().cpu().contiguous() for name, t in self.fields.items()},
+                 "usual": self.usual[:, :width].cpu().clone(), "scored": self.scored[:, :width].cpu().clone(),
                  "next": list(self._next), "filled": list(self._filled), "layers": list(self.layers)}
         if self.inv_freq is not None:
             state["derotated"] = True
@@ -230,6 +267,11 @@ class RecallArchive:
         if set(fields) != set(FIELDS) or any(tuple(fields[n].shape) != (rings, width) or fields[n].dtype != torch.int64
                                              for n in FIELDS):
             raise ValueError(f"saved archive fields must be int64 [{rings}, {width}]: {sorted(FIELDS)}")
+        for name in ("usual", "scored"):  # files from before usual scores have neither: they start at 0
+            value = state.get(name)
+            if value is not None and (tuple(value.shape) != (rings, width) or value.dtype != torch.float32
+                                      or not bool(torch.isfinite(value).all()) or bool((value < 0).any())):
+                raise ValueError(f"saved archive {name} must be finite, non-negative float32 [{rings}, {width}]")
         held = fields["serials"] >= 0
         if bool((fields["serials"] >= next_serial).any()) or bool((fields["positions"][held] >= seen).any()) \
                 or bool((fields["positions"][held] < 0).any()):
@@ -248,4 +290,7 @@ class RecallArchive:
         self.keys[:, :, :width] = keys.to(self.device)
         for name in FIELDS:
             self.fields[name][:, :width] = fields[name].to(self.device)
+        for name in ("usual", "scored"):
+            if state.get(name) is not None:
+                getattr(self, name)[:, :width] = state[name].to(self.device)
         self._next, self._filled = [int(c) for c in state["next"]], [int(c) for c in state["filled"]]

@@ -139,6 +139,12 @@ class HaloConfig:
         recall_threshold: a unit is recalled when its best token's archive mass in a forward reaches this times the
             bar: the 75th percentile of the mass the retained tokens drew in the same forward (retrieval layers),
             both read at the same pool of heads (`recall_heads`).
+        recall_discount, recall_history: what a token usually draws does not make it a hit. Every archived token
+            keeps the mean of its scores over the forwards that scored it since it was archived; once there are
+            `recall_history` of them, a forward scores it by its ratio over the bar less `recall_discount` times
+            that mean. Some tokens draw mass from every query (a word whose key looks like a sink's: traced on the
+            held-out text, `assert` far from the sinks `The "assert"` outscored the asked fact and its sentence
+            filled the recall; README, Recall). 0 turns it off.
         recall_heads: how heads read a hit: "mean" (the head-mean mass against the head-mean bar, as brightness
             pools heads), "group" (default: each head's mass against its own bar, averaged over each KV head's
             query group; the best group counts) or "each" (the best single head). A few heads retrieve; the
@@ -187,6 +193,8 @@ class HaloConfig:
     recall_sources: tuple[str, ...] = ("user", "tool")
     recall_min_rows: int = 4
     recall_threshold: float = 3.0
+    recall_discount: float = 1.0
+    recall_history: int = 4
     recall_heads: str = "group"
     recall_tokens: int = 32
     recall_context: int = 8
@@ -274,7 +282,7 @@ class HaloConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("recall_context", "recall_grace"):
+        for name in ("recall_context", "recall_grace", "recall_history"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -282,6 +290,8 @@ class HaloConfig:
             raise ValueError(f"recall_heads must be one of {RECALL_HEADS}, got {self.recall_heads!r}")
         if not (self.recall_threshold >= 0) or math.isinf(self.recall_threshold):
             raise ValueError(f"recall_threshold must be finite and >= 0, got {self.recall_threshold!r}")
+        if not (self.recall_discount >= 0) or math.isinf(self.recall_discount):
+            raise ValueError(f"recall_discount must be finite and >= 0, got {self.recall_discount!r}")
         room = self.budget - self.sink_tokens - self.recent_tokens
         if self.recall_tokens >= room:
             raise ValueError(f"recall_tokens ({self.recall_tokens}) must be below budget - sink_tokens - "

@@ -36,7 +36,8 @@ class RecallMemory:
             # one ring per row of a retrieval layer; per KV head a ring keeps that head's key alone
             self.archive = RecallArchive(tuple(layer * per + h for layer in layers for h in range(per)),
                                          cfg.recall_capacity, self.num_kv_heads // per, self.head_dim, self.dtype,
-                                         self.device, inv_freq=self._inv_freq)  # memory positions: at position 0
+                                         self.device, inv_freq=self._inv_freq,  # memory positions: at position 0
+                                         discount=cfg.recall_discount, history=cfg.recall_history)
             self._recall_sources = {cfg.source_code(name) for name in cfg.recall_sources}
         elif self.archive is not None:
             self.archive.clear()

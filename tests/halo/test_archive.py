@@ -32,7 +32,7 @@ def test_keys_are_stored_in_half_precision_and_the_cost_is_reported():
     archive.add(3, keys, _values([0, 1]))
     assert archive.keys.dtype == torch.float16
     assert torch.equal(archive.keys[1, :, :2], keys.half())
-    assert archive.bytes_per_token == 2 * (2 * 4 * 2 + 8 * 5)
+    assert archive.bytes_per_token == 2 * (2 * 4 * 2 + 8 * 5 + 4 + 4)  # keys, fields, usual score and count
 
 
 def test_drop_forgets_recalled_serials_in_every_ring():
