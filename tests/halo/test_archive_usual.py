@@ -30,21 +30,17 @@ def _ratios(archive, seed):
 
 @pytest.mark.parametrize("history", [0, 1, 3])
 def test_a_score_is_the_ratio_less_the_mean_of_the_earlier_ones_once_there_are_history_of_them(history):
+    """Each forward's discounted score equals the plain ratio less 0.5 x the mean of the plain ratios before it,
+    once `history` forwards have scored the entry; the plain archive's means are those ratios' means."""
     plain, discounted = _archive(0.0, history), _archive(0.5, history)
     seen = []
     for seed in range(5):
-        want = _ratios(plain, seed)
-        got = _ratios(discounted, seed)
-        if len(seen) >= history and seen:
-            want = (want - 0.5 * torch.stack(seen).mean(0)).clamp(min=0)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        seen.append(_plain_ratio(seed))
+        ratio = _ratios(plain, seed)
+        want = ratio if len(seen) < history or not seen else (ratio - 0.5 * torch.stack(seen).mean(0)).clamp(min=0)
+        torch.testing.assert_close(_ratios(discounted, seed), want, rtol=1e-5, atol=1e-6)
+        seen.append(ratio)
     assert plain.scored[0, :3].tolist() == [5.0] * 3 and plain.scored[0, 3] == 0  # the empty entry is not counted
     torch.testing.assert_close(plain.usual[0, :3], torch.stack(seen).mean(0))
-
-
-def _plain_ratio(seed):
-    return _ratios(_archive(0.0, 0), seed)
 
 
 def test_a_token_that_draws_the_same_every_forward_stops_scoring():
