@@ -288,10 +288,10 @@ class HaloConfig:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         if self.recall_heads not in RECALL_HEADS:
             raise ValueError(f"recall_heads must be one of {RECALL_HEADS}, got {self.recall_heads!r}")
-        if not (self.recall_threshold >= 0) or math.isinf(self.recall_threshold):
-            raise ValueError(f"recall_threshold must be finite and >= 0, got {self.recall_threshold!r}")
-        if not (self.recall_discount >= 0) or math.isinf(self.recall_discount):
-            raise ValueError(f"recall_discount must be finite and >= 0, got {self.recall_discount!r}")
+        for name in ("recall_threshold", "recall_discount"):
+            value = getattr(self, name)
+            if not (value >= 0) or math.isinf(value):
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
         room = self.budget - self.sink_tokens - self.recent_tokens
         if self.recall_tokens >= room:
             raise ValueError(f"recall_tokens ({self.recall_tokens}) must be below budget - sink_tokens - "
