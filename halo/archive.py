@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .archive_mass import BAR_MIN, BAR_QUANTILE, row_weights
+from .archive_mass import BAR_MIN, BAR_QUANTILE, pool_heads, row_weights
 from .memory_positions import rotate_keys
 
 FIELDS = ("serials", "positions", "token_ids", "sources", "units")
@@ -134,7 +134,9 @@ class RecallArchive:
         self.scored.masked_fill_(gone, 0.0)
 
     def score(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float, n_past: int, heads: str,
-              backend, retained_mass: torch.Tensor | None = None, archived_rope=None) -> None:
+              backend, retained_mass: torch.Tensor | None = None, archived_rope=None,
+              held: dict[str, torch.Tensor] | None = None,
+              held_usual: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Score ring `layer` against one forward's query rows (see halo.archive_mass) into `step_mass`.
 
         query: [Hq, T, D]; key: [Hkv, >= n_past + T, D] the layer's keys (the first n_past retained); heads: how
@@ -147,10 +149,15 @@ class RecallArchive:
         the score in brightness's currency, exactly the head-mean mass with heads "mean". With memory positions
         `archived_rope` maps text positions (int64 [A]) to the RoPE positions the keys are rotated to first
         (rotated copies of the filled entries, `_rotated`; the stored keys stay at position 0).
+        `held`: the FIELDS of the n_past retained slots (int64 [n_past] each; serial -1 where a slot may not be a
+        hit), scored as candidates too, by the mass they drew in this forward over the same bar against their own
+        usual reads `held_usual` (float32 [n_past] mean and count, the cache's slot fields, updated in place), and
+        0 until `history` forwards scored them (HaloConfig.recall_held_reads: a token some rows hold and others
+        lack, which the rows holding it read now, comes back in the rows that lack it). None: the archive alone.
         """
         ring = self.ring_of[layer]
         width = self._filled[ring]
-        if width == 0 or n_past == 0:
+        if (width == 0 and held is None) or n_past == 0:
             return
         hq = query.shape[0]
         if retained_mass is not None and (retained_mass.dtype != torch.float32 or retained_mass.dim() != 1
@@ -167,24 +174,35 @@ class RecallArchive:
             scale = torch.full((hq,), 1.0 / hq, dtype=torch.float32, device=query.device)
         else:  # the mass over each head's bar, in brightness's currency
             scale = floor / backend.bars(per_head, BAR_QUANTILE, BAR_MIN)
-        valid = self.fields["serials"][ring, :width] >= 0
-        keys = self.keys[ring, :, :width] if self.inv_freq is None else self._rotated(ring, width, archived_rope)
-        mass = backend.archive_ratio(query, keys, valid, scaling, lse,
-                                     row_weights(n_past, query.shape[1], query.device), scale, heads)
-        mass = self._against_usual(ring, width, mass, floor, valid)
+        mass = torch.zeros(0, dtype=torch.float32, device=query.device)
+        if width:
+            valid = self.fields["serials"][ring, :width] >= 0
+            keys = self.keys[ring, :, :width] if self.inv_freq is None else self._rotated(ring, width, archived_rope)
+            mass = backend.archive_ratio(query, keys, valid, scaling, lse,
+                                         row_weights(n_past, query.shape[1], query.device), scale, heads)
+            mass = self._against_usual(self.usual[ring, :width], self.scored[ring, :width], mass, floor, valid)
         # the entries as scored (one copy of every field): the cull that closes this forward may overwrite some
-        entries = self._field_table[:, ring, :width].clone()
-        self.step_mass[ring] = {"mass": mass, "floor": floor.expand(width), **dict(zip(FIELDS, entries.unbind(0)))}
+        entries = dict(zip(FIELDS, self._field_table[:, ring, :width].clone().unbind(0)))
+        if held is not None:  # the retained slots' mass in the same currency (head-mean mass over the bar * floor)
+            drew = retained_mass[:n_past] if heads == "mean" and retained_mass is not None else \
+                pool_heads(per_head * scale[:, None], heads, key.shape[0])
+            if held_usual is not None:
+                drew = self._against_usual(*held_usual, drew, floor, torch.ones_like(drew, dtype=torch.bool), True)
+            mass = torch.cat([mass, drew])
+            entries = {name: torch.cat([entries[name], held[name][:n_past]]) for name in FIELDS}
+        self.step_mass[ring] = {"mass": mass, "floor": floor.expand(mass.numel()), **entries}
 
-    def _against_usual(self, ring: int, width: int, mass: torch.Tensor, floor: torch.Tensor,
-                       valid: torch.Tensor) -> torch.Tensor:
-        """This forward's mass (float32 [width]) less `discount` times each entry's usual (in units of the bar
-        `floor`), once it has `history` scores; then this forward's ratio joins each held entry's mean."""
+    def _against_usual(self, usual: torch.Tensor, scored: torch.Tensor, mass: torch.Tensor, floor: torch.Tensor,
+                       valid: torch.Tensor, known_only: bool = False) -> torch.Tensor:
+        """This forward's mass (float32 [width]) less `discount` times each entry's usual (float32 [width], in units
+        of the bar `floor`), once it has `history` scores (`scored`; with `known_only`, 0 until then); then this
+        forward's ratio joins each valid entry's mean (both updated in place)."""
         ratio = mass / floor.clamp(min=1e-12)
-        usual, scored = self.usual[ring, :width], self.scored[ring, :width]
-        if self.discount > 0:
-            known = torch.where(scored >= self.history, usual, torch.zeros_like(usual))
-            mass = (ratio - self.discount * known).clamp(min=0) * floor
+        if self.discount > 0 or known_only:
+            known = scored >= self.history
+            mass = (ratio - self.discount * torch.where(known, usual, torch.zeros_like(usual))).clamp(min=0) * floor
+            if known_only:
+                mass = torch.where(known, mass, torch.zeros_like(mass))
         counted = valid.float()
         scored += counted
         usual += counted * (ratio - usual) / scored.clamp(min=1)

@@ -149,6 +149,13 @@ class HaloConfig:
             pools heads), "group" (default: each head's mass against its own bar, averaged over each KV head's
             query group; the best group counts) or "each" (the best single head). A few heads retrieve; the
             mean over all heads drowns them (README, Recall).
+        recall_held_reads: a token some rows hold and others lack is a hit too when the rows that hold it read it
+            now: the mass its held copies draw in the scoring forward over the same bar, less `recall_discount`
+            times what they usually draw there, once `recall_history` forwards have scored them (before that, no
+            hit). It then comes back whole. Per KV head the heads that read a fact hold it, and the heads that lack
+            it would not have read it, so their archived copies never reach the bar; the model still needs it whole
+            (README, Recall). None (default): on per KV head, off per layer (measured: it cost per-layer memory
+            planted keys).
         recall_tokens: most tokens recalled per forward (hit units first, then the rest of their sentences, then
             their neighbours).
         recall_context: dead units within this many positions of a hit come back with it once every hit's
@@ -196,6 +203,7 @@ class HaloConfig:
     recall_discount: float = 1.0
     recall_history: int = 4
     recall_heads: str = "group"
+    recall_held_reads: bool | None = None
     recall_tokens: int = 32
     recall_context: int = 8
     recall_grace: int = 64
@@ -286,6 +294,8 @@ class HaloConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if self.recall_held_reads not in (True, False, None):
+            raise ValueError(f"recall_held_reads must be True, False or None, got {self.recall_held_reads!r}")
         if self.recall_heads not in RECALL_HEADS:
             raise ValueError(f"recall_heads must be one of {RECALL_HEADS}, got {self.recall_heads!r}")
         for name in ("recall_threshold", "recall_discount"):
@@ -299,6 +309,11 @@ class HaloConfig:
         for name in self.recall_sources:
             if name not in self.sources:
                 raise ValueError(f"recall_sources names {name!r}, which is not in sources ({sorted(self.sources)})")
+
+    @property
+    def held_reads(self) -> bool:
+        """Whether recall scores held copies of partly held tokens (`recall_held_reads`; None: per KV head only)."""
+        return self.granularity == "head" if self.recall_held_reads is None else bool(self.recall_held_reads)
 
     def recall_layer_indices(self, num_layers: int) -> tuple[int, ...]:
         """The retrieval layers (sorted, distinct) of a model with `num_layers` layers: recall_layers are fractions

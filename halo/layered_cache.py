@@ -377,6 +377,7 @@ class LayeredHaloCache(RecallMemory, HaloCache):
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        state = self._with_read_fields(state)
         counts = state.get("layer_counts")
         if not isinstance(counts, list) or len(counts) != self.num_rows:
             raise ValueError(f"saved {self.config.granularity}-level memory needs layer_counts for {self.num_rows} "

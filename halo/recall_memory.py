@@ -19,6 +19,7 @@ from .archive import RecallArchive
 from .layer_cull import pack_rows
 
 _ARCHIVED_FIELDS = ("serials", "positions", "token_ids", "sources", "units")
+_READ_FIELDS = (("read_usual", torch.float32, 0.0), ("read_scored", torch.float32, 0.0), ("read_owner", torch.int64, -1))
 
 
 class RecallMemory:
@@ -39,6 +40,9 @@ class RecallMemory:
                                          self.device, inv_freq=self._inv_freq,  # memory positions: at position 0
                                          discount=cfg.recall_discount, history=cfg.recall_history)
             self._recall_sources = {cfg.source_code(name) for name in cfg.recall_sources}
+            if cfg.held_reads:  # each held slot's usual read (as the archive's usual scores), its owner
+                for name, dtype, fill in _READ_FIELDS:
+                    self.add_slot_field(name, dtype, fill)
         elif self.archive is not None:
             self.archive.clear()
 
@@ -53,12 +57,33 @@ class RecallMemory:
         KV head each ring is read by its own GQA group of query heads against its own slots."""
         per = self.rows_per_layer
         q_heads, k_heads = query.shape[0] // per, key.shape[0] // per
-        mass = self._store.fields["mass"]
+        fields = self._store.fields
+        partial = self._partial_slots() if self.config.held_reads else None
         for h in range(per):
             row = layer_idx * per + h
+            n = self._counts[row]
+            held = None
+            usual = None
+            if partial is not None:  # a held slot is a candidate only while some row lacks its token
+                held = {name: fields[name][row, :n] for name in _ARCHIVED_FIELDS}
+                fresh = fields["read_owner"][row, :n] != held["serials"]  # another token took the slot
+                fields["read_usual"][row, :n].masked_fill_(fresh, 0.0)
+                fields["read_scored"][row, :n].masked_fill_(fresh, 0.0)
+                fields["read_owner"][row, :n] = held["serials"]
+                usual = (fields["read_usual"][row, :n], fields["read_scored"][row, :n])
+                held["serials"] = torch.where(partial[row, :n], held["serials"], -1)
             self.archive.score(row, query[h * q_heads:(h + 1) * q_heads], key[h * k_heads:(h + 1) * k_heads],
-                               scaling, self._counts[row], self.config.recall_heads, self.backend, mass[row],
-                               self.archived_rope)
+                               scaling, n, self.config.recall_heads, self.backend, fields["mass"][row],
+                               self.archived_rope, held, usual)
+
+    def _partial_slots(self) -> torch.Tensor:
+        """bool [rows, n_valid]: the held slots whose text token (not a marker) some rows lack. No host read: one
+        count by serial (the new rows a forward in flight wrote past a row's count are not held)."""
+        n, held = self._n_valid, self._held()
+        index = torch.where(held, self.serials[:, :n] + 1, 0)
+        count = torch.zeros(self._next_serial + 1, dtype=torch.int64, device=self.device).index_add_(
+            0, index.flatten(), held.flatten().long())
+        return held & (count[index] < self.num_rows) & (self.sources[:, :n] != self.config.source_code("marker"))
 
     def displaced_priority(self, most: int, priority: torch.Tensor) -> torch.Tensor:
         """float32 [<= most]: the source priority (`priority`: float32 per source code) of what recalled tokens
@@ -138,6 +163,18 @@ class RecallMemory:
     def _recall_state(self) -> dict:
         return {"archive": self.archive.state_dict(), "grace": [list(g) for g in self._grace],
                 "recalled": self._recalled.cpu()}
+
+    def _with_read_fields(self, state: dict) -> dict:
+        """`state` with the held-read fields this cache keeps and the file lacks (saved before held reads) added as
+        no history: those slots' usual reads start afresh."""
+        slots = state["slots"]
+        missing = [(name, dtype, fill) for name, dtype, fill in _READ_FIELDS
+                   if name in self._store.fields and name not in slots]
+        if not missing or "serials" not in slots:
+            return state
+        shape = tuple(slots["serials"].shape)
+        return {**state, "slots": {**slots, **{name: torch.full(shape, fill, dtype=dtype)
+                                               for name, dtype, fill in missing}}}
 
     def _check_recall_state(self, state: dict) -> None:
         """ValueError when the saved recall state does not fit this cache (nothing is changed)."""

@@ -14,30 +14,9 @@ from halo.eval.runner import policy_setup
 from halo.recall import pick_units
 from halo.units import sentence_end_table, word_table
 from halo.render import render_html
-
-TEXT = ("the quick brown fox jumps over the lazy dog and keeps running far away into the night while "
-        "seven small owls count 48213 stars above the quiet river bank. ")
-QUESTION = "how many stars did the owls count?"
-
+from recall_session import QUESTION, TEXT, check_accounting, recalling
 
 GRANULARITIES = pytest.mark.parametrize("granularity", ["layer", "head"])
-
-
-def recalling(model, tok, **changes):
-    """A per-layer session (or per-head: `granularity="head"`) with recall on. Threshold 0 makes every forgotten
-    unit a hit (a random tiny model's attention is near uniform), so each user forward recalls: the machinery runs
-    on every step."""
-    sources = {**default_sources(), "user": SourcePolicy(initial=128.0, decay=1.0, priority=320.0)}
-    config = HaloConfig(**{"budget": 40, "sink_tokens": 2, "recent_tokens": 6, "chunk_size": 4, "sources": sources,
-                           "granularity": "layer", "recall": True, "recall_threshold": 0.0, "recall_tokens": 6,
-                           "recall_context": 2, "recall_grace": 8, **changes})
-    return Session(model, tok, config)
-
-
-def check_accounting(session):
-    cache, stats = session.cache, session.stats()
-    assert int(cache.layer_counts.max()) <= cache.config.budget  # every row: a layer, or a KV head
-    assert stats["remembered"] - stats["markers"] + stats["evicted"] - stats["recalled"] == stats["tokens_fed"]
 
 
 @GRANULARITIES
@@ -159,6 +138,7 @@ def test_a_corrupted_archive_is_refused_and_the_session_stays_fresh(tiny_tok):
     ({"recall_threshold": float("nan")}, "recall_threshold"),
     ({"recall_heads": "max"}, "recall_heads"),
     ({"recall_min_rows": 0}, "recall_min_rows"),
+    ({"recall_held_reads": "yes"}, "recall_held_reads"),
 ])
 def test_bad_recall_settings_are_named(changes, match):
     with pytest.raises(ValueError, match=match):
