@@ -19,7 +19,9 @@ from .archive import RecallArchive
 from .layer_cull import pack_rows
 
 _ARCHIVED_FIELDS = ("serials", "positions", "token_ids", "sources", "units")
-_READ_FIELDS = (("read_usual", torch.float32, 0.0), ("read_scored", torch.float32, 0.0), ("read_owner", torch.int64, -1))
+# held reads: each slot's mean read and how many forwards scored it (as the archive's usual scores), and its owner
+_READ_FIELDS = (("read_usual", torch.float32, 0.0), ("read_scored", torch.float32, 0.0),
+                ("read_owner", torch.int64, -1))
 
 
 class RecallMemory:
@@ -40,7 +42,7 @@ class RecallMemory:
                                          self.device, inv_freq=self._inv_freq,  # memory positions: at position 0
                                          discount=cfg.recall_discount, history=cfg.recall_history)
             self._recall_sources = {cfg.source_code(name) for name in cfg.recall_sources}
-            if cfg.held_reads:  # each held slot's usual read (as the archive's usual scores), its owner
+            if cfg.held_reads:
                 for name, dtype, fill in _READ_FIELDS:
                     self.add_slot_field(name, dtype, fill)
         elif self.archive is not None:
