@@ -151,9 +151,10 @@ class RecallArchive:
         (rotated copies of the filled entries, `_rotated`; the stored keys stay at position 0).
         `held`: the FIELDS of the n_past retained slots (int64 [n_past] each; serial -1 where a slot may not be a
         hit), scored as candidates too, by the mass they drew in this forward over the same bar against their own
-        usual reads `held_usual` (float32 [n_past] mean and count, the cache's slot fields, updated in place), and
-        0 until `history` forwards scored them (HaloConfig.recall_held_reads: a token some rows hold and others
-        lack, which the rows holding it read now, comes back in the rows that lack it). None: the archive alone.
+        usual reads `held_usual` (float32 [n_past] mean and count, the cache's slot fields, updated in place; given
+        with `held`), and 0 until `history` forwards scored them (HaloConfig.recall_held_reads: a token some rows
+        hold and others lack, which the rows holding it read now, comes back in the rows that lack it). None: the
+        archive alone.
         """
         ring = self.ring_of[layer]
         width = self._filled[ring]
@@ -186,8 +187,7 @@ class RecallArchive:
         if held is not None:  # the retained slots' mass in the same currency (head-mean mass over the bar * floor)
             drew = retained_mass[:n_past] if heads == "mean" and retained_mass is not None else \
                 pool_heads(per_head * scale[:, None], heads, key.shape[0])
-            if held_usual is not None:
-                drew = self._against_usual(*held_usual, drew, floor, torch.ones_like(drew, dtype=torch.bool), True)
+            drew = self._against_usual(*held_usual, drew, floor, torch.ones_like(drew, dtype=torch.bool), True)
             mass = torch.cat([mass, drew])
             entries = {name: torch.cat([entries[name], held[name][:n_past]]) for name in FIELDS}
         self.step_mass[ring] = {"mass": mass, "floor": floor.expand(mass.numel()), **entries}

@@ -4,7 +4,9 @@ The per-layer (or per-head) cache archives the keys its retrieval layers evict (
 head's own in a ring of its own, read by that head's query heads) and, during every stream
 forward of a recall source (user and tool text by default), scores the archive with that forward's query rows:
 the mass each archived token would draw were it alone put back, normalised like brightness (halo.archive_mass),
-less what it usually draws (its mean over the forwards that scored it before: halo.archive, usual scores).
+less what it usually draws (its mean over the forwards that scored it before: halo.archive, usual scores); per
+KV head also each partly held token's held copies, by the mass they drew, less their own usual (held reads,
+HaloConfig.recall_held_reads).
 After the forward has been culled and its markers placed, `Recall.after_step`:
 
 1. scores each archived token that is not whole (some layer, or per head some KV head, lost it, a retrieval layer

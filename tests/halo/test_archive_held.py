@@ -6,23 +6,12 @@ import torch
 
 from tiny import tiny_llama
 from halo import HaloConfig
-from halo.archive import FIELDS, RecallArchive
+from halo.archive import FIELDS
 from halo.archive_mass import bars, pool_heads, retained_rows
 from halo.backend import REFERENCE
-from recall_session import QUESTION, TEXT, check_accounting, recalling
+from recall_session import QUESTION, TEXT, check_accounting, one_ring_archive, recalling, ring_forward
 
 N_PAST, SCALING = 9, 0.5
-
-
-def _archive(discount, history, filled=True):
-    archive = RecallArchive((1,), 4, num_kv_heads=2, head_dim=4, dtype=torch.float32, device=torch.device("cpu"),
-                            discount=discount, history=history)
-    if filled:
-        s = torch.tensor([0, 1, 2])
-        archive.add(1, torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(1)),
-                    {"serials": s, "positions": s + 10, "token_ids": s + 7, "sources": torch.zeros_like(s),
-                     "units": torch.full_like(s, -1)})
-    return archive
 
 
 def _held():
@@ -32,21 +21,16 @@ def _held():
             "sources": torch.zeros_like(s), "units": torch.full_like(s, -1)}
 
 
-def _forward(seed):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(4, 3, 4, generator=gen), torch.randn(2, 12, 4, generator=gen)
-
-
 def _plain_ratio(seed):
     """float32 [N_PAST]: each retained slot's mass over the bar, pooled per KV head group, from retained_rows."""
-    query, key = _forward(seed)
+    query, key = ring_forward(seed)
     _, per_head = retained_rows(query, key, SCALING, N_PAST)
     floor = bars(per_head.mean(0))
     return pool_heads(per_head * (floor / bars(per_head))[:, None], "group", 2) / floor
 
 
 def _held_scores(archive, usual, seed):
-    archive.score(1, *_forward(seed), SCALING, N_PAST, "group", REFERENCE, held=_held(), held_usual=usual)
+    archive.score(1, *ring_forward(seed), SCALING, N_PAST, "group", REFERENCE, held=_held(), held_usual=usual)
     taken = archive.take_scores()
     mine = taken["serials"] >= 100
     return {int(s): float(r) for s, r in zip(taken["serials"][mine], (taken["mass"] / taken["floor"])[mine])}
@@ -54,7 +38,7 @@ def _held_scores(archive, usual, seed):
 
 @pytest.mark.parametrize("history", [1, 3])
 def test_a_held_slot_scores_its_ratio_less_its_usual_and_nothing_before_history_forwards(history):
-    archive = _archive(0.5, history)
+    archive = one_ring_archive(0.5, history)
     usual = (torch.zeros(N_PAST), torch.zeros(N_PAST))
     seen = []
     for seed in range(5):
@@ -73,17 +57,17 @@ def test_a_held_slot_scores_its_ratio_less_its_usual_and_nothing_before_history_
 
 
 def test_archived_entries_score_as_without_held_slots_and_an_empty_archive_still_scores_them():
-    with_held, alone = _archive(1.0, 1), _archive(1.0, 1)
+    with_held, alone = one_ring_archive(1.0, 1), one_ring_archive(1.0, 1)
     usual = (torch.zeros(N_PAST), torch.zeros(N_PAST))
     for seed in range(3):
-        with_held.score(1, *_forward(seed), SCALING, N_PAST, "group", REFERENCE, held=_held(), held_usual=usual)
-        alone.score(1, *_forward(seed), SCALING, N_PAST, "group", REFERENCE)
+        with_held.score(1, *ring_forward(seed), SCALING, N_PAST, "group", REFERENCE, held=_held(), held_usual=usual)
+        alone.score(1, *ring_forward(seed), SCALING, N_PAST, "group", REFERENCE)
         a, b = with_held.take_scores(), alone.take_scores()
         archived = a["serials"] < 100
         for name in FIELDS:
             assert torch.equal(a[name][archived], b[name])
         torch.testing.assert_close(a["mass"][archived], b["mass"])
-    empty = _archive(1.0, 0, filled=False)
+    empty = one_ring_archive(1.0, 0, filled=False)
     assert len(_held_scores(empty, (torch.zeros(N_PAST), torch.ones(N_PAST)), 0)) == N_PAST - 1
 
 

@@ -105,7 +105,8 @@ def test_archived_keys_are_scored_at_their_present_ranks(tiny_tok, device, reran
         torch.testing.assert_close(call["mass"], archive_ratio(call["args"][0], keys, *call["args"][1:]),
                                    atol=1e-4, rtol=1e-3)
     heads, dim = session.cache.num_kv_heads, session.cache.head_dim  # the CPU keeps a rotated copy, CUDA none
-    assert copied == (2 if device == "cpu" else 1) * heads * dim * 2 + (8 * 5 + 8) * (1 if granularity == "layer" else heads)
+    rings = 1 if granularity == "layer" else heads
+    assert copied == (2 if device == "cpu" else 1) * heads * dim * 2 + (8 * 5 + 8) * rings
 
 
 def test_archived_rope_between_re_ranks_stays_in_the_frame_of_the_keys(tiny_tok):

@@ -3,27 +3,12 @@
 import pytest
 import torch
 
-from halo.archive import RecallArchive
 from halo.backend import REFERENCE
-
-
-def _archive(discount, history, capacity=4):
-    archive = RecallArchive((1,), capacity, num_kv_heads=2, head_dim=4, dtype=torch.float32,
-                            device=torch.device("cpu"), discount=discount, history=history)
-    s = torch.tensor([0, 1, 2])
-    archive.add(1, torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(1)),
-                {"serials": s, "positions": s + 10, "token_ids": s + 7, "sources": torch.zeros_like(s),
-                 "units": torch.full_like(s, -1)})
-    return archive
-
-
-def _forward(seed):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(4, 3, 4, generator=gen), torch.randn(2, 12, 4, generator=gen)
+from recall_session import one_ring_archive, ring_forward
 
 
 def _ratios(archive, seed):
-    archive.score(1, *_forward(seed), 0.5, 9, "group", REFERENCE)
+    archive.score(1, *ring_forward(seed), 0.5, 9, "group", REFERENCE)
     taken = archive.take_scores()
     return taken["mass"] / taken["floor"]
 
@@ -32,7 +17,7 @@ def _ratios(archive, seed):
 def test_a_score_is_the_ratio_less_the_mean_of_the_earlier_ones_once_there_are_history_of_them(history):
     """Each forward's discounted score equals the plain ratio less 0.5 x the mean of the plain ratios before it,
     once `history` forwards have scored the entry; the plain archive's means are those ratios' means."""
-    plain, discounted = _archive(0.0, history), _archive(0.5, history)
+    plain, discounted = one_ring_archive(0.0, history), one_ring_archive(0.5, history)
     seen = []
     for seed in range(5):
         ratio = _ratios(plain, seed)
@@ -44,7 +29,7 @@ def test_a_score_is_the_ratio_less_the_mean_of_the_earlier_ones_once_there_are_h
 
 
 def test_a_token_that_draws_the_same_every_forward_stops_scoring():
-    archive = _archive(1.0, 2)
+    archive = one_ring_archive(1.0, 2)
     first = _ratios(archive, 0)
     assert float(first.max()) > 0
     _ratios(archive, 0)
@@ -52,7 +37,7 @@ def test_a_token_that_draws_the_same_every_forward_stops_scoring():
 
 
 def test_a_new_entry_in_a_reused_slot_and_a_dropped_one_start_with_no_history():
-    archive = _archive(1.0, 1, capacity=3)
+    archive = one_ring_archive(1.0, 1, capacity=3)
     _ratios(archive, 0)
     archive.drop(torch.tensor([1]))
     assert archive.scored[0].tolist() == [1.0, 0.0, 1.0] and archive.usual[0, 1] == 0
@@ -64,11 +49,11 @@ def test_a_new_entry_in_a_reused_slot_and_a_dropped_one_start_with_no_history():
 
 
 def test_usual_scores_are_saved_and_a_corrupted_or_older_file_is_handled():
-    archive = _archive(1.0, 1)
+    archive = one_ring_archive(1.0, 1)
     for seed in range(3):
         _ratios(archive, seed)
     state = archive.state_dict()
-    other = _archive(1.0, 1)
+    other = one_ring_archive(1.0, 1)
     other.clear()
     other.load_state_dict(state, next_serial=3, seen=13)
     assert torch.equal(other.usual, archive.usual) and torch.equal(other.scored, archive.scored)
