@@ -47,6 +47,11 @@ class MeanIncomePolicy(HaloPolicy):
         word_pooling: "mean": a word scores as the mean of its tokens' scores, like a line (measured better).
         brightness_weight: w >= 0, the share of the leaky brightness added to the mean income (0: the mean alone).
             The brightness remembers recent attention, which the mean since birth dilutes.
+        content_weight: p >= 0: each forward's mass counts `(1 - s) ** p` times, `s` the share of that forward's
+            mass (per layer, or per KV head) the attention sinks drew (the slots at positions below the config's
+            `sink_tokens`); 0 (default): every forward counts alike. A row that rests its attention on the sinks
+            spreads the little left over the rest almost evenly; its income says little about what the model
+            reads. Decoding feeds one row per forward, so there it weighs each row.
     """
 
     name = "halo-mean"
@@ -54,14 +59,16 @@ class MeanIncomePolicy(HaloPolicy):
     word_pooling: str = "mean"
     prior_rows: float | None = None
     brightness_weight: float = 0.0
+    content_weight: float = 0.0
     income_field: str = "mean_income"
 
     def __post_init__(self):
         super().__post_init__()
         if self.prior_rows is not None and not 0.0 < float(self.prior_rows) < float("inf"):
             raise ValueError(f"prior_rows must be None or a finite value > 0, got {self.prior_rows!r}")
-        if not 0.0 <= float(self.brightness_weight) < float("inf"):
-            raise ValueError(f"brightness_weight must be a finite value >= 0, got {self.brightness_weight!r}")
+        for name in ("brightness_weight", "content_weight"):
+            if not 0.0 <= float(getattr(self, name)) < float("inf"):
+                raise ValueError(f"{name} must be a finite value >= 0, got {getattr(self, name)!r}")
 
     def attach(self, cache) -> None:
         super().attach(cache)
@@ -85,6 +92,8 @@ class MeanIncomePolicy(HaloPolicy):
         to_end = (cache.layer_counts[:, None] - slot) if cache.per_layer else (n - slot)
         seen = to_end.clamp_(0, t_rows).to(torch.float32)
         mass = cache.mass[..., :n] if cache.per_layer else cache.mass[:n] / cache.num_layers
+        if self.content_weight:
+            mass = mass * content_share(mass, cache.positions[..., :n], cache.config.sink_tokens) ** self.content_weight
         income[..., :n] += mass * (seen > 0)
         rows[..., :n] += seen
 
@@ -93,3 +102,12 @@ class MeanIncomePolicy(HaloPolicy):
         prior = cache.config.budget / PRIOR_BUDGET_FRACTION if self.prior_rows is None else self.prior_rows
         mean = income * (INCOME_SCALE / (rows + prior))
         return mean + self.brightness_weight * cache.brightness if self.brightness_weight else mean
+
+
+def content_share(mass: torch.Tensor, positions: torch.Tensor, sink_tokens: int) -> torch.Tensor:
+    """float32 [..., 1]: the share of a forward's attention mass (float32 [..., n], one row per layer or KV head,
+    or [n]) that went to slots whose position (int64, the same shape) is at or past `sink_tokens`; 1 where the
+    forward paid no mass."""
+    total = mass.sum(-1, keepdim=True)
+    sinks = torch.where(positions < sink_tokens, mass, torch.zeros_like(mass)).sum(-1, keepdim=True)
+    return torch.where(total > 0, 1.0 - sinks / total.clamp(min=torch.finfo(mass.dtype).tiny), torch.ones_like(total))

@@ -198,3 +198,44 @@ def test_brightness_weight_adds_a_share_of_the_brightness(pair, tiny_tok):
     for bad in (-0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="brightness_weight"):
             MeanIncomePolicy(brightness_weight=bad)
+
+
+@pytest.mark.parametrize("granularity", ["token", "layer", "head"])
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_content_weight_counts_each_forward_by_the_share_the_sinks_left(pair, ids, granularity, power):
+    """Every forward adds its mass times (1 - the share of it the sink slots drew) ** content_weight."""
+    from halo import HaloConfig, Session
+
+    model, tok = pair
+    policy = MeanIncomePolicy(content_weight=power)
+    session = Session(model, tok, HaloConfig(budget=64, recent_tokens=8, sink_tokens=3, granularity=granularity),
+                      policy=policy)
+    expected: dict[tuple[int, int], float] = {}
+    shares = []
+    for start in (0, 5, 6, 7, 12):  # a chunk of 5, single rows, then a chunk of 8
+        session.step(torch.tensor(ids[start:start + (5 if start == 0 else 1 if start < 12 else 8)]), "user")
+        cache, n = session.cache, session.cache.n_valid
+        mass = cache.mass[..., :n] if cache.per_layer else cache.mass[None, :n] / cache.num_layers
+        positions = cache.positions[..., :n] if cache.per_layer else cache.positions[None, :n]
+        income = cache.slot_field(policy.income_field)[..., :n]
+        income = income if cache.per_layer else income[None]
+        for r in range(positions.shape[0]):
+            k = int(cache.layer_counts[r]) if cache.per_layer else n
+            row_mass = mass[r, :k].double()
+            share = 1.0 - float(row_mass[positions[r, :k] < 3].sum()) / float(row_mass.sum())
+            shares.append(share)
+            for j, pos in enumerate(positions[r, :k].tolist()):
+                expected[r, pos] = expected.get((r, pos), 0.0) + float(row_mass[j]) * share ** power
+                assert float(income[r, j]) == pytest.approx(expected[r, pos], rel=1e-4, abs=1e-6)
+    assert min(shares) < 0.99  # the sinks drew mass, so the weights were not all 1
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="content_weight"):
+            MeanIncomePolicy(content_weight=bad)
+
+
+def test_content_share_is_one_without_mass():
+    from halo.mean_income import content_share
+
+    mass = torch.tensor([[2.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    positions = torch.tensor([[0, 1, 5, 9], [0, 3, 4, 7]])
+    assert content_share(mass, positions, sink_tokens=2).flatten().tolist() == [0.25, 1.0]
