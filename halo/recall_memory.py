@@ -17,6 +17,7 @@ import torch
 
 from .archive import RecallArchive
 from .layer_cull import pack_rows
+from .policy import restart_refilled
 
 _ARCHIVED_FIELDS = ("serials", "positions", "token_ids", "sources", "units")
 # held reads: each slot's mean read and how many forwards scored it (as the archive's usual scores), and its owner
@@ -60,7 +61,10 @@ class RecallMemory:
         per = self.rows_per_layer
         q_heads, k_heads = query.shape[0] // per, key.shape[0] // per
         fields = self._store.fields
-        partial = self._partial_slots() if self.config.held_reads else None
+        partial = None
+        if self.config.held_reads:
+            restart_refilled(self, "read_owner", "read_usual", "read_scored")  # another token took the slot
+            partial = self._partial_slots()
         for h in range(per):
             row = layer_idx * per + h
             n = self._counts[row]
@@ -68,10 +72,6 @@ class RecallMemory:
             usual = None
             if partial is not None:  # a held slot is a candidate only while some row lacks its token
                 held = {name: fields[name][row, :n] for name in _ARCHIVED_FIELDS}
-                fresh = fields["read_owner"][row, :n] != held["serials"]  # another token took the slot
-                fields["read_usual"][row, :n].masked_fill_(fresh, 0.0)
-                fields["read_scored"][row, :n].masked_fill_(fresh, 0.0)
-                fields["read_owner"][row, :n] = held["serials"]
                 usual = (fields["read_usual"][row, :n], fields["read_scored"][row, :n])
                 held["serials"] = torch.where(partial[row, :n], held["serials"], -1)
             self.archive.score(row, query[h * q_heads:(h + 1) * q_heads], key[h * k_heads:(h + 1) * k_heads],

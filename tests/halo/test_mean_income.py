@@ -212,8 +212,8 @@ def test_content_weight_counts_each_forward_by_the_share_the_sinks_left(pair, id
                       policy=policy)
     expected: dict[tuple[int, int], float] = {}
     shares = []
-    for start in (0, 5, 6, 7, 12):  # a chunk of 5, single rows, then a chunk of 8
-        session.step(torch.tensor(ids[start:start + (5 if start == 0 else 1 if start < 12 else 8)]), "user")
+    for chunk in (ids[:5], ids[5:6], ids[6:7], ids[7:8], ids[8:16]):  # a chunk of 5, single rows, a chunk of 8
+        session.step(torch.tensor(chunk), "user")
         cache, n = session.cache, session.cache.n_valid
         mass = cache.mass[..., :n] if cache.per_layer else cache.mass[None, :n] / cache.num_layers
         positions = cache.positions[..., :n] if cache.per_layer else cache.positions[None, :n]
