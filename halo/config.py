@@ -169,6 +169,10 @@ class HaloConfig:
             KV heads; per KV head, that head's own and its own held slots): what the rows actually read from it,
             not only how much they looked. 0 (default): the
             attention alone, DESIGN.md's rule (README, Brightness).
+        key_weight: k >= 0. With k > 0 each slot's cull basis (brightness, or a policy's own such as the mean
+            income) is multiplied by `exp(k * novelty)`, novelty how much less its key points along the common
+            direction of its (layer, KV head)'s held keys than theirs do on average (halo.key_novelty): a key
+            unlike the others is one a later query may match where nothing else can. 0: the basis alone.
     """
 
     budget: int = 512
@@ -209,6 +213,7 @@ class HaloConfig:
     recall_grace: int = 64
     rope_positions: str = "text"
     value_weight: float = 0.0
+    key_weight: float = 0.0
 
     def __post_init__(self):
         self.sources = dict(self.sources)
@@ -233,7 +238,7 @@ class HaloConfig:
                 f"budget ({self.budget}) must be larger than the protected set: sink_tokens ({self.sink_tokens}) "
                 f"+ recent_tokens ({self.recent_tokens}) = {protected}"
             )
-        for name in ("alpha", "dark_bias", "value_weight"):
+        for name in ("alpha", "dark_bias", "value_weight", "key_weight"):
             value = getattr(self, name)
             if not (value >= 0) or math.isinf(value):
                 raise ValueError(f"{name} must be finite and >= 0, got {value!r}")

@@ -14,6 +14,7 @@ import torch
 
 from .cull import unit_means
 from .cull_ops import cull_scores_layers, run_means_layers
+from .key_novelty import key_novelty
 
 
 def restart_refilled(cache, owner_field: str, *fields: str) -> None:
@@ -108,6 +109,11 @@ class HaloPolicy(CullPolicy):
         if self._priority is None:
             self.attach(cache)
         sources, basis = cache.sources[..., :n], self.score_basis(cache)
+        if cfg.key_weight and n:
+            counts = cache.layer_counts if cache.per_layer else None
+            novelty = key_novelty(cache.kv, n, counts, cfg.granularity == "head")
+            basis = basis.clone()
+            basis[..., :n] *= torch.exp(cfg.key_weight * novelty)
         dark_bias = cfg.dark_bias if self.dark_bias is None else self.dark_bias
         if basis.dim() == 2:  # per-layer memory: [L, C] fields
             scores = cull_scores_layers(basis[:, :n], cache.positions[:, :n], cache.layer_counts,

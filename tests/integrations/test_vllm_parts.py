@@ -71,6 +71,8 @@ def test_settings_parse_round_trip_and_errors():
         parse({"kernels": "triton"})
     with pytest.raises(ValueError, match="value_weight"):
         parse({"value_weight": 1.0})
+    with pytest.raises(ValueError, match="key_weight"):
+        parse({"key_weight": 1.0})
     with pytest.raises(ValueError, match="granularity 'head'"):
         parse({"granularity": "head"})
     with pytest.raises(ValueError, match="pinned"):

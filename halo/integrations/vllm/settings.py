@@ -36,8 +36,8 @@ class ServingConfig:
             granularity, unit_sources and word_units (words and lines, request_units), kernels ("auto" or
             "reference"). Not read: chunk_size (vLLM's scheduler chunks prefill: max_num_batched_tokens) and
             the repair_* tuning fields while repair is off. Refused (`check_servable`): repair, cull_threshold,
-            recall, rope_positions="memory", kernels="triton", value_weight, granularity="head" and a marker_text
-            of its own (no elision marker is written inside vLLM).
+            recall, rope_positions="memory", kernels="triton", value_weight, key_weight, granularity="head" and
+            a marker_text of its own (no elision marker is written inside vLLM).
         prompt_source: source name of prompt tokens (its SourcePolicy sets their initial brightness, decay and
             cull priority).
         output_source: source name of generated tokens.
@@ -82,6 +82,9 @@ def check_servable(serving: ServingConfig) -> ServingConfig:
     if cfg.value_weight:
         raise ValueError("value_weight (income weighed by value norms) is not read inside vLLM, whose column mass "
                          "sees the paged keys only; leave it at 0")
+    if cfg.key_weight:
+        raise ValueError("key_weight (key novelty) reads Halo's own K/V buffers, which vLLM's paged cache replaces; "
+                         "leave it at 0")
     for key in ("prompt_source", "output_source"):
         name = getattr(serving, key)
         policy = cfg.sources.get(name)
