@@ -172,7 +172,8 @@ class HaloConfig:
         key_weight: k >= 0. With k > 0 each slot's cull basis (brightness, or a policy's own such as the mean
             income) is multiplied by `exp(k * novelty)`, novelty how much less its key points along the common
             direction of its (layer, KV head)'s held keys than theirs do on average (halo.key_novelty): a key
-            unlike the others is one a later query may match where nothing else can. 0: the basis alone.
+            unlike the others is one a later query may match where nothing else can. Default 3 (chosen on
+            development essays; README, Key novelty); 0: the basis alone, DESIGN.md's order.
     """
 
     budget: int = 512
@@ -213,7 +214,7 @@ class HaloConfig:
     recall_grace: int = 64
     rope_positions: str = "text"
     value_weight: float = 0.0
-    key_weight: float = 0.0
+    key_weight: float = 3.0
 
     def __post_init__(self):
         self.sources = dict(self.sources)

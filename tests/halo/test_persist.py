@@ -165,3 +165,12 @@ def test_configs_saved_before_recall_read_heads_apart_recall_by_the_head_mean():
     assert config_from_dict(saved).recall_heads == HaloConfig().recall_heads  # today's files: as saved
     del saved["recall_heads"]
     assert config_from_dict(saved).recall_heads == "mean"
+
+
+def test_configs_saved_before_key_novelty_cull_by_the_basis_alone():
+    from halo.persist import config_from_dict, config_to_dict
+
+    saved = config_to_dict(HaloConfig())
+    assert config_from_dict(saved).key_weight == HaloConfig().key_weight > 0  # today's files: as saved
+    del saved["key_weight"]
+    assert config_from_dict(saved).key_weight == 0.0

@@ -13,10 +13,11 @@ from halo.policy import HaloPolicy
 
 
 def fake_cache(config, sources, brightness, units, positions=None):
-    """The slots HaloPolicy.scores reads, with the reference backend (positions default to slot order)."""
+    """The slots HaloPolicy.scores reads, with the reference backend (positions default to slot order). It holds no
+    K/V, so the config's key novelty is switched off (tests/halo/test_key_novelty.py holds that term)."""
     n = len(sources)
     cache = SimpleNamespace(
-        config=config, n_valid=n, device=torch.device("cpu"), backend=REFERENCE,
+        config=config.replace(key_weight=0.0), n_valid=n, device=torch.device("cpu"), backend=REFERENCE,
         sources=torch.tensor([config.source_code(s) for s in sources]),
         brightness=torch.tensor(brightness, dtype=torch.float32),
         units=torch.tensor(units, dtype=torch.int64),

@@ -73,6 +73,7 @@ def test_settings_parse_round_trip_and_errors():
         parse({"value_weight": 1.0})
     with pytest.raises(ValueError, match="key_weight"):
         parse({"key_weight": 1.0})
+    assert parse({}).halo.key_weight == 0.0  # off inside vLLM whatever HaloConfig's default
     with pytest.raises(ValueError, match="granularity 'head'"):
         parse({"granularity": "head"})
     with pytest.raises(ValueError, match="pinned"):

@@ -36,8 +36,9 @@ class ServingConfig:
             granularity, unit_sources and word_units (words and lines, request_units), kernels ("auto" or
             "reference"). Not read: chunk_size (vLLM's scheduler chunks prefill: max_num_batched_tokens) and
             the repair_* tuning fields while repair is off. Refused (`check_servable`): repair, cull_threshold,
-            recall, rope_positions="memory", kernels="triton", value_weight, key_weight, granularity="head" and
-            a marker_text of its own (no elision marker is written inside vLLM).
+            recall, rope_positions="memory", kernels="triton", value_weight, key_weight (`parse` sets it to 0
+            unless given), granularity="head" and a marker_text of its own (no elision marker is written inside
+            vLLM).
         prompt_source: source name of prompt tokens (its SourcePolicy sets their initial brightness, decay and
             cull priority).
         output_source: source name of generated tokens.
@@ -115,6 +116,7 @@ def parse(spec) -> ServingConfig:
         raise ValueError(f"unknown Halo setting(s) {unknown}; HaloConfig fields are {sorted(_HALO_FIELDS)} and "
                          f"serving keys are {list(SERVING_KEYS)}")
     fields = {k: v for k, v in spec.items() if k in _HALO_FIELDS}
+    fields.setdefault("key_weight", 0.0)  # key novelty reads Halo's own K/V buffers: off here unless asked (refused)
     if "sources" in fields:
         fields["sources"] = _sources(fields["sources"])
     if "unit_sources" in fields:
