@@ -62,6 +62,8 @@ class HaloPolicy(CullPolicy):
 
         score[j] = b[j] + dark_bias * mean(b of the +-dark_radius position-order neighbours) + priority[source j]
 
+    where `b` is the score basis (`score_basis`: the brightness) times `exp(key_weight * novelty)` of the slot's
+    key when the config's `key_weight` is above 0 (halo.key_novelty; default 3)
     (`halo.cull.cull_scores` for the first two terms, `dark_bias` and `dark_radius` from the cache's HaloConfig,
     `priority` from its `SourcePolicy`). Then every token of a line unit (a source in `unit_sources`) takes the
     mean score of its line (`line_pooling="mean"`, `halo.cull.unit_means`); word units keep the best-scoring-token

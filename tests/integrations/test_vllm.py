@@ -203,9 +203,10 @@ def test_one_request_eviction_never_touches_another_requests_blocks(concurrent):
 def halo_hf(prompt: list[int], generated: int, granularity: str) -> tuple[list[int], list[list[int]], int]:
     """Halo's Hugging Face path (`halo.Session`, word units on) on the same tokens and config as the engine, in
     64-token chunks: the prompt fed as "user" (the plugin's prompt_source), then `generated` greedy tokens fed as
-    "assistant". Returns (greedy tokens, each row's retained positions sorted, tokens fed)."""
+    "assistant". Returns (greedy tokens, each row's retained positions sorted, tokens fed). Key novelty is off, as
+    the plugin keeps it (it cannot read vLLM's paged keys)."""
     config = HaloConfig(budget=BUDGET, recent_tokens=RECENT, sink_tokens=SINKS, chunk_size=CHUNK,
-                        kernels="reference", granularity=granularity)
+                        kernels="reference", granularity=granularity, key_weight=0.0)
     model, tokenizer = load_model(str(embedded_model_dir()), device="cpu", dtype=torch.float32)
     session = Session(model, tokenizer, config)
     session.feed_ids(torch.tensor(prompt), "user")
