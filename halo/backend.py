@@ -13,6 +13,8 @@ and `halo.compact` define the semantics; `halo_kernels` holds the fused twins):
 and for per-layer memory (halo.layered_cache), every layer at once:
     update_brightness_layers(brightness, mass, decay, n_past, t_rows, alpha)
     attention_column_mass_heads(query, key, scaling, counts, mass, last_row_mass=None)   per KV head (head_cache)
+and, only where one operator computes a decode row's attention output with its mass (else None):
+    decode_attention(query, key, value, scaling, counts, mass, last_row_mass=None) -> float32 [Hq, D]
     select_victims_layers(scores, positions, protected, k) -> int64 [L, k]
     compact_layers_(kv, slot_tensors, victims, counts) -> int64 [L]
 and for recall (halo.archive_mass):
@@ -36,6 +38,7 @@ from . import archive_mass as _archive_mass
 from . import brightness as _brightness
 from . import compact as _compact
 from . import cull as _cull
+from . import decode_attention as _decode_attention
 from . import decode_mass as _decode_mass
 from . import layer_cull as _layer_cull
 
@@ -63,6 +66,7 @@ class Backend:
     bars: Callable
     archive_ratio: Callable
     attention_column_mass_heads: Callable
+    decode_attention: Callable | None = None
 
     @classmethod
     def from_module(cls, name: str, module: ModuleType) -> "Backend":
@@ -82,8 +86,10 @@ REFERENCE = Backend("reference", _brightness.attention_column_mass, _brightness.
 CPU_OPERATOR = dataclasses.replace(REFERENCE, name="cpu-operator",
                                    attention_column_mass=_decode_mass.attention_column_mass,
                                    attention_column_mass_and_update=_decode_mass.attention_column_mass_and_update,
-                                   attention_column_mass_heads=_decode_mass.attention_column_mass_heads)
-"""The reference, with a decode row's column mass computed by the C++ operator of `halo._C` (halo.decode_mass)."""
+                                   attention_column_mass_heads=_decode_mass.attention_column_mass_heads,
+                                   decode_attention=_decode_attention.decode_attention)
+"""The reference, with a decode row's column mass computed by the C++ operators of `halo._C` (halo.decode_mass),
+and a plain decode row's attention output with it (halo.decode_attention)."""
 
 
 def _triton_module() -> ModuleType | None:

@@ -242,38 +242,47 @@ class HaloCache(MemoryPositions, RetainedReader, Cache):
         return self._n_valid
 
     def attention_mask(self, layer_idx: int = 0) -> torch.Tensor | None:
-        """The mask this forward's attention uses at a layer, in slot space: None (plain causal) or bool
-        [1, 1, R, n+T]."""
+        """This forward's attention mask at a layer, in slot space: None (plain causal) or bool [1, 1, R, n+T]."""
         spec = self._flight.spec
         if spec.visible is not None:
             return spec.visible[None, None]
         return causal_mask(spec.n_past, spec.new_rows, self.device)
 
-    def capture_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        """Accumulate one layer's attention mass (the last layer also updates brightness); close an undriven
-        forward after the last layer."""
-        f = self._flight
-        last = layer_idx == self.num_layers - 1
+    def capture_layer(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float,
+                      value: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Accumulate one layer's attention mass (the last layer also updates brightness); close an undriven forward
+        after the last layer. With `value` (halo.decode_attention.fuses) return the row's output [Hq, D], else None."""
+        f, last, out = self._flight, layer_idx == self.num_layers - 1, None
         if f.spec.streams and self.policy.needs_attention:
             t0 = time.perf_counter()
             f.layers_captured += 1
-            self._accumulate(layer_idx, query[:, : f.spec.new_rows], key, scaling, last)  # patch rows earn nothing
+            query = query[:, : f.spec.new_rows]  # patch rows earn nothing
+            out = self._accumulate(layer_idx, query, key, scaling, last, value)
             self._halo_seconds += time.perf_counter() - t0
         if last:
             capture.clear_active()
             if not self._driven:
                 self._commit()
+        return out
 
-    def _accumulate(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float, last: bool) -> None:
-        """Add one layer's attention mass; the last layer also applies the brightness update."""
-        spec, slots = self._flight.spec, self._store.fields
+    def _accumulate(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float, last: bool,
+                    value: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Add one layer's attention mass (with `value`, return the decode row's output); the last updates it."""
+        spec, slots, out = self._flight.spec, self._store.fields, None
+        mass, last_mass, alpha = slots["mass"], slots["last_mass"], self.config.alpha
+        if value is not None:
+            counts = torch.full((self.num_kv_heads,), spec.n_past, dtype=torch.int64)
+            out = self.backend.decode_attention(query[:, 0], key, value, scaling, counts, mass[None], last_mass[None])
         if last:
-            n = spec.n_past + spec.new_rows
-            self.backend.attention_column_mass_and_update(
-                query, key, scaling, spec.n_past, slots["mass"], slots["brightness"], self._decay[slots["sources"][:n]],
-                self.config.alpha, self._flight.layers_captured, slots["last_mass"])
-        else:
-            self.backend.attention_column_mass(query, key, scaling, spec.n_past, slots["mass"], slots["last_mass"])
+            decay, layers = self._decay[slots["sources"][: spec.n_past + spec.new_rows]], self._flight.layers_captured
+            if value is None:
+                self.backend.attention_column_mass_and_update(query, key, scaling, spec.n_past, mass,
+                                                              slots["brightness"], decay, alpha, layers, last_mass)
+            else:
+                self.backend.update_brightness(slots["brightness"], mass, decay, spec.n_past, 1, alpha, layers)
+        elif value is None:
+            self.backend.attention_column_mass(query, key, scaling, spec.n_past, mass, last_mass)
+        return out
 
     def abort_forward(self) -> None:
         """Drop the forward in flight (or prepared) without committing it."""
@@ -314,11 +323,9 @@ class HaloCache(MemoryPositions, RetainedReader, Cache):
         return protected
 
     def cull(self, protect_serials_from: int | None = None) -> CullResult:
-        """Evict down to the budget (and, with cull_threshold, every unprotected token that dimmed to it).
-
-        Plain tokens take the device path (fixed victim count, no host sync). When units are retained the
-        unit-aware host path runs: a unit scores as its brightest token and dies whole.
-        """
+        """Evict down to the budget (and, with cull_threshold, every unprotected token that dimmed to it). Plain
+        tokens take the device path (fixed victim count, no host sync). When units are retained the unit-aware host
+        path runs: a unit scores as its brightest token and dies whole."""
         need = self._n_valid - self.config.budget
         if need <= 0 and self.config.cull_threshold is None:
             return CullResult()
@@ -366,8 +373,7 @@ class HaloCache(MemoryPositions, RetainedReader, Cache):
 
     # ---------------------------------------------------------- persistence
     def state_dict(self) -> dict:
-        """The retained memory: CPU tensors `kv` [L, 2, Hkv, n, D] and `slots` {field: [n]}, counters, policy,
-        journal."""
+        """The retained memory: CPU tensors `kv` [L, 2, Hkv, n, D], `slots` {field: [n]}, counters, policy, journal."""
         if self.in_forward:
             raise RuntimeError("cannot take the state of a HaloCache in the middle of a forward")
         return {**self._store.state_dict(self._n_valid),

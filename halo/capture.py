@@ -2,7 +2,8 @@
 
 For each layer it computes the output with SDPA exactly as the stock `sdpa` implementation does, and, when a
 HaloCache is running the forward, accumulates the per-slot attention mass of this forward's query rows into
-the cache (no `output_attentions`, no eager attention matrix, no host sync). After the last layer it closes
+the cache (no `output_attentions`, no eager attention matrix, no host sync). A plain decode row on the CPU skips
+SDPA: one operator computes its output with the mass (halo.decode_attention), reading the keys once. After the last layer it closes
 the forward: brightness update, cull, compaction.
 
 The attention function cannot see the cache (transformers does not pass it), so the cache's layer `update`,
@@ -17,6 +18,8 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
+
+from . import decode_attention
 
 ATTN_IMPLEMENTATION = "halo"
 
@@ -54,6 +57,9 @@ def halo_attention_forward(module, query, key, value, attention_mask, scaling=No
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if not dropout and decode_attention.fuses(cache, query, key, value):
+        out = cache.capture_layer(layer_idx, query[0], key[0], scaling, value[0])  # the row's output with its mass
+        return out.view(1, 1, *out.shape), None
     mask = cache.attention_mask(layer_idx)
     if mask is not None and mask.shape[1] not in (1, query.shape[1]):  # one mask per KV head (per-head memory)
         mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)

@@ -107,9 +107,12 @@ class HeadHaloCache(LayeredHaloCache):
         masks = [self._row_visibility(first + head, spec) for head in range(self.num_kv_heads)]
         return torch.stack([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])[None]
 
-    def _column_mass(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+    def _column_mass(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float,
+                     value: torch.Tensor | None = None) -> torch.Tensor | None:
         """Each KV head's mass from its own query heads, over its own slots and the new rows (on the CPU a decode
-        row of every head in one call of the decode operator)."""
+        row of every head in one operator call; with `value`, as LayeredHaloCache, with the row's output)."""
+        if value is not None:
+            return super()._column_mass(layer_idx, query, key, scaling, value)
         fields, rows = self._store.fields, slice(layer_idx * self.num_kv_heads, (layer_idx + 1) * self.num_kv_heads)
         self.backend.attention_column_mass_heads(query, key, scaling, self._head_counts(layer_idx),
                                                  fields["mass"][rows], fields["last_mass"][rows])

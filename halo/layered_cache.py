@@ -160,9 +160,10 @@ class LayeredHaloCache(RecallMemory, HaloCache):
             retained[spec.new_rows + rows, slots] = True
         return torch.cat([retained, spec.visible[:, spec.n_past:]], dim=1)
 
-    def _accumulate(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float, last: bool) -> None:
+    def _accumulate(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float, last: bool,
+                    value: torch.Tensor | None = None) -> torch.Tensor | None:
         fields = self._store.fields
-        self._column_mass(layer_idx, query, key, scaling)
+        out = self._column_mass(layer_idx, query, key, scaling, value)
         if self.scores_recall(self._flight.spec.source, query.shape[1], layer_idx):
             self._score_archive(layer_idx, query, key, scaling)
         if self.config.value_weight:  # after recall's bar, which reads the attention alone
@@ -172,6 +173,7 @@ class LayeredHaloCache(RecallMemory, HaloCache):
             self.backend.update_brightness_layers(fields["brightness"][:, :width], fields["mass"][:, :width],
                                                   self._decay[fields["sources"][:, :width]], self._counts_t,
                                                   query.shape[1], self.config.alpha)
+        return out
 
     def _weigh_mass(self, layer_idx: int, t_rows: int) -> None:
         """HaloConfig.value_weight: weigh each row of this layer's mass (its held slots and the new rows) by
@@ -182,11 +184,17 @@ class LayeredHaloCache(RecallMemory, HaloCache):
         fields["mass"][rows, :width] *= value_weights_rows(fields["value_norm"][rows, :width], ends,
                                                            self.config.value_weight)
 
-    def _column_mass(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        """Add one layer's attention mass (query [Hq, T, D], key [Hkv, N, D]) to its row of the step fields."""
-        fields = self._store.fields
-        self.backend.attention_column_mass(query, key, scaling, self._counts[layer_idx], fields["mass"][layer_idx],
-                                           fields["last_mass"][layer_idx])
+    def _column_mass(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float,
+                     value: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Add one layer's attention mass (query [Hq, T, D], key [Hkv, N, D]) to its rows of the step fields; with
+        `value` (a decode row, halo.decode_attention.fuses) return the row's attention output [Hq, D] too."""
+        mass, last_mass = self._store.fields["mass"], self._store.fields["last_mass"]
+        if value is None:
+            return self.backend.attention_column_mass(query, key, scaling, self._counts[layer_idx], mass[layer_idx],
+                                                      last_mass[layer_idx])
+        rows = slice(layer_idx * self.rows_per_layer, (layer_idx + 1) * self.rows_per_layer)
+        return self.backend.decode_attention(query[:, 0], key, value, scaling, self._counts_t[rows].expand(
+            self.num_kv_heads), mass[rows], last_mass[rows])
 
     def abort_forward(self) -> None:
         """Drop the forward in flight without committing it; the slots it wrote become free again."""
@@ -211,8 +219,7 @@ class LayeredHaloCache(RecallMemory, HaloCache):
 
     # ------------------------------------------------------------------ cull
     def protected_mask(self, protect_serials_from: int | None = None) -> torch.Tensor:
-        """bool [L, n_valid]: free slots, sinks, the recent window, pinned sources, slots born at or after the
-        given serial."""
+        """bool [L, n_valid]: free slots, sinks, the recent window, pinned sources, slots born at or after a serial."""
         n, cfg = self._n_valid, self.config
         pos = self.positions[:, :n]
         free = torch.arange(n, device=self.device)[None, :] >= self._counts_t[:, None]
@@ -249,8 +256,7 @@ class LayeredHaloCache(RecallMemory, HaloCache):
         return self.backend.compact_layers_(self._store.kv, list(self._store.fields.values()), victims, self._counts_t)
 
     def evict(self, victims: torch.Tensor) -> Eviction:
-        """Evict each row's `victims` (int64 [rows, k], padded with -1; a row per layer, or per KV head) and
-        compact; returns the tokens that no row holds any more (journaled)."""
+        """Evict each row's `victims` (int64 [rows, k], -1 padded) and compact; returns the tokens no row holds now."""
         return self._evict(victims)[0]
 
     def _evict(self, victims: torch.Tensor) -> tuple[Eviction, list[tuple[int, int, int]]]:
@@ -291,8 +297,7 @@ class LayeredHaloCache(RecallMemory, HaloCache):
 
     def replace_tokens(self, slots: torch.Tensor, new_ids: torch.Tensor) -> None:
         """Write repaired token ids at `slots` of `token_view()` (int64 [k]) into every layer holding those tokens;
-        the old ones go to the journal as "replaced" (once per token). Their K/V are stale until patch rows
-        recompute them."""
+        the old ones go to the journal as "replaced" (once per token); patch rows then recompute their K/V."""
         view = self.token_view()
         self.journal.record(view.positions[slots], view.token_ids[slots], view.sources[slots],
                             view.brightness[slots], self._steps, kind="replaced")
@@ -308,8 +313,7 @@ class LayeredHaloCache(RecallMemory, HaloCache):
 
     # -------------------------------------------------------------- reading
     def retained_visibility(self, horizon: torch.Tensor, own_slots: torch.Tensor | None = None) -> torch.Tensor:
-        """bool [R, n_valid], all False: each layer builds its own retained columns from ForwardSpec.horizon (and
-        its own slot of each patched token)."""
+        """bool [R, n_valid], all False: each row builds its own retained columns from ForwardSpec.horizon."""
         return torch.zeros(horizon.numel(), self._n_valid, dtype=torch.bool, device=self.device)
 
     def remembered_count(self) -> int:
@@ -330,8 +334,7 @@ class LayeredHaloCache(RecallMemory, HaloCache):
 
     def _remembered(self) -> dict[str, torch.Tensor]:
         """Each remembered token once, ordered by birth (device tensors, read-only): its slot fields, `brightness`
-        averaged over the layers holding it and `layers` (int64, how many hold it). Kept until the slots change:
-        a repair step reads it several times."""
+        averaged over the layers holding it and `layers` (int64, how many); kept until the slots change."""
         if self._tokens is not None:
             return self._tokens
         n = self._n_valid

@@ -25,8 +25,9 @@ def test_every_policy_equals_full_when_the_budget_covers_the_text(pair, ids):
     text = ids[:40]
     config = eval_config(48, sinks=2, recent=6)
     full = stream_nll(model, tok, text, config, "full").nll
-    for name in POLICIES:
-        assert stream_nll(model, tok, text, config, name).nll == full, name
+    for name in POLICIES:  # equal up to float rounding: a policy that reads no attention decodes through SDPA,
+        # one that does through the fused decode operator on the CPU (halo.decode_attention: another summation order)
+        assert stream_nll(model, tok, text, config, name).nll == pytest.approx(full, rel=1e-5, abs=1e-5), name
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
