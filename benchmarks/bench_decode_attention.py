@@ -66,7 +66,8 @@ _MASK = (torch.arange(N + 1)[None, :] <= COUNTS[:, None]).repeat_interleave(HQ /
 
 
 def _sdpa_and_mass(query, key, value, mass, last):
-    out, _ = sdpa_attention_forward(_Attention(), query[None, :, None], key[None], value[None], _MASK, scaling=D ** -0.5)
+    out, _ = sdpa_attention_forward(_Attention(), query[None, :, None], key[None], value[None], _MASK,
+                                    scaling=D ** -0.5)
     decode_mass.attention_column_mass_heads(query[:, None], key, D ** -0.5, COUNTS.tolist(), mass, last)
     return out[0, 0]
 

@@ -3,8 +3,8 @@
 For each layer it computes the output with SDPA exactly as the stock `sdpa` implementation does, and, when a
 HaloCache is running the forward, accumulates the per-slot attention mass of this forward's query rows into
 the cache (no `output_attentions`, no eager attention matrix, no host sync). A plain decode row on the CPU skips
-SDPA: one operator computes its output with the mass (halo.decode_attention), reading the keys once. After the last layer it closes
-the forward: brightness update, cull, compaction.
+SDPA: one operator computes its output with the mass (halo.decode_attention), reading the keys once. After the
+last layer it closes the forward: brightness update, cull, compaction.
 
 The attention function cannot see the cache (transformers does not pass it), so the cache's layer `update`,
 which runs right before the layer's attention, leaves a thread-local note saying which cache owns the keys.

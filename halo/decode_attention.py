@@ -1,10 +1,11 @@
 """Decode attention with its column mass: the output of one decode row and the mass Halo reads, in one pass.
 
 A decode step on CPU otherwise reads every layer's keys twice: SDPA for the output, then the column mass operator
-(halo.decode_mass) for the attention each slot received. `torch.ops.halo.decode_attention` (csrc/decode_attention.cpp)
-computes the logits and the softmax once and returns the output beside the mass; on the CPU the cache's attention
-function takes it for every plain decode row (halo.capture). `decode_attention_reference` is its PyTorch twin and
-defines the semantics; `decode_attention` runs the operator where it applies and the twin elsewhere.
+(halo.decode_mass) for the attention each slot received. `torch.ops.halo.decode_attention`
+(csrc/decode_attention.cpp) computes the logits and the softmax once and returns the output beside the mass; on
+the CPU the cache's attention function takes it for every plain decode row (halo.capture).
+`decode_attention_reference` is its PyTorch twin and defines the semantics; `decode_attention` runs the operator
+where it applies and the twin elsewhere.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from .extension import load_operators
 @functools.lru_cache(maxsize=None)
 def operator_available() -> bool:
     """True when `halo._C` registers `torch.ops.halo.decode_attention` (a stale build may lack it)."""
-    return load_operators({
-        "decode_attention": lambda query, key, value, scaling, counts, mass, last_row_mass: query.new_empty(query.shape),
-    })
+    def fake(query, key, value, scaling, counts, mass, last_row_mass):
+        return query.new_empty(query.shape)
+    return load_operators({"decode_attention": fake})
 
 
 def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -63,7 +64,8 @@ def decode_attention_reference(query: torch.Tensor, key: torch.Tensor, value: to
     visible = counts.to(device=key.device, dtype=torch.int64) + 1
     width = int(visible.max())
     if mass.shape[0] != heads and bool((visible != width).any()):
-        raise ValueError(f"decode_attention: a one-row mass needs every head to hold the same slots, got {counts.tolist()}")
+        raise ValueError("decode_attention: a one-row mass needs every head to hold the same slots, got "
+                         f"{counts.tolist()}")
     logits = query.float().view(heads, group, d) @ key[:, :width].float().transpose(1, 2) * scaling  # [Hkv, G, W]
     hidden = torch.arange(width, device=key.device) >= visible[:, None]  # [Hkv, W]
     probs = logits.masked_fill(hidden[:, None], float("-inf")).softmax(-1)
@@ -78,7 +80,8 @@ def decode_attention_reference(query: torch.Tensor, key: torch.Tensor, value: to
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
-                     counts: torch.Tensor, mass: torch.Tensor, last_row_mass: torch.Tensor | None = None) -> torch.Tensor:
+                     counts: torch.Tensor, mass: torch.Tensor,
+                     last_row_mass: torch.Tensor | None = None) -> torch.Tensor:
     """`decode_attention_reference` (same arguments and result), one operator call where `takes` says so."""
     if takes(query, key, value):
         return torch.ops.halo.decode_attention(query, key, value, scaling, counts.to(dtype=torch.int64), mass,

@@ -38,7 +38,7 @@ def _case(hq, hkv, counts, d, seed):
     return query, buffer[1, 0, :, :width], buffer[1, 1, :, :width], mass, last
 
 
-def _mass_rows(mass, counts, rows):
+def _mass_rows(mass, rows):
     """The per-head target, or one row for the layer (only when every head holds the same count)."""
     return mass if rows == "head" else mass[:1]
 
@@ -52,8 +52,8 @@ def test_operator_matches_the_reference(hq, hkv, counts, d, rows, with_last):
         pytest.skip("a one-row mass needs every head to hold the same slots")
     query, key, value, mass, last = _case(hq, hkv, counts, d, seed=sum(counts) + d)
     counts_t = torch.tensor(counts)
-    want_mass, want_last = _mass_rows(mass.clone(), counts, rows), _mass_rows(last.clone(), counts, rows)
-    got_mass, got_last = _mass_rows(mass.clone(), counts, rows), _mass_rows(last.clone(), counts, rows)
+    want_mass, want_last = _mass_rows(mass.clone(), rows), _mass_rows(last.clone(), rows)
+    got_mass, got_last = _mass_rows(mass.clone(), rows), _mass_rows(last.clone(), rows)
     want = decode_attention.decode_attention_reference(query, key, value, 0.3, counts_t, want_mass,
                                                        want_last if with_last else None)
     got = torch.ops.halo.decode_attention(query, key, value, 0.3, counts_t, got_mass, got_last if with_last else None)
@@ -105,8 +105,8 @@ def test_opcheck():
     (dict(last=torch.zeros(1, 9)), "last_row_mass has 1 rows, mass 2"),
 ])
 def test_operator_errors_name_the_problem(change, match):
-    args = dict(query=torch.zeros(4, 8), key=torch.zeros(2, 6, 8), value=torch.zeros(2, 6, 8), counts=torch.tensor([2, 4]),
-                mass=torch.zeros(2, 9), last=None)
+    args = dict(query=torch.zeros(4, 8), key=torch.zeros(2, 6, 8), value=torch.zeros(2, 6, 8),
+                counts=torch.tensor([2, 4]), mass=torch.zeros(2, 9), last=None)
     args.update(change)
     before = args["mass"].clone()
     with pytest.raises(RuntimeError, match=match):
