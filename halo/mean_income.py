@@ -86,6 +86,7 @@ class MeanIncomePolicy(HaloPolicy):
 
     def observe(self, cache, n_past: int, t_rows: int) -> None:
         """Add this forward's mass and the rows that saw each slot (T for old slots, T - s for new slot s)."""
+        super().observe(cache, n_past, t_rows)
         n = cache.n_valid
         income, rows = self._claim(cache)
         slot = torch.arange(n, device=cache.device)

@@ -90,6 +90,7 @@ def config_from_dict(data: dict) -> HaloConfig:
         data.update(repair_margin=0.0, repair_guidance="hard", repair_rerank=None)
     data.setdefault("recall_heads", "mean")  # saved before recall read heads apart: the head mean, as then
     data.setdefault("key_weight", 0.0)  # saved before key novelty: the cull ranked the basis alone, as then
+    data.setdefault("key_refresh", 1)  # saved before key_refresh: novelty computed at every cull, as then
     if "sources" in data:
         data["sources"] = {name: SourcePolicy(**policy) for name, policy in data["sources"].items()}
     if "unit_sources" in data:

@@ -90,6 +90,7 @@ class HaloPolicy(CullPolicy):
     dark_bias: float | None = None
     _priority: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _is_line: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _reuse_novelty: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         for name in ("line_pooling", "word_pooling"):
@@ -105,6 +106,18 @@ class HaloPolicy(CullPolicy):
         # by source code: True for the line sources (a lookup, where isin would sort)
         self._is_line = torch.zeros(len(self._priority), dtype=torch.bool, device=cache.device)
         self._is_line[torch.tensor(cfg.line_source_codes(), dtype=torch.int64, device=cache.device)] = True
+        if cfg.key_weight and cfg.key_refresh > 1:  # each slot's novelty at the last refresh, and whose it is
+            for name, dtype, fill in (("key_novelty", torch.float32, 0.0), ("key_novelty_serial", torch.int64, -1)):
+                try:
+                    cache.slot_field(name)
+                except KeyError:  # scores() attaches lazily: a second attach keeps the fields
+                    cache.add_slot_field(name, dtype, fill)
+
+    def observe(self, cache, n_past: int, t_rows: int) -> None:
+        """With HaloConfig.key_refresh > 1: the cull after a forward that crossed no multiple of it (in fed rows)
+        may reuse the last refresh's key novelty."""
+        every, seen = cache.config.key_refresh, cache.seen
+        self._reuse_novelty = every > 1 and (seen - t_rows) // every == seen // every
 
     def scores(self, cache) -> torch.Tensor:
         cfg, n = cache.config, cache.n_valid
@@ -112,10 +125,8 @@ class HaloPolicy(CullPolicy):
             self.attach(cache)
         sources, basis = cache.sources[..., :n], self.score_basis(cache)
         if cfg.key_weight and n:
-            counts = cache.layer_counts if cache.per_layer else None
-            novelty = key_novelty(cache.kv, n, counts, cfg.granularity == "head")
             basis = basis.clone()
-            basis[..., :n] *= torch.exp(cfg.key_weight * novelty)
+            basis[..., :n] *= torch.exp(cfg.key_weight * self._key_novelty(cache, n))
         dark_bias = cfg.dark_bias if self.dark_bias is None else self.dark_bias
         if basis.dim() == 2:  # per-layer memory: [L, C] fields
             scores = cull_scores_layers(basis[:, :n], cache.positions[:, :n], cache.layer_counts,
@@ -137,6 +148,19 @@ class HaloPolicy(CullPolicy):
         if scores.dim() == 2:  # a cache's own rows: its units are runs in position order, no sort needed
             return run_means_layers(scores, cache.position_order(), units, pooled)
         return unit_means(scores, units, pooled)
+
+    def _key_novelty(self, cache, n: int) -> torch.Tensor:
+        """float32 novelty of the n retained slots (halo.key_novelty), afresh or, right after a forward that crossed
+        no multiple of HaloConfig.key_refresh fed rows, as kept at the last refresh (0 in slots written since)."""
+        cfg, reuse, self._reuse_novelty = cache.config, self._reuse_novelty, False  # a second cull: afresh
+        counts = cache.layer_counts if cache.per_layer else None
+        if cfg.key_refresh == 1:
+            return key_novelty(cache.kv, n, counts, cfg.granularity == "head")
+        restart_refilled(cache, "key_novelty_serial", "key_novelty")
+        kept = cache.slot_field("key_novelty")[..., :n]
+        if not reuse:
+            kept.copy_(key_novelty(cache.kv, n, counts, cfg.granularity == "head"))
+        return kept
 
     def score_basis(self, cache) -> torch.Tensor:
         """float32 [C] ([rows, C] per layer or head): the per-slot value the score biases and shifts (brightness)."""

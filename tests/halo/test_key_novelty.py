@@ -113,6 +113,44 @@ def test_key_weight_keeps_the_budget_and_changes_what_is_kept(pair):
     assert kept[0.0] != kept[3.0]
 
 
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, None])
+def test_config_refuses_a_bad_key_refresh(bad):
+    with pytest.raises(ValueError, match="key_refresh must be an int >= 1"):
+        HaloConfig(key_refresh=bad)
+
+
+def _kept_by_serial(cache) -> dict[tuple[int, int], float]:
+    """(row, serial) -> the novelty kept for it, for every held slot of every row that a cull has claimed (a slot
+    written after the last cull holds what its slot held before until the next cull zeroes it)."""
+    counts = cache.layer_counts.tolist() if cache.per_layer else [cache.n_valid]
+    kept, owner, serials = (cache.slot_field(name).view(len(counts), -1)
+                            for name in ("key_novelty", "key_novelty_serial", "serials"))
+    return {(row, int(serials[row, j])): float(kept[row, j]) for row, c in enumerate(counts) for j in range(c)
+            if owner[row, j] == serials[row, j]}
+
+
+@pytest.mark.parametrize("granularity", ["token", "layer", "head"])
+def test_key_refresh_reuses_the_kept_novelty_between_refreshes(pair, granularity):
+    """Single-row forwards: the cull after one that crosses a multiple of key_refresh fed rows computes novelty
+    afresh; the others rank by the kept values, which move with their slots."""
+    model, tok = pair
+    config = HaloConfig(budget=24, chunk_size=8, recent_tokens=4, sink_tokens=2, granularity=granularity,
+                        key_weight=3.0, key_refresh=3)
+    session = Session(model, tok, config)
+    ids = tok(embedded_text(max_chars=600), add_special_tokens=False)["input_ids"][:40]
+    session.step(torch.tensor(ids[:24]), "user")  # 24 fed rows: a refresh at the first cull
+    changed = []
+    for i in range(24, 36):
+        before = _kept_by_serial(session.cache)
+        session.step(torch.tensor(ids[i:i + 1]), "user")
+        after = _kept_by_serial(session.cache)
+        same = all(after[key] == value for key, value in before.items() if key in after)
+        if (i + 1) % 3:  # no multiple of 3 crossed: reused
+            assert same, i
+        changed.append(not same)
+    assert any(changed)  # the refreshes did recompute
+
+
 needs_operator = pytest.mark.skipif(not operator_available(), reason="halo._C without key_cosines")
 
 

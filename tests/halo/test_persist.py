@@ -14,8 +14,8 @@ CONFIG = dict(budget=80, sink_tokens=2, recent_tokens=8, chunk_size=8)
 LOG = "".join(f"12:{i:02d} worker {i % 3} ok\n" for i in range(24))
 
 
-def busy_session(model, tok):
-    session = Session(model, tok, HaloConfig(**CONFIG))
+def busy_session(model, tok, **changes):
+    session = Session(model, tok, HaloConfig(**{**CONFIG, **changes}))
     session.feed("You are terse.", source="system")
     session.feed("The quick brown fox jumps over the lazy dog. " * 4)
     session.feed(LOG, source="log")
@@ -23,9 +23,10 @@ def busy_session(model, tok):
     return session
 
 
-def test_loaded_session_continues_exactly(tiny_tok, tmp_path):
+@pytest.mark.parametrize("key_refresh", [1, 3])  # 3: the kept key novelty travels with the slots
+def test_loaded_session_continues_exactly(tiny_tok, tmp_path, key_refresh):
     tok = tiny_tok
-    original = busy_session(tiny_llama(vocab=len(tok)), tok)
+    original = busy_session(tiny_llama(vocab=len(tok)), tok, key_refresh=key_refresh)
     original.diffs.append((5, 7, 9))
     path = original.save(tmp_path / "s.halo")
     assert path.is_file() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -174,3 +175,7 @@ def test_configs_saved_before_key_novelty_cull_by_the_basis_alone():
     assert config_from_dict(saved).key_weight == HaloConfig().key_weight > 0  # today's files: as saved
     del saved["key_weight"]
     assert config_from_dict(saved).key_weight == 0.0
+    saved = config_to_dict(HaloConfig(key_refresh=4))
+    assert config_from_dict(saved).key_refresh == 4  # today's files: as saved
+    del saved["key_refresh"]
+    assert config_from_dict(saved).key_refresh == 1  # saved before key_refresh: novelty at every cull, as then
