@@ -149,7 +149,7 @@ class HaloCache(MemoryPositions, RetainedReader, Cache):
     seen = property(lambda self: self._seen, doc="Positions used by the stream so far (fed tokens).")
     steps = property(lambda self: self._steps, doc="Stream forwards closed so far.")
     next_serial = property(lambda self: self._next_serial, doc="Birth serial the next new slot gets.")
-    halo_seconds = property(lambda self: self._halo_seconds, doc="Time spent in brightness, cull and compaction.")
+    halo_seconds = property(lambda self: self._halo_seconds, doc="Time in brightness, cull, compaction, fused decode.")
     reset_count = property(lambda self: self._reset_count, doc="How many times reset() has emptied the cache.")
     current_spec = property(lambda self: self._flight.spec if self._flight is not None else self._spec,
                             doc="The ForwardSpec of the forward prepared or in flight, or None.")
