@@ -17,7 +17,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
 #include <optional>
 
 #include "gqa_logits.h"
@@ -111,30 +110,11 @@ at::Tensor decode_attention_cpu(const at::Tensor& query, const at::Tensor& key, 
                 "to hold the same slots; head ", h, " holds ", count[h], ", head 0 ", count[0]);
     width = std::max(width, count[h] + 1);
   }
-  at::Tensor logits = gqa_logits(query, key.narrow(1, 0, width), group);  // [Hq, W]
-  logits.mul_(scaling);
-  float* lg = logits.data_ptr<float>();
-  for (int64_t q = 0; q < hq; ++q) {  // a head's slots past its own are not its keys
-    std::fill(lg + q * width + count[q / group] + 1, lg + (q + 1) * width, -std::numeric_limits<float>::infinity());
-  }
-  const at::Tensor probs = at::_softmax(logits, -1, false).contiguous();
+  const at::Tensor probs = decode_probs(query, key, count, group, width, scaling);  // [Hq, W]
   const float* p = probs.const_data_ptr<float>();
-  const bool per_head = mass.size(0) == hkv && hkv > 1;
-  for (int64_t row = 0; row < mass.size(0); ++row) {
-    const int64_t first = per_head ? row * group : 0, heads = per_head ? group : hq;
-    const int64_t visible = count[per_head ? row : 0] + 1;
-    const float weight = static_cast<float>(visible) / static_cast<float>(heads);
-    float* m = mass.data_ptr<float>() + row * mass.stride(0);
-    float* last = last_row_mass.has_value() ? last_row_mass->data_ptr<float>() + row * last_row_mass->stride(0)
-                                            : nullptr;
-    for (int64_t j = 0; j < visible; ++j) {
-      float column = 0.f;
-      for (int64_t q = first; q < first + heads; ++q) column += p[q * width + j];
-      column *= weight;
-      m[j] += column;
-      if (last != nullptr) last[j] += column;
-    }
-  }
+  add_decode_mass(p, width, count, hq, group, mass.size(0), mass.data_ptr<float>(), mass.stride(0),
+                  last_row_mass.has_value() ? last_row_mass->data_ptr<float>() : nullptr,
+                  last_row_mass.has_value() ? last_row_mass->stride(0) : 0);
   at::Tensor out = at::zeros({hq, d}, query.options());
   weighted_values(p, width, value, count, group, out.data_ptr<float>());
   return out;

@@ -89,13 +89,13 @@ void decode_column_mass_heads_cpu(const at::Tensor& query, const at::Tensor& key
     TORCH_CHECK(count[h] >= 0 && count[h] + 1 <= room, "decode_column_mass_heads: head ", h, " holds ", count[h],
                 " slots; the key view has ", key.size(1), " and mass ", mass.size(1));
   }
-  for (int64_t h = 0; h < hkv; ++h) {
-    const int64_t n = count[h] + 1;
-    float* last = last_row_mass.has_value() ? last_row_mass->data_ptr<float>() + h * last_row_mass->stride(0)
-                                            : nullptr;
-    add_column_mass(query.narrow(0, h * group, group), key.narrow(0, h, 1).narrow(1, 0, n), scaling,
-                    mass.data_ptr<float>() + h * mass.stride(0), last);
-  }
+  int64_t width = 0;
+  for (int64_t h = 0; h < hkv; ++h) width = std::max(width, count[h] + 1);
+  // one softmax over every head's row (each head's slots past its own read 0), then each head's column mass
+  const at::Tensor probs = decode_probs(query, key, count, group, width, scaling);
+  add_decode_mass(probs.const_data_ptr<float>(), width, count, query.size(0), group, hkv, mass.data_ptr<float>(),
+                  mass.stride(0), last_row_mass.has_value() ? last_row_mass->data_ptr<float>() : nullptr,
+                  last_row_mass.has_value() ? last_row_mass->stride(0) : 0);
 }
 
 }  // namespace halo

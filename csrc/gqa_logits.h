@@ -5,6 +5,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <limits>
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define HALO_X86_AVX2 1
@@ -67,6 +70,42 @@ inline void check_query_key(const at::Tensor& query, const at::Tensor& key, cons
   TORCH_CHECK(key.size(2) == query.size(1), op, ": head dims differ: query ", query.size(1), ", key ", key.size(2));
   TORCH_CHECK(key.size(0) > 0 && query.size(0) % key.size(0) == 0, op, ": query heads (", query.size(0),
               ") must be a multiple of key heads (", key.size(0), ")");
+}
+
+
+// [Hq, W] probabilities of one decode row: query head q (KV head h = q / G) sees the first count[h] + 1 slots of
+// its KV head (its retained slots, then the row's own); its other columns read 0. W = max_h count[h] + 1.
+inline at::Tensor decode_probs(const at::Tensor& query, const at::Tensor& key, const int64_t* count, int64_t group,
+                               int64_t width, double scaling) {
+  at::Tensor logits = gqa_logits(query, key.narrow(1, 0, width), group);
+  logits.mul_(scaling);
+  float* lg = logits.data_ptr<float>();
+  for (int64_t q = 0; q < query.size(0); ++q) {
+    std::fill(lg + q * width + count[q / group] + 1, lg + (q + 1) * width, -std::numeric_limits<float>::infinity());
+  }
+  return at::_softmax(logits, -1, false).contiguous();
+}
+
+// Adds the column mass of `p` ([Hq, W], decode_probs) into `rows` rows of mass (row stride `stride`) and, when
+// given, of last: rows == Hkv (> 1): row h gets (count[h] + 1) / G times the sum of its G query heads; rows == 1:
+// every head holds count[0] slots and the row gets (count[0] + 1) / Hq times the sum over all query heads.
+inline void add_decode_mass(const float* p, int64_t width, const int64_t* count, int64_t hq, int64_t group,
+                            int64_t rows, float* mass, int64_t stride, float* last, int64_t last_stride) {
+  const bool per_head = rows > 1;
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t first = per_head ? row * group : 0, heads = per_head ? group : hq;
+    const int64_t visible = count[per_head ? row : 0] + 1;
+    const float weight = static_cast<float>(visible) / static_cast<float>(heads);
+    float* m = mass + row * stride;
+    float* l = last != nullptr ? last + row * last_stride : nullptr;
+    for (int64_t j = 0; j < visible; ++j) {
+      float column = 0.f;
+      for (int64_t q = first; q < first + heads; ++q) column += p[q * width + j];
+      column *= weight;
+      m[j] += column;
+      if (l != nullptr) l[j] += column;
+    }
+  }
 }
 
 }  // namespace halo
