@@ -193,8 +193,8 @@ class LayeredHaloCache(RecallMemory, HaloCache):
             return self.backend.attention_column_mass(query, key, scaling, self._counts[layer_idx], mass[layer_idx],
                                                       last_mass[layer_idx])
         rows = slice(layer_idx * self.rows_per_layer, (layer_idx + 1) * self.rows_per_layer)
-        return self.backend.decode_attention(query[:, 0], key, value, scaling, self._counts_t[rows].expand(
-            self.num_kv_heads), mass[rows], last_mass[rows])
+        counts = self._counts_t[rows].expand(self.num_kv_heads)  # per layer: its one count for every KV head
+        return self.backend.decode_attention(query[:, 0], key, value, scaling, counts, mass[rows], last_mass[rows])
 
     def abort_forward(self) -> None:
         """Drop the forward in flight without committing it; the slots it wrote become free again."""
