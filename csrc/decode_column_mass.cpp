@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <vector>
 
 namespace halo {
 namespace {
@@ -32,23 +33,6 @@ void check_mass_target(const at::Tensor& t, const char* name, int64_t n) {
               " visible keys");
 }
 
-// Adds (n / Hq) * sum_h p[h, j] for the n = key.size(1) visible slots into m (and last when given).
-void add_column_mass(const at::Tensor& query, const at::Tensor& key, double scaling, float* m, float* last) {
-  const int64_t hq = query.size(0), n = key.size(1);
-  at::Tensor logits = gqa_logits(query, key, hq / key.size(0));
-  logits.mul_(scaling);
-  const at::Tensor probs = at::_softmax(logits, -1, false).contiguous();
-  const float* p = probs.const_data_ptr<float>();
-  const float weight = static_cast<float>(n) / static_cast<float>(hq);
-  for (int64_t j = 0; j < n; ++j) {
-    float column = 0.f;
-    for (int64_t h = 0; h < hq; ++h) column += p[h * n + j];
-    column *= weight;
-    m[j] += column;
-    if (last != nullptr) last[j] += column;
-  }
-}
-
 }  // namespace
 
 void decode_column_mass_cpu(const at::Tensor& query, const at::Tensor& key, double scaling, at::Tensor mass,
@@ -58,8 +42,12 @@ void decode_column_mass_cpu(const at::Tensor& query, const at::Tensor& key, doub
   TORCH_CHECK(n > 0, "decode_column_mass: no visible keys");
   check_mass_target(mass, "mass", n);
   if (last_row_mass.has_value()) check_mass_target(*last_row_mass, "last_row_mass", n);
-  add_column_mass(query, key, scaling, mass.data_ptr<float>(),
-                  last_row_mass.has_value() ? last_row_mass->data_ptr<float>() : nullptr);
+  // every head sees the same n slots: one mass row, the decode_probs / add_decode_mass of the per-head operator
+  const int64_t hq = query.size(0), group = hq / key.size(0);
+  const std::vector<int64_t> count(key.size(0), n - 1);
+  const at::Tensor probs = decode_probs(query, key, count.data(), group, n, scaling);
+  add_decode_mass(probs.const_data_ptr<float>(), n, count.data(), hq, group, 1, mass.data_ptr<float>(), 0,
+                  last_row_mass.has_value() ? last_row_mass->data_ptr<float>() : nullptr, 0);
 }
 
 // Per-head memory (halo.head_cache): KV head h holds counts[h] retained slots and the decode row's own slot right
