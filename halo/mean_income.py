@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .policy import HaloPolicy, restart_refilled
+from .policy import HaloPolicy, add_slot_fields, restart_refilled
 
 INCOME_SCALE = 128.0
 """Brightness units of a mean income of 1.0 (uniform attention), the `initial` of conversation text, so the source
@@ -72,11 +72,9 @@ class MeanIncomePolicy(HaloPolicy):
 
     def attach(self, cache) -> None:
         super().attach(cache)
-        for suffix, dtype, fill in (("", torch.float32, 0.0), ("_rows", torch.float32, 0.0), ("_serial", torch.int64, -1)):
-            try:
-                cache.slot_field(self.income_field + suffix)
-            except KeyError:  # HaloPolicy.scores attaches lazily: a second attach keeps the fields
-                cache.add_slot_field(self.income_field + suffix, dtype, fill)
+        name = self.income_field
+        add_slot_fields(cache, ((name, torch.float32, 0.0), (name + "_rows", torch.float32, 0.0),
+                                (name + "_serial", torch.int64, -1)))
 
     def _claim(self, cache) -> tuple[torch.Tensor, torch.Tensor]:
         """(income, rows) of the retained slots, restarted from zero in slots whose token changed since they were

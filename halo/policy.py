@@ -29,6 +29,16 @@ def restart_refilled(cache, owner_field: str, *fields: str) -> None:
     owner.copy_(serials)
 
 
+def add_slot_fields(cache, fields) -> None:
+    """Add each (name, dtype, fill) of `fields` as a slot field of `cache` unless it is there already (a policy's
+    `scores` attaches lazily: a second attach keeps the fields and what they hold)."""
+    for name, dtype, fill in fields:
+        try:
+            cache.slot_field(name)
+        except KeyError:
+            cache.add_slot_field(name, dtype, fill)
+
+
 @dataclass
 class CullPolicy(ABC):
     """Base policy: subclasses override `scores` and, when they keep state, `attach` and `observe`."""
@@ -107,11 +117,7 @@ class HaloPolicy(CullPolicy):
         self._is_line = torch.zeros(len(self._priority), dtype=torch.bool, device=cache.device)
         self._is_line[torch.tensor(cfg.line_source_codes(), dtype=torch.int64, device=cache.device)] = True
         if cfg.key_weight and cfg.key_refresh > 1:  # each slot's novelty at the last refresh, and whose it is
-            for name, dtype, fill in (("key_novelty", torch.float32, 0.0), ("key_novelty_serial", torch.int64, -1)):
-                try:
-                    cache.slot_field(name)
-                except KeyError:  # scores() attaches lazily: a second attach keeps the fields
-                    cache.add_slot_field(name, dtype, fill)
+            add_slot_fields(cache, (("key_novelty", torch.float32, 0.0), ("key_novelty_serial", torch.int64, -1)))
 
     def observe(self, cache, n_past: int, t_rows: int) -> None:
         """With HaloConfig.key_refresh > 1: the cull after a forward that crossed no multiple of it (in fed rows)
