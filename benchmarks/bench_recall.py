@@ -3,7 +3,8 @@
 Two pairs, each reported as a ratio in the same run (CPU, SmolLM2-135M, budget 512), per layer and (`-head`) per
 KV head, 10k tokens in every ring:
 - `recall-step-10k`: recall as configured by default (decode steps of the assistant do not score the archive; an
-  evicted token's key goes into the archive). Target <= 1.10x.
+  evicted token's key goes into the archive; with recall the default `rope_positions="auto"` brings memory
+  positions, so their re-ranks are in the cost). Target <= 1.10x.
 - `recall-scored-step-10k`: every decode step scores the 10k archived keys at the retrieval layers (`assistant` in
   recall_sources; the threshold is set out of reach so that no recall forward runs: this is the scoring's cost).
 The archive is filled through `RecallArchive.add` with random keys (feeding 10k real tokens would take minutes).

@@ -8,7 +8,7 @@ buffers are the cache's own: read them through the properties, change them throu
 A driver describes each forward with a `ForwardSpec` and runs it with `run(spec, forward)`, which returns a
 `StepResult` (see halo.forward); without one (plain `model.generate`) the cache makes the default spec itself
 and closes each forward when the last layer's attention has run. Positions keep counting and RoPE sees them
-(or, with rope_positions="memory", ranks: halo.memory_positions); `get_seq_length()` counts them. Batch size 1.
+(or, with memory positions, ranks: halo.memory_positions); `get_seq_length()` counts them. Batch size 1.
 """
 
 from __future__ import annotations

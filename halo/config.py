@@ -66,8 +66,9 @@ def default_sources() -> dict[str, SourcePolicy]:
     }
 
 
-ROPE_POSITIONS = ("text", "memory")
-"""HaloConfig.rope_positions values: RoPE sees the text positions, or the ranks in the remembered memory."""
+ROPE_POSITIONS = ("auto", "text", "memory")
+"""HaloConfig.rope_positions values: RoPE sees the text positions, or the ranks in the remembered memory, or
+("auto") the ranks when recall is on and the model's RoPE allows them, else the text positions."""
 GRANULARITIES = ("token", "layer", "head")
 """HaloConfig.granularity values: one retained token set for all layers, one per layer, or one per KV head."""
 REPAIR_GUIDANCE = ("hard", "soft", "none")
@@ -161,9 +162,11 @@ class HaloConfig:
         recall_context: dead units within this many positions of a hit come back with it once every hit's
             sentence has (room left).
         recall_grace: recalled tokens are protected from the cull for this many fed positions.
-        rope_positions: "text" (default, DESIGN.md): RoPE sees each token's position in the text; "memory": RoPE
-            sees its rank among the remembered tokens, so the holes the cull leaves close (halo.memory_positions;
-            models with rotary embeddings only).
+        rope_positions: "text" (DESIGN.md): RoPE sees each token's position in the text; "memory": RoPE sees its
+            rank among the remembered tokens, so the holes the cull leaves close (halo.memory_positions; models with
+            a rotary embedding over the whole head only). "auto" (default): "memory" with recall on a model that
+            allows it (recall puts text back into a memory with holes; measured: README, Memory positions), else
+            "text", so without recall the cache keeps DESIGN.md's positions.
         value_weight: p >= 0. With p > 0 (per-layer or per-head memory) a slot's attention income at a layer is
             weighed by `|v| ** p` over its mean over the layer's held slots, |v| its value vector's norm (mean over
             KV heads; per KV head, that head's own and its own held slots): what the rows actually read from it,
@@ -218,7 +221,7 @@ class HaloConfig:
     recall_tokens: int = 32
     recall_context: int = 8
     recall_grace: int = 64
-    rope_positions: str = "text"
+    rope_positions: str = "auto"
     value_weight: float = 0.0
     key_weight: float = 3.0
     key_refresh: int = 1

@@ -1,4 +1,5 @@
-"""Memory positions: RoPE that reads the remembered text without its holes (HaloConfig.rope_positions="memory").
+"""Memory positions: RoPE that reads the remembered text without its holes (HaloConfig.rope_positions="memory",
+and "auto", the default, when recall is on).
 
 With text positions (the default, DESIGN.md step 4) every slot keeps its token's absolute position. Once a long
 flood of tool output has been culled, what is left of the conversation sits thousands of positions before the
@@ -34,15 +35,23 @@ from .forward import ForwardSpec
 def rope_inv_freq(model, head_dim: int) -> torch.Tensor:
     """float32 [head_dim / 2]: the inverse frequencies of `model`'s rotary embedding (its `inv_freq` buffer, any
     scaling already folded in). ValueError when the model has none, or one that does not rotate the whole head."""
+    inv_freq, problem = _find_inv_freq(model, head_dim)
+    if inv_freq is None:
+        raise ValueError(f"rope_positions='memory' needs {problem}")
+    return inv_freq
+
+
+def _find_inv_freq(model, head_dim: int) -> tuple[torch.Tensor | None, str]:
+    """(the model's inverse frequencies, "") or (None, what the model lacks)."""
     for module in model.modules():
         inv_freq = getattr(module, "inv_freq", None)
         if isinstance(inv_freq, torch.Tensor):
             if 2 * inv_freq.numel() != head_dim:
-                raise ValueError(f"rope_positions='memory' needs RoPE over the whole head; {type(module).__name__} "
-                                 f"rotates {2 * inv_freq.numel()} of {head_dim} dims")
-            return inv_freq.detach().float()
-    raise ValueError(f"rope_positions='memory' needs a model with rotary position embeddings; "
-                     f"{type(model).__name__} has no module with an `inv_freq` buffer")
+                return None, (f"RoPE over the whole head; {type(module).__name__} rotates {2 * inv_freq.numel()} "
+                              f"of {head_dim} dims")
+            return inv_freq.detach().float(), ""
+    return None, (f"a model with rotary position embeddings; {type(model).__name__} has no module with an "
+                  f"`inv_freq` buffer")
 
 
 def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -95,13 +104,25 @@ class MemoryPositions:
     _rope_rows: torch.Tensor | None = None
     _rope_table: tuple | None = None  # (the forward it was built in, sorted held positions, their `rope`, one more)
 
+    @property
+    def memory_positions(self) -> bool:
+        """Whether RoPE sees ranks in the memory (rope_positions "memory", or "auto" resolved to it)."""
+        return self._inv_freq is not None
+
     def _init_memory_positions(self, model) -> None:
-        """With rope_positions "memory": read the model's rotary frequencies and add the `rope` slot field."""
-        if self.config.rope_positions != "memory":
+        """With memory positions: read the model's rotary frequencies and add the `rope` slot field. "auto" takes
+        them with recall on a model whose RoPE turns the whole head, and text positions otherwise."""
+        mode = self.config.rope_positions
+        if mode == "text" or (mode == "auto" and (not self.config.recall or model is None)):
             return
         if model is None:
             raise ValueError("rope_positions='memory' needs the model (its rotary embedding) to build the cache")
-        self._inv_freq = rope_inv_freq(model, self.head_dim).to(self.device)
+        inv_freq, problem = _find_inv_freq(model, self.head_dim)
+        if inv_freq is None:
+            if mode == "auto":
+                return
+            raise ValueError(f"rope_positions='memory' needs {problem}")
+        self._inv_freq = inv_freq.to(self.device)
         self.add_slot_field("rope", torch.int64, 0)
 
     def model_positions(self, spec: ForwardSpec) -> torch.Tensor:
@@ -191,6 +212,6 @@ class MemoryPositions:
             return None
         rows, self._rope_rows = self._rope_rows, None
         if rows is None or rows.numel() != t_rows:
-            raise RuntimeError("rope_positions='memory': a forward must be driven by a Session (ModelRunner), "
-                               "which gives the model its memory positions")
+            raise RuntimeError("memory positions (rope_positions 'memory', or 'auto' with recall): a forward "
+                               "must be driven by a Session (ModelRunner), which gives the model its positions")
         return rows

@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..config import GRANULARITIES, HaloConfig
+from ..config import GRANULARITIES, ROPE_POSITIONS, HaloConfig
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -38,11 +38,11 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
                         help=f"tokens dimmer than this may be repaired (default {d.repair_threshold})")
     parser.add_argument("--recall", action="store_true", default=None,
                         help="bring forgotten text back when the conversation points at it (needs --granularity "
-                        "layer, the default, or head; after long tool output use it with --rope-positions memory; "
-                        "default: off)")
-    parser.add_argument("--rope-positions", choices=("text", "memory"), default=None,
+                        "layer, the default, or head; default: off)")
+    parser.add_argument("--rope-positions", choices=ROPE_POSITIONS, default=None,
                         help="what RoPE sees: each token's position in the text, or its rank in the remembered "
-                        f"memory, so culled stretches leave no gap (default {d.rope_positions})")
+                        "memory, so culled stretches leave no gap; auto: memory with --recall, else text "
+                        f"(default {d.rope_positions})")
     parser.add_argument("--reference", action="store_true", help="force the plain-PyTorch reference path (no fused kernels)")
 
 

@@ -173,9 +173,37 @@ def test_cli_flag_sets_memory_positions():
     from halo.cli.common import config_from_args
 
     for command in ("run", "chat"):
-        args = build_parser().parse_args([command, "--rope-positions", "memory"])
-        assert config_from_args(args).rope_positions == "memory"
-    assert config_from_args(build_parser().parse_args(["run"])).rope_positions == "text"
+        for mode in ("memory", "text", "auto"):
+            args = build_parser().parse_args([command, "--rope-positions", mode])
+            assert config_from_args(args).rope_positions == mode
+    assert config_from_args(build_parser().parse_args(["run"])).rope_positions == "auto"
+
+
+@pytest.mark.parametrize("granularity", ["layer", "head"])
+def test_auto_positions_are_memory_positions_with_recall_only(tiny_tok, granularity):
+    from halo import HaloCache
+
+    model = tiny_llama(layers=2, vocab=len(tiny_tok))
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    for recall, memory in ((True, True), (False, False)):
+        session = memory_session(model, tiny_tok, granularity=granularity, rope_positions="auto", recall=recall,
+                                 recall_tokens=8)
+        assert session.cache.memory_positions is memory
+        session.feed(TEXT * 2, "user")
+        assert session.stats()["evicted"] > 0
+        if memory:  # the keys sit at their ranks (holes of up to RERANK_SLACK may stay open), not in the text
+            held, n = session.memory(), session.cache.n_valid
+            newest = int(session.cache.slot_field("rope")[..., :n].max())
+            assert len(held.positions) - 1 <= newest <= len(held.positions) - 1 + RERANK_SLACK
+            assert newest < int(held.positions.max())
+    text = memory_session(model, tiny_tok, granularity=granularity, rope_positions="text", recall=True,
+                          recall_tokens=8)
+    assert not text.cache.memory_positions
+    # a model whose RoPE does not turn the whole head: "auto" keeps text positions, "memory" is refused
+    config = dict(budget=64, recent_tokens=8, granularity=granularity, recall=True)
+    assert not HaloCache(model, HaloConfig(**config), head_dim=2 * head_dim).memory_positions
+    with pytest.raises(ValueError, match="whole head"):
+        HaloCache(model, HaloConfig(**config, rope_positions="memory"), head_dim=2 * head_dim)
 
 
 def test_plain_generate_is_refused_with_memory_positions():

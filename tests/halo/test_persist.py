@@ -179,3 +179,12 @@ def test_configs_saved_before_key_novelty_cull_by_the_basis_alone():
     assert config_from_dict(saved).key_refresh == 4  # today's files: as saved
     del saved["key_refresh"]
     assert config_from_dict(saved).key_refresh == 1  # saved before key_refresh: novelty at every cull, as then
+
+
+def test_configs_saved_before_memory_positions_keep_text_positions():
+    from halo.persist import config_from_dict, config_to_dict
+
+    saved = config_to_dict(HaloConfig(recall=True))
+    assert config_from_dict(saved).rope_positions == "auto"  # today's files: as saved
+    del saved["rope_positions"]
+    assert config_from_dict(saved).rope_positions == "text"

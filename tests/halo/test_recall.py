@@ -49,8 +49,10 @@ def _layer0_keys(cache) -> dict[tuple[int, int], torch.Tensor]:
 
 @GRANULARITIES
 def test_recalled_tokens_return_at_their_positions_with_their_layer0_keys(tiny_tok, granularity):
-    """Layer 0's K/V depend only on the token and its position: a recalled token's must match the original's."""
-    session = recalling(tiny_llama(layers=2, vocab=len(tiny_tok)), tiny_tok, granularity=granularity)
+    """Layer 0's K/V depend only on the token and its position: a recalled token's must match the original's
+    (text positions; with memory positions, tests/halo/test_archive_positions.py)."""
+    session = recalling(tiny_llama(layers=2, vocab=len(tiny_tok)), tiny_tok, granularity=granularity,
+                        rope_positions="text")
     cache, first_k = session.cache, {}
     for start in range(0, 3 * len(TEXT), 40):
         session.feed((TEXT * 3)[start:start + 40], "user")
@@ -250,7 +252,8 @@ def test_per_head_rings_keep_each_heads_own_key_of_what_that_head_evicted(tiny_t
     """Per KV head a retrieval layer has one ring per head, filled by that head's evictions with that head's key
     alone: layer 0's key depends only on the token and its position, so each entry must equal a full run's."""
     model = tiny_llama(layers=2, vocab=len(tiny_tok))
-    session = recalling(model, tiny_tok, granularity="head", recall_sources=("tool",))  # nothing comes back
+    session = recalling(model, tiny_tok, granularity="head", recall_sources=("tool",),  # nothing comes back
+                        rope_positions="text")  # keys at text positions: the full run's as they are
     for _ in range(3):
         session.feed(TEXT, "user")
     cache, archive = session.cache, session.cache.archive

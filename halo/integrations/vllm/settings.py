@@ -68,9 +68,9 @@ def check_servable(serving: ServingConfig) -> ServingConfig:
     if cfg.recall:
         raise ValueError("halo recall re-runs the model on archived text and is not available inside vLLM; set "
                          "recall to false")
-    if cfg.rope_positions != "text":
+    if cfg.rope_positions == "memory":
         raise ValueError("vLLM computes RoPE from each request's token count, so rope_positions='memory' "
-                         "(ranks in the remembered memory) is not available inside vLLM; leave it at 'text'")
+                         "(ranks in the remembered memory) is not available inside vLLM; use 'text' or 'auto'")
     if cfg.marker_text != _DEFAULT.marker_text:
         raise ValueError("elision markers are not written inside vLLM (a culled line leaves no marker), so "
                          "marker_text cannot be honoured; leave it at its default")
