@@ -18,10 +18,11 @@ entry keeps the mean of its scores (ratio over the bar) in the forwards that sco
 once it has `history` of them, a forward's score is its ratio less `discount` times that mean (never below 0):
 what stands out against what the token usually draws.
 
-Positions: with text positions (the default) a key keeps the rotation of its text position, which never moves.
-With memory positions (`inv_freq` given, halo.memory_positions) a key's rotation is its rank among the remembered
-tokens, which moves as the memory is culled; the archive then stores keys derotated to position 0 and rotates
-them, at every scoring, to the rank each would take if it came back now (the cache's `archived_rope`).
+Positions: with text positions (`rope_positions="text"`) a key keeps the rotation of its text position, which
+never moves. With memory positions (the default with recall; `inv_freq` given, halo.memory_positions) a key's
+rotation is its rank among the remembered tokens, which moves as the memory is culled; the archive then stores
+keys derotated to position 0 and rotates them, at every scoring, to the rank each would take if it came back now
+(the cache's `archived_rope`).
 """
 
 from __future__ import annotations

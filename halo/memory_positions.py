@@ -1,12 +1,12 @@
 """Memory positions: RoPE that reads the remembered text without its holes (HaloConfig.rope_positions="memory",
 and "auto", the default, when recall is on).
 
-With text positions (the default, DESIGN.md step 4) every slot keeps its token's absolute position. Once a long
-flood of tool output has been culled, what is left of the conversation sits thousands of positions before the
-question with nothing in between, a gap no model saw in training. Measured with the embedded SmolLM2 on the
-long-flood conversations (README, Recall): the same remembered tokens, run afresh at their text positions,
-answer wrong; run at contiguous positions, right. StreamingLLM places its cache the same way (positions within
-the cache, not in the text).
+With text positions (DESIGN.md step 4; the default without recall) every slot keeps its token's absolute
+position. Once a long flood of tool output has been culled, what is left of the conversation sits thousands of
+positions before the question with nothing in between, a gap no model saw in training. Measured with the
+embedded SmolLM2 on the long-flood conversations (README, Recall): the same remembered tokens, run afresh at their
+text positions, answer wrong; run at contiguous positions, right. StreamingLLM places its cache the same way
+(positions within the cache, not in the text).
 
 With memory positions a token's RoPE position is its rank among the remembered positions (a position some layer,
 or with per-head memory some KV head, holds; every layer and head uses the same numbering, so a query row has one
