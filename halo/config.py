@@ -167,6 +167,10 @@ class HaloConfig:
             a rotary embedding over the whole head only). "auto" (default): "memory" with recall on a model that
             allows it (recall puts text back into a memory with holes; measured: README, Memory positions), else
             "text", so without recall the cache keeps DESIGN.md's positions.
+        rope_gap: with memory positions, the most RoPE positions one hole in the memory counts (int >= 0): a
+            token's position is the sum of the remembered tokens and the capped holes before it. 0: its rank among
+            the remembered tokens (default: on the development essays ranks read best; 4 met the Recall
+            perplexity aim on the embedded text at a cost in answers: README, Memory positions, Capped holes).
         value_weight: p >= 0. With p > 0 (per-layer or per-head memory) a slot's attention income at a layer is
             weighed by `|v| ** p` over its mean over the layer's held slots, |v| its value vector's norm (mean over
             KV heads; per KV head, that head's own and its own held slots): what the rows actually read from it,
@@ -222,6 +226,7 @@ class HaloConfig:
     recall_context: int = 8
     recall_grace: int = 64
     rope_positions: str = "auto"
+    rope_gap: int = 0
     value_weight: float = 0.0
     key_weight: float = 3.0
     key_refresh: int = 1
@@ -291,6 +296,8 @@ class HaloConfig:
         self._validate_recall()
         if self.rope_positions not in ROPE_POSITIONS:
             raise ValueError(f"rope_positions must be one of {ROPE_POSITIONS}, got {self.rope_positions!r}")
+        if isinstance(self.rope_gap, bool) or not isinstance(self.rope_gap, int) or self.rope_gap < 0:
+            raise ValueError(f"rope_gap must be an int >= 0, got {self.rope_gap!r}")
         if self.kernels not in ("auto", "reference", "triton"):
             raise ValueError(f"kernels must be 'auto', 'reference' or 'triton', got {self.kernels!r}")
 

@@ -8,16 +8,17 @@ embedded SmolLM2 on the long-flood conversations (README, Recall): the same reme
 text positions, answer wrong; run at contiguous positions, right. StreamingLLM places its cache the same way
 (positions within the cache, not in the text).
 
-With memory positions a token's RoPE position is its rank among the remembered positions (a position some layer,
-or with per-head memory some KV head, holds; every layer and head uses the same numbering, so a query row has one
-position for all of them): the sinks sit at
-0, 1, ..., and the newest token right after the last remembered one. The slot field `positions` still holds the
-text position (journal, masks, markers, recall and diffs read that); the slot field `rope` holds the position
-whose rotation is baked into the slot's cached key. Before each forward, `MemoryPositions.model_positions`
-re-ranks the remembered tokens together with the forward's new rows and rotates each key whose rank moved by the
-difference (RoPE rotations compose: R(a) R(b) = R(a + b)), so the holes left by the culls close and a row
-recalled into the middle finds its place; a stream forward after the memory skips that until the holes add up to
-more than `RERANK_SLACK` positions.
+With memory positions a token's RoPE position counts the remembered positions before it (a position some layer, or
+with per-head memory some KV head, holds; every layer and head uses the same numbering, so a query row has one
+position for all of them) and the holes between them, each hole at most `HaloConfig.rope_gap` positions
+(`gapped_ranks`): the sinks sit at 0, 1, ..., a flood culled to a few lines leaves a few short holes, and prose
+with short holes keeps its spacing. With `rope_gap=0` (the default) a position is the token's rank. The slot field
+`positions` still holds the text position (journal, masks, markers, recall and diffs read that); the slot field
+`rope` holds the position whose rotation is baked into the slot's cached key. Before each forward,
+`MemoryPositions.model_positions` re-ranks the remembered tokens together with the forward's new rows and rotates
+each key whose rank moved by the difference (RoPE rotations compose: R(a) R(b) = R(a + b)), so the holes left by
+the culls close and a row recalled into the middle finds its place; a stream forward after the memory skips that
+until the holes add up to more than `RERANK_SLACK` positions.
 
 Exact in float32. In fp16/bf16 every re-rank of a key rounds it once more. Archived keys (recall, halo.archive)
 are stored derotated to position 0 and, whenever the archive is scored, rotated to the rank each would take if it
@@ -52,6 +53,19 @@ def _find_inv_freq(model, head_dim: int) -> tuple[torch.Tensor | None, str]:
             return inv_freq.detach().float(), ""
     return None, (f"a model with rotary position embeddings; {type(model).__name__} has no module with an "
                   f"`inv_freq` buffer")
+
+
+def gapped_ranks(numbering: torch.Tensor, positions: torch.Tensor, gap: int) -> torch.Tensor:
+    """int64, shaped like `positions`: the RoPE position of each text position in a memory that holds the sorted,
+    unique text positions `numbering` (int64 [m], m >= 1), every hole (a run of positions it lacks, the one before
+    its first included) counting at most `gap` positions. gap 0: a held position's rank in `numbering`; a gap no
+    hole exceeds: the text position itself. A position it lacks reads where it would sit if inserted (the ones
+    after it not moved; with gap 0 the rank of the next held one). Tensor ops only."""
+    none = numbering.new_full((1,), -1)  # a held position -1 at RoPE position -1 starts the numbering
+    step = (numbering.diff(prepend=none) - 1).clamp_(max=gap) + 1
+    before = torch.searchsorted(numbering, positions)  # held positions below each: index of the last + 1
+    start = torch.cat([none, step.cumsum(0) - 1])[before]
+    return start + (positions - torch.cat([none, numbering])[before] - 1).clamp(max=gap) + 1
 
 
 def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -127,20 +141,21 @@ class MemoryPositions:
 
     def model_positions(self, spec: ForwardSpec) -> torch.Tensor:
         """int64 [R]: the positions the model's RoPE sees for `spec`'s rows: the text positions, or with memory
-        positions each row's rank among the remembered positions and the rows' own, after the cached keys have
-        been rotated to their ranks in the same numbering."""
+        positions each row's gapped rank among the remembered positions and the rows' own (`gapped_ranks`), after
+        the cached keys have been rotated to theirs in the same numbering."""
         if self._inv_freq is None:
             return spec.position_ids
         n, fields = self._n_valid, self._store.fields
         held = self._held_slots()
         positions, rope = fields["positions"][..., :n], fields["rope"][..., :n]
         held_positions = positions[held]
-        rows = self._rows_after(spec, held_positions, rope[held])
+        rows = self._rows_after(spec, held_positions, rope[held], self.config.rope_gap)
         if rows is not None:
             self._rope_rows = rows
             return rows
         numbering = torch.unique(torch.cat([held_positions, spec.position_ids[:spec.new_rows]]))
-        ranks = torch.searchsorted(numbering, positions.contiguous())
+        gap = self.config.rope_gap
+        ranks = gapped_ranks(numbering, positions.contiguous(), gap)
         delta = (ranks - rope).masked_fill_(~held, 0)
         if rotates_every_slot(delta.device):  # a zero delta leaves a key as it is
             keys = self._store.kv[:, 0, :, :n]  # [L, Hkv, n, D]
@@ -148,16 +163,17 @@ class MemoryPositions:
         elif bool(delta.any()):  # on the CPU only the keys after a hole move
             self._rotate_moved(delta)
         rope.copy_(torch.where(held, ranks, rope))
-        rows = torch.searchsorted(numbering, spec.position_ids)
+        rows = gapped_ranks(numbering, spec.position_ids, gap)
         self._rope_rows = rows[:spec.new_rows]
         return rows
 
     def archived_rope(self, positions: torch.Tensor) -> torch.Tensor:
         """int64, shaped like `positions` (text positions, e.g. of archived tokens): the RoPE position a token there
         would take if it came back now, its insertion rank among the remembered tokens: the `rope` of the first
-        remembered token at or after it, or one past the newest key. After a re-rank that is the position's
-        `searchsorted` in the numbering `model_positions` uses; between re-ranks (RERANK_SLACK) it stays in the
-        frame of the keys as they stand, which the forward's rows continue. Tensor ops only (no host sync); the
+        remembered token at or after it, or one past the newest key. After a re-rank that is the gapped rank of that
+        token in the numbering `model_positions` uses (with `rope_gap` 0 the position's `searchsorted`; with capped
+        holes a recalled token then sits up to `rope_gap` positions earlier); between re-ranks (RERANK_SLACK) it stays
+        in the frame of the keys as they stand, which the forward's rows continue. Tensor ops only (no host sync); the
         table is built once per forward (the remembered tokens do not change during one)."""
         flight, table = self._flight, self._rope_table
         if table is None or flight is None or table[0] is not flight:
@@ -184,17 +200,19 @@ class MemoryPositions:
             self._store.fields["rope"][new] = rope
 
     @staticmethod
-    def _rows_after(spec: ForwardSpec, held_positions: torch.Tensor, held_rope: torch.Tensor) -> torch.Tensor | None:
+    def _rows_after(spec: ForwardSpec, held_positions: torch.Tensor, held_rope: torch.Tensor,
+                    gap: int) -> torch.Tensor | None:
         """The rows' RoPE positions when the keys may stay as they are: only new rows, all after every remembered
-        token, and the holes since the last re-rank add up to at most RERANK_SLACK positions (the rows then
-        continue from the newest key). None when the memory must be re-ranked first."""
+        token, and the holes since the last re-rank shrink the newest key's position by at most RERANK_SLACK
+        (the rows then continue from the newest key). None when the memory must be re-ranked first."""
         if spec.rows != spec.new_rows or held_positions.numel() == 0:
             return None
-        newest = int(held_rope.max())
-        drift = newest - (torch.unique(held_positions).numel() - 1)  # grows along position order: the newest's
-        if drift > RERANK_SLACK or int(spec.position_ids.min()) <= int(held_positions.max()):
+        newest, remembered = int(held_rope.max()), torch.unique(held_positions)
+        drift = newest - int(gapped_ranks(remembered, remembered[-1:], gap))  # grows along position order
+        last, first = int(remembered[-1]), int(spec.position_ids.min())
+        if drift > RERANK_SLACK or first <= last:
             return None
-        return newest + 1 + torch.arange(spec.rows, device=spec.position_ids.device)
+        return newest + min(first - last - 1, gap) + 1 + torch.arange(spec.rows, device=spec.position_ids.device)
 
     def _rotate_moved(self, delta: torch.Tensor) -> None:
         """Rotate only the keys whose rank moved (`delta` int64 [n], [L, n] or [L * Hkv, n], nonzero where it

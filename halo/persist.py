@@ -92,6 +92,7 @@ def config_from_dict(data: dict) -> HaloConfig:
     data.setdefault("key_weight", 0.0)  # saved before key novelty: the cull ranked the basis alone, as then
     data.setdefault("key_refresh", 1)  # saved before key_refresh: novelty computed at every cull, as then
     data.setdefault("rope_positions", "text")  # saved before memory positions: text positions, as then
+    data.setdefault("rope_gap", 0)  # saved before capped holes: memory positions were plain ranks
     if "sources" in data:
         data["sources"] = {name: SourcePolicy(**policy) for name, policy in data["sources"].items()}
     if "unit_sources" in data:

@@ -11,7 +11,7 @@ from tiny import tiny_llama
 from halo import HaloConfig, Session, SourcePolicy, default_sources
 from halo.archive import RecallArchive
 from halo.archive_mass import archive_ratio
-from halo.memory_positions import rope_inv_freq, rotate_keys_
+from halo.memory_positions import gapped_ranks, rope_inv_freq, rotate_keys_
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
@@ -32,11 +32,20 @@ def scoring_session(model, tok, **changes):
     return Session(model, tok, config)
 
 
+def present_ranks(held: torch.Tensor, archived: torch.Tensor, gap: int) -> torch.Tensor:
+    """int64 [A]: where a re-rank now would put the first held position at or after each archived one (one past
+    the newest when none)."""
+    remembered = torch.unique(held)
+    ranks = gapped_ranks(remembered, remembered, gap)
+    return torch.cat([ranks, ranks[-1:] + 1])[torch.searchsorted(remembered, archived)]
+
+
 def spy_on_scoring(cache) -> list[dict]:
     """Record every archive scoring of `cache`: the keys and arguments `archive_ratio` got, its result, the archived
-    entries and, computed here from the slots, each entry's present rank (`ranks`: its `searchsorted` in the sorted
-    distinct positions some layer holds) and the `rope` of the first held token at or after it (`frame`, one past
-    the newest when none: the rank in the frame of the keys as they stand, which differs between re-ranks).
+    entries and, computed here from the slots, each entry's present rank (`ranks`: the gapped rank of the first
+    distinct position some layer holds at or after it, one past the newest when none) and the `rope` of the first
+    held token at or after it (`frame`, likewise: the rank in the frame of the keys as they stand, which differs
+    between re-ranks).
     Per KV head layer 0 has a ring per head, scored in head order (`ring`: the KV head whose key it holds)."""
     calls, real = [], cache.backend.archive_ratio
     rings = len(cache.archive.layers)
@@ -53,7 +62,7 @@ def spy_on_scoring(cache) -> list[dict]:
         calls.append({"ring": ring, "keys": keys.float().clone(),
                       "args": (query.clone(), valid.clone(), scaling, lse.clone(), weight.clone(), scale.clone(), heads),
                       "mass": mass.clone(), **fields,
-                      "ranks": torch.searchsorted(torch.unique(positions), fields["positions"]), "frame": frame})
+                      "ranks": present_ranks(positions, fields["positions"], cache.config.rope_gap), "frame": frame})
         return mass
 
     cache.backend = dataclasses.replace(cache.backend, archive_ratio=spy)
@@ -111,9 +120,10 @@ def test_archived_keys_are_scored_at_their_present_ranks(tiny_tok, device, reran
 
 def test_archived_rope_between_re_ranks_stays_in_the_frame_of_the_keys(tiny_tok):
     """Between re-ranks (holes under RERANK_SLACK) a position maps to the `rope` of the first remembered token at
-    or after it, one past the newest key after all of them; a held position to its own."""
+    or after it, one past the newest key after all of them; a held position to its own. (Holes count as one
+    position each here, `rope_gap=0`, so that any rope above the rank of the newest is a hole left open.)"""
     model = tiny_llama(layers=2, vocab=len(tiny_tok))
-    session = scoring_session(model, tiny_tok)
+    session = scoring_session(model, tiny_tok, rope_gap=0)
     session.feed(TEXT * 2, "user")
     cache, n = session.cache, session.cache.n_valid
     held = torch.arange(n)[None, :] < cache.layer_counts[:, None]

@@ -8,7 +8,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from tiny import tiny_llama
 from halo import HaloConfig, Session, SourcePolicy, default_sources
-from halo.memory_positions import RERANK_SLACK, per_head_delta, rope_inv_freq, rotate_keys, rotate_keys_
+from halo.memory_positions import RERANK_SLACK, gapped_ranks, per_head_delta, rope_inv_freq, rotate_keys, rotate_keys_
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
@@ -79,6 +79,35 @@ def test_rotating_every_slot_gives_the_keys_of_rotating_the_moved_ones(tiny_tok,
     torch.testing.assert_close(keys[True], keys[False], atol=1e-6, rtol=1e-6)
 
 
+def _gapped_ranks_reference(numbering: list[int], position: int, gap: int) -> int:
+    """Walk the memory: one RoPE position per held token, at most `gap` per hole, then the hole before `position`."""
+    rope, previous = -1, -1
+    for held in numbering:
+        if held >= position:
+            break
+        rope, previous = rope + min(held - previous - 1, gap) + 1, held
+    return rope + min(position - previous - 1, gap) + 1
+
+
+@pytest.mark.parametrize("gap", [0, 1, 3, 1000])
+@pytest.mark.parametrize("m,shape", [(1, (1,)), (7, (3, 5)), (1023, (1, 1, 1023))])
+def test_gapped_ranks_match_a_walk_through_the_memory(m, shape, gap):
+    torch.manual_seed(m + gap)
+    numbering = torch.unique(torch.randint(0, 4 * m + 3, (m,)))
+    positions = torch.randint(0, 4 * m + 8, shape)
+    got = gapped_ranks(numbering, positions, gap)
+    assert got.shape == positions.shape and got.dtype == torch.int64
+    held = numbering.tolist()
+    assert got.flatten().tolist() == [_gapped_ranks_reference(held, p, gap) for p in positions.flatten().tolist()]
+    at_held = gapped_ranks(numbering, numbering, gap)
+    if gap == 0:
+        assert torch.equal(at_held, torch.arange(len(numbering)))
+    if gap >= int(numbering.diff(prepend=torch.tensor([-1])).max()):
+        assert torch.equal(at_held, numbering)
+    with pytest.raises(ValueError, match="rope_gap"):
+        HaloConfig(rope_gap=-1)
+
+
 def test_models_without_whole_head_rope_are_refused():
     with pytest.raises(ValueError, match="rotary"):
         rope_inv_freq(torch.nn.Linear(4, 4), 4)
@@ -92,10 +121,12 @@ def test_models_without_whole_head_rope_are_refused():
 def _layer0_keys_match_a_fresh_run(model, session):
     """Layer 0's keys depend only on the token and its RoPE position: every layer-0 slot's key must equal the key
     a fresh run of the same tokens at their `rope` positions computes (per-head memory: each KV head of layer 0
-    over its own slots). Those positions keep the text order and are the ranks among what was remembered when the
-    last forward began (the holes its cull left close at the next forward, or once they add up to RERANK_SLACK),
-    so they stay far below the text positions."""
+    over its own slots). Those positions keep the text order, never lie further apart than the text positions,
+    and with holes capped at `rope_gap` positions (the ranks among what was remembered when the last forward
+    began with 0; the holes its cull left close at the next forward, or once they add up to RERANK_SLACK) they
+    stay below the text positions."""
     cache = session.cache
+    gap = cache.config.rope_gap
     rows = cache.positions.dim() == 2
     heads = cache.kv.shape[2]
     per_head = cache.config.granularity == "head"
@@ -108,7 +139,11 @@ def _layer0_keys_match_a_fresh_run(model, session):
         tokens = (cache.token_ids[row] if rows else cache.token_ids)[:count]
         assert torch.equal(torch.sort(rope).indices, torch.sort(positions).indices)
         assert len(torch.unique(rope)) == count
-        assert int(rope.max()) < 2 * cache.config.budget + RERANK_SLACK < int(positions.max())
+        order = torch.argsort(positions)
+        assert bool((rope[order].diff() <= positions[order].diff()).all())
+        assert int(rope.max()) < int(positions.max())
+        if gap == 0:
+            assert int(rope.max()) < 2 * cache.config.budget + RERANK_SLACK
         fresh = DynamicCache()
         with torch.no_grad():
             model(input_ids=tokens[None], position_ids=rope[None], past_key_values=fresh, use_cache=True)
@@ -116,12 +151,14 @@ def _layer0_keys_match_a_fresh_run(model, session):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("granularity", ["token", "layer", "head"])
-def test_keys_sit_at_their_memory_ranks_after_culls_markers_and_recall(tiny_tok, granularity, device, monkeypatch):
+@pytest.mark.parametrize("granularity,gap", [("token", 0), ("layer", 0), ("head", 0), ("token", 3), ("layer", 2),
+                                             ("head", 16)])
+def test_keys_sit_at_their_memory_ranks_after_culls_markers_and_recall(tiny_tok, granularity, gap, device,
+                                                                        monkeypatch):
     model = tiny_llama(layers=2, vocab=len(tiny_tok)).to(device)
     recall = {"recall": True, "recall_threshold": 0.0, "recall_tokens": 6, "recall_context": 2,
               "recall_grace": 8} if granularity != "token" else {}
-    session = memory_session(model, tiny_tok, granularity=granularity, **recall)
+    session = memory_session(model, tiny_tok, granularity=granularity, rope_gap=gap, **recall)
     # count the marker forwards: whether a marker is still held at a given check depends on near ties (an H200 run
     # held none at the three checks; the CPU run holds 6 at the first check only, then they die too)
     marker_forwards, spec = [], session.markers.spec
@@ -191,11 +228,13 @@ def test_auto_positions_are_memory_positions_with_recall_only(tiny_tok, granular
         assert session.cache.memory_positions is memory
         session.feed(TEXT * 2, "user")
         assert session.stats()["evicted"] > 0
-        if memory:  # the keys sit at their ranks (holes of up to RERANK_SLACK may stay open), not in the text
+        if memory:  # the keys sit at their gapped ranks (holes of up to RERANK_SLACK may stay open), not in the text
             held, n = session.memory(), session.cache.n_valid
             newest = int(session.cache.slot_field("rope")[..., :n].max())
-            assert len(held.positions) - 1 <= newest <= len(held.positions) - 1 + RERANK_SLACK
-            assert newest < int(held.positions.max())
+            remembered = torch.unique(held.positions)
+            settled = int(gapped_ranks(remembered, remembered[-1:], session.cache.config.rope_gap))
+            assert settled <= newest <= settled + RERANK_SLACK
+            assert newest <= int(held.positions.max())  # equal when no hole is longer than rope_gap
     text = memory_session(model, tiny_tok, granularity=granularity, rope_positions="text", recall=True,
                           recall_tokens=8)
     assert not text.cache.memory_positions
