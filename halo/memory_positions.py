@@ -148,13 +148,12 @@ class MemoryPositions:
         n, fields = self._n_valid, self._store.fields
         held = self._held_slots()
         positions, rope = fields["positions"][..., :n], fields["rope"][..., :n]
-        held_positions = positions[held]
-        rows = self._rows_after(spec, held_positions, rope[held], self.config.rope_gap)
+        held_positions, gap = positions[held], self.config.rope_gap
+        rows = self._rows_after(spec, held_positions, rope[held], gap)
         if rows is not None:
             self._rope_rows = rows
             return rows
         numbering = torch.unique(torch.cat([held_positions, spec.position_ids[:spec.new_rows]]))
-        gap = self.config.rope_gap
         ranks = gapped_ranks(numbering, positions.contiguous(), gap)
         delta = (ranks - rope).masked_fill_(~held, 0)
         if rotates_every_slot(delta.device):  # a zero delta leaves a key as it is
