@@ -12,9 +12,9 @@ With memory positions a token's RoPE position counts the remembered positions be
 with per-head memory some KV head, holds; every layer and head uses the same numbering, so a query row has one
 position for all of them) and the holes between them, each hole at most `HaloConfig.rope_gap` positions
 (`gapped_ranks`): the sinks sit at 0, 1, ..., a flood culled to a few lines leaves a few short holes, and prose
-with short holes keeps its spacing. With `rope_gap=0` (the default) a position is the token's rank. The slot field
-`positions` still holds the text position (journal, masks, markers, recall and diffs read that); the slot field
-`rope` holds the position whose rotation is baked into the slot's cached key. Before each forward,
+with short holes keeps its spacing (the default cap is 4). With `rope_gap=0` a position is the token's rank. The
+slot field `positions` still holds the text position (journal, masks, markers, recall and diffs read that); the
+slot field `rope` holds the position whose rotation is baked into the slot's cached key. Before each forward,
 `MemoryPositions.model_positions` re-ranks the remembered tokens together with the forward's new rows and rotates
 each key whose rank moved by the difference (RoPE rotations compose: R(a) R(b) = R(a + b)), so the holes left by
 the culls close and a row recalled into the middle finds its place; a stream forward after the memory skips that
